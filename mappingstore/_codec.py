@@ -1,0 +1,232 @@
+"""Value codec: msgpack with extension types, wrapped in a small checked record.
+
+Layer 2 of the architecture (see ``docs/architecture.md``). Nothing here does I/O.
+
+Record layout (every value a backend stores is one record)::
+
+    plain:      0x01 0x00 | crc32(payload) as 4 bytes big-endian | payload
+    encrypted:  0x01 0x01 | nonce (24 bytes) | XChaCha20-Poly1305 ciphertext + tag (16 bytes)
+
+``payload`` is msgpack. The checksum exists because msgpack alone decodes about 1% of
+random byte strings "successfully"; with the header and CRC, garbage is rejected with
+:class:`~mappingstore.errors.CorruptValueError` instead of turning into a wrong value.
+Encrypted records need no CRC: the AEAD tag authenticates them.
+
+Extension types (codes are part of the on-disk format; never renumber):
+
+=====  ==========================================================================
+code   type and payload
+=====  ==========================================================================
+1      ``tuple``: msgpack array
+2      ``set``: msgpack array
+3      ``frozenset``: msgpack array
+4      reserved (``bytearray`` is packed as msgpack ``bin`` and reads back as ``bytes``)
+5      ``datetime``: ``[naive ISO text, utcoffset µs | nil, zone key | nil, fold, tzname | nil]``
+6      ``date``: ISO text
+7      ``time``: ``[naive ISO text, utcoffset µs | nil, fold]``
+8      ``timedelta``: ``[days, seconds, microseconds]``
+9      ``Decimal``: text
+10     ``UUID``: 16 bytes
+11     ``complex``: ``[real, imag]``
+12     ``int`` outside 64 bits: signed big-endian two's complement bytes
+=====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+import zlib
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgpack
+
+from .errors import CorruptValueError, SerializationError
+
+__all__ = [
+    "ENCRYPTED_HEADER",
+    "PLAIN_HEADER",
+    "decode_plain",
+    "is_encrypted",
+    "pack",
+    "unpack",
+    "wrap_plain",
+]
+
+FORMAT_VERSION = 1
+PLAIN_HEADER = bytes((FORMAT_VERSION, 0x00))
+ENCRYPTED_HEADER = bytes((FORMAT_VERSION, 0x01))
+
+_TUPLE, _SET, _FROZENSET = 1, 2, 3
+_DATETIME, _DATE, _TIME, _TIMEDELTA = 5, 6, 7, 8
+_DECIMAL, _UUID, _COMPLEX, _BIGINT = 9, 10, 11, 12
+
+try:  # zoneinfo needs tz data; without it aware datetimes still round-trip by offset.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+except ImportError:  # pragma: no cover - Python < 3.9 is not supported anyway
+    ZoneInfo = None  # type: ignore[assignment,misc]
+
+
+def _offset_us(value: _dt.timedelta | None) -> int | None:
+    if value is None:
+        return None
+    return (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
+
+
+def _default(obj: Any) -> Any:
+    """Turn a non-msgpack value into an extension type (called by msgpack)."""
+    t = type(obj)
+    if t is tuple:
+        return msgpack.ExtType(_TUPLE, _packb(list(obj)))
+    if t is set:
+        return msgpack.ExtType(_SET, _packb(list(obj)))
+    if t is frozenset:
+        return msgpack.ExtType(_FROZENSET, _packb(list(obj)))
+    if t is int:  # msgpack only calls us for ints outside [-2**63, 2**64).
+        length = (obj.bit_length() + 8) // 8
+        return msgpack.ExtType(_BIGINT, obj.to_bytes(length, "big", signed=True))
+    if t is _dt.datetime:
+        tz = obj.tzinfo
+        zone = getattr(tz, "key", None) if tz is not None else None
+        offset = _offset_us(obj.utcoffset())
+        name = None
+        if tz is not None and zone is None and isinstance(tz, _dt.timezone):
+            name = obj.tzname() if tz is not _dt.timezone.utc else None
+        naive = obj.replace(tzinfo=None, fold=0).isoformat()
+        return msgpack.ExtType(_DATETIME, _packb([naive, offset, zone, obj.fold, name]))
+    if t is _dt.date:
+        return msgpack.ExtType(_DATE, obj.isoformat().encode())
+    if t is _dt.time:
+        offset = _offset_us(obj.utcoffset())
+        naive = obj.replace(tzinfo=None, fold=0).isoformat()
+        return msgpack.ExtType(_TIME, _packb([naive, offset, obj.fold]))
+    if t is _dt.timedelta:
+        return msgpack.ExtType(_TIMEDELTA, _packb([obj.days, obj.seconds, obj.microseconds]))
+    if t is Decimal:
+        return msgpack.ExtType(_DECIMAL, str(obj).encode())
+    if t is uuid.UUID:
+        return msgpack.ExtType(_UUID, obj.bytes)
+    if t is complex:
+        return msgpack.ExtType(_COMPLEX, _packb([obj.real, obj.imag]))
+    # Subclasses of the builtin containers and scalars (OrderedDict, defaultdict, IntEnum,
+    # str subclasses...) are stored as their base type: the value survives, the subclass
+    # does not. Documented in docs/concepts.md.
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
+    if isinstance(obj, list):
+        return list(obj)
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, bytes):
+        return bytes(obj)
+    if isinstance(obj, tuple):  # namedtuple and friends: a plain tuple
+        return msgpack.ExtType(_TUPLE, _packb(list(obj)))
+    raise TypeError(f"values of type {t.__qualname__} cannot be stored")
+
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def pack(value: Any) -> bytes:
+    """msgpack-encode *value*; unsupported types raise :class:`SerializationError`."""
+    try:
+        return _packb(value)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise SerializationError(f"cannot serialize value: {exc}") from exc
+
+
+def _tz(offset: int | None, zone: str | None, name: str | None) -> _dt.tzinfo | None:
+    if zone is not None and ZoneInfo is not None:
+        try:
+            return ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    if offset is None:
+        return None
+    delta = _dt.timedelta(microseconds=offset)
+    return _dt.timezone(delta, name) if name else _dt.timezone(delta)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _TUPLE:
+        return tuple(_unpackb(data))
+    if code == _SET:
+        return set(_unpackb(data))
+    if code == _FROZENSET:
+        return frozenset(_unpackb(data))
+    if code == _BIGINT:
+        return int.from_bytes(data, "big", signed=True)
+    if code == _DATETIME:
+        naive, offset, zone, fold, name = _unpackb(data)
+        value = _dt.datetime.fromisoformat(naive)
+        tz = _tz(offset, zone, name)
+        return value.replace(tzinfo=tz, fold=fold) if tz is not None else value
+    if code == _DATE:
+        return _dt.date.fromisoformat(data.decode())
+    if code == _TIME:
+        naive, offset, fold = _unpackb(data)
+        tvalue = _dt.time.fromisoformat(naive)
+        tz = _tz(offset, None, None)
+        return tvalue.replace(tzinfo=tz, fold=fold)
+    if code == _TIMEDELTA:
+        days, seconds, micro = _unpackb(data)
+        return _dt.timedelta(days=days, seconds=seconds, microseconds=micro)
+    if code == _DECIMAL:
+        return Decimal(data.decode())
+    if code == _UUID:
+        return uuid.UUID(bytes=data)
+    if code == _COMPLEX:
+        real, imag = _unpackb(data)
+        return complex(real, imag)
+    raise ValueError(f"unknown extension type {code}")
+
+
+def _unpackb(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
+
+
+_DECODE_ERRORS = (
+    ValueError,  # msgpack's ExtraData, FormatError, StackError; UnicodeDecodeError
+    TypeError,  # unhashable map key, wrong arity in an ext payload
+    OverflowError,
+    RecursionError,
+    InvalidOperation,
+    IndexError,
+    KeyError,
+    AttributeError,
+    MemoryError,
+)
+
+
+def unpack(payload: bytes) -> Any:
+    """Decode a msgpack payload; anything malformed raises :class:`CorruptValueError`."""
+    try:
+        return _unpackb(payload)
+    except _DECODE_ERRORS as exc:
+        raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
+
+
+def wrap_plain(payload: bytes) -> bytes:
+    """Frame a plain msgpack payload as a checked record."""
+    return PLAIN_HEADER + zlib.crc32(payload).to_bytes(4, "big") + payload
+
+
+def decode_plain(record: bytes) -> Any:
+    """Check and decode a plain record (the caller has already seen its header)."""
+    payload = record[6:]
+    if len(record) < 7 or zlib.crc32(payload).to_bytes(4, "big") != record[2:6]:
+        raise CorruptValueError("stored value is damaged: checksum mismatch")
+    return unpack(payload)
+
+
+def is_encrypted(record: bytes) -> bool:
+    """True if *record* carries the encrypted header."""
+    return record[:2] == ENCRYPTED_HEADER

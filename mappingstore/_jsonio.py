@@ -1,0 +1,171 @@
+"""Typed JSON export and import (no I/O beyond the file object the caller passes).
+
+Typed JSON keeps every codec type exact by tagging values JSON cannot hold as one-key
+objects whose key starts with ``$``: ``{"$bytes": "<base64>"}``, ``{"$tuple": [...]}``,
+``{"$set": [...]}``, ``{"$frozenset": [...]}``, ``{"$datetime": "<ISO>", "zone": ...}``,
+``{"$date": ...}``, ``{"$time": ...}``, ``{"$timedelta": [d, s, us]}``,
+``{"$decimal": "1.10"}``, ``{"$uuid": "..."}``, ``{"$complex": [re, im]}``,
+``{"$int": "<digits>"}`` (beyond 53 bits, so JavaScript readers stay exact),
+``{"$float": "nan"|"inf"|"-inf"}``, and ``{"$dict": [[k, v], ...]}`` for a dict with
+non-str keys or a key starting with ``$``. Plain JSON (``typed=False``) turns those into
+the closest JSON value and cannot be read back exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import uuid
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import IO, Any
+
+from ._codec import pack, unpack
+from .errors import CorruptValueError, SerializationError
+
+__all__ = ["dump", "from_typed", "load", "to_typed"]
+
+_SAFE_INT = 2**53
+
+
+def to_typed(value: Any) -> Any:
+    """A JSON-safe tagged form of *value* that :func:`from_typed` reverses exactly."""
+    t = type(value)
+    if value is None or t is bool or t is str:
+        return value
+    if t is int:
+        return value if -_SAFE_INT < value < _SAFE_INT else {"$int": str(value)}
+    if t is float:
+        if math.isfinite(value):
+            return value
+        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if t is list:
+        return [to_typed(v) for v in value]
+    if t is dict:
+        if all(type(k) is str and not k.startswith("$") for k in value):
+            return {k: to_typed(v) for k, v in value.items()}
+        return {"$dict": [[to_typed(k), to_typed(v)] for k, v in value.items()]}
+    if t is bytes:
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if t in (tuple, set, frozenset):
+        return {f"${t.__name__}": [to_typed(v) for v in value]}
+    # Everything else goes through the codec's own extension types, so the JSON form and
+    # the stored form can never disagree about a type.
+    unpacked = unpack(pack(value))
+    if type(unpacked) is not t:
+        return to_typed(unpacked)
+    if t is _dt.datetime:
+        zone = getattr(value.tzinfo, "key", None)
+        return {"$datetime": value.isoformat(), "zone": zone, "fold": value.fold}
+    if t is _dt.date:
+        return {"$date": value.isoformat()}
+    if t is _dt.time:
+        return {"$time": value.isoformat(), "fold": value.fold}
+    if t is _dt.timedelta:
+        return {"$timedelta": [value.days, value.seconds, value.microseconds]}
+    if t is Decimal:
+        return {"$decimal": str(value)}
+    if t is uuid.UUID:
+        return {"$uuid": str(value)}
+    if t is complex:
+        return {"$complex": [to_typed(value.real), to_typed(value.imag)]}
+    raise SerializationError(f"cannot export values of type {t.__qualname__}")
+
+
+def to_plain(value: Any) -> Any:
+    """The closest plain JSON value (lossy for bytes, tuples, sets, datetimes...)."""
+    t = type(value)
+    if value is None or t in (bool, str, int):
+        return value
+    if t is float:
+        return value if math.isfinite(value) else None
+    if t in (list, tuple, set, frozenset):
+        return [to_plain(v) for v in value]
+    if t is dict:
+        return {k if type(k) is str else json.dumps(to_plain(k)): to_plain(v) for k, v in value.items()}
+    if t is bytes:
+        return base64.b64encode(value).decode("ascii")
+    if t in (_dt.datetime, _dt.date, _dt.time):
+        return value.isoformat()
+    if t is _dt.timedelta:
+        return value.total_seconds()
+    if t is complex:
+        return [value.real, value.imag]
+    return str(value)
+
+
+def _tagged(tag: str, value: Any, extra: dict[str, Any]) -> Any:
+    from ._codec import ZoneInfo
+
+    if tag == "$bytes":
+        return base64.b64decode(value, validate=True)
+    if tag in ("$tuple", "$set", "$frozenset", "$list"):
+        items = [from_typed(v) for v in value]
+        return {"$tuple": tuple, "$set": set, "$frozenset": frozenset}[tag](items)
+    if tag == "$dict":
+        return {from_typed(k): from_typed(v) for k, v in value}
+    if tag == "$int":
+        return int(value)
+    if tag == "$float":
+        return float(value)
+    if tag == "$datetime":
+        dt = _dt.datetime.fromisoformat(value)
+        zone = extra.get("zone")
+        if zone and ZoneInfo is not None:
+            dt = dt.replace(tzinfo=ZoneInfo(zone))
+        return dt.replace(fold=extra.get("fold", 0))
+    if tag == "$date":
+        return _dt.date.fromisoformat(value)
+    if tag == "$time":
+        return _dt.time.fromisoformat(value).replace(fold=extra.get("fold", 0))
+    if tag == "$timedelta":
+        d, s, us = value
+        return _dt.timedelta(days=d, seconds=s, microseconds=us)
+    if tag == "$decimal":
+        return Decimal(value)
+    if tag == "$uuid":
+        return uuid.UUID(value)
+    if tag == "$complex":
+        return complex(from_typed(value[0]), from_typed(value[1]))
+    raise ValueError(f"unknown type tag {tag!r}")
+
+
+def from_typed(value: Any) -> Any:
+    """Reverse :func:`to_typed`."""
+    if isinstance(value, list):
+        return [from_typed(v) for v in value]
+    if isinstance(value, dict):
+        tags = [k for k in value if k.startswith("$")]
+        if tags:
+            if len(tags) != 1:
+                raise ValueError(f"ambiguous typed object with tags {tags}")
+            tag = tags[0]
+            return _tagged(tag, value[tag], {k: v for k, v in value.items() if k != tag})
+        return {k: from_typed(v) for k, v in value.items()}
+    return value
+
+
+def dump(pairs: Iterable[tuple[str, Any]], fp: IO[str] | None, *, typed: bool) -> str | None:
+    """Write ``{name: value}`` as JSON to *fp*, or return the text when *fp* is None."""
+    convert = to_typed if typed else to_plain
+    obj = {name: convert(value) for name, value in pairs}
+    if fp is None:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    json.dump(obj, fp, ensure_ascii=False, allow_nan=False)
+    return None
+
+
+def load(src: str | bytes | IO[str] | IO[bytes]) -> dict[str, Any]:
+    """Read JSON written by :func:`dump` (typed tags are restored)."""
+    try:
+        if isinstance(src, (str, bytes, bytearray)):
+            obj = json.loads(src)
+        else:
+            obj = json.load(src)
+        if not isinstance(obj, dict):
+            raise ValueError("expected a JSON object {name: value}")
+        return {k: from_typed(v) for k, v in obj.items()}
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise CorruptValueError(f"not valid mappingstore JSON: {exc}") from exc

@@ -1,0 +1,1081 @@
+"""The :class:`Store` base class: a ``MutableMapping[str, Any]`` over a small backend contract.
+
+Layers (imports point downward only; see ``docs/architecture.md``):
+
+1. **Backend contract**: a backend subclasses :class:`Store` and implements six raw
+   methods over *records*, where a record is ``(data: bytes, expires: float | None)`` and
+   ``expires`` is an absolute wall-clock time (seconds since the epoch):
+
+   ``_get_record(ns, key)``  the live record, or ``None`` when missing or expired
+   ``_put(ns, key, data, expires)``  create or replace
+   ``_delete(ns, key) -> bool``  remove; ``True`` if a live record was removed
+   ``_iter_keys(ns, prefix)``  live keys of *ns* starting with *prefix*
+   ``_namespaces()``  raw namespaces holding at least one record
+   ``_close()``  release resources
+
+   Everything else has a correct default that a backend may override for speed or for
+   atomicity across processes: ``_get``, ``_contains``, ``_count``, ``_iter_items``,
+   ``_get_many``, ``_apply`` (atomic multi-key write), ``_update`` (atomic
+   read-modify-write of one key), ``_clear``, ``_purge_expired`` and ``_exclusive()``.
+   The defaults of ``_apply`` and ``_update`` run under ``_exclusive()``, which is a
+   process-local lock; **a backend shared between processes overrides ``_exclusive()``**
+   (a transaction or an OS lock) or both ``_apply`` and ``_update``.
+
+2. **Codec and crypto** (``_codec``, ``_crypto``): values become records here.
+
+3. **Views** (``_tree``): dot-name paths and :class:`~mappingstore.View`.
+
+Raw namespaces are plain strings; user namespaces never start with NUL, which is kept for
+mappingstore's own records (``_keys.internal_ns``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableMapping,
+    Sequence,
+    ValuesView,
+)
+from typing import IO, Any, ClassVar, NamedTuple, TypeVar
+
+from . import _crypto
+from ._codec import ENCRYPTED_HEADER, PLAIN_HEADER, decode_plain, pack, unpack, wrap_plain
+from ._keys import INTERNAL_PREFIX, MISSING, check_key, check_namespace, internal_ns
+from .errors import (
+    CorruptValueError,
+    InvalidOptionError,
+    MissingKeyError,
+    PasswordRequiredError,
+    ReadOnlyError,
+    StoreClosedError,
+)
+
+__all__ = ["FOREVER", "KEEP", "Op", "Record", "Store"]
+
+Record = tuple[bytes, "float | None"]
+T = TypeVar("T")
+
+#: Pass as ``ttl=`` to store an item without expiry even when the store has a default TTL.
+FOREVER: float = math.inf
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: Returned by an ``_update`` callback to leave the record untouched (no write).
+KEEP: Any = _Keep()
+
+_META_NS = internal_ns("meta")
+_LOG = logging.getLogger("mappingstore")
+
+
+class Op(NamedTuple):
+    """One write of an atomic :meth:`Store._apply`: ``data=None`` deletes."""
+
+    ns: str
+    key: str
+    data: bytes | None
+    expires: float | None
+
+
+class _Batch:
+    __slots__ = ("depth", "ops")
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, str], tuple[bytes | None, float | None]] = {}
+        self.depth = 0
+
+
+def _check_ttl(ttl: Any) -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        from .errors import OptionTypeError
+
+        raise OptionTypeError(f"ttl must be a number of seconds, not {type(ttl).__qualname__}")
+    if math.isnan(ttl) or ttl <= 0:
+        raise InvalidOptionError(f"ttl must be > 0 seconds (or FOREVER), got {ttl!r}")
+    return float(ttl)
+
+
+class Store(MutableMapping[str, Any]):
+    """A persistent ``MutableMapping[str, Any]``; the abstract base of every backend.
+
+    ``store[key]`` returns a fresh copy of the value: mutating it does not change the
+    store. Use :meth:`view` (with ``dot_names=True``) or :meth:`modify` to edit in place.
+
+    Thread safety: every store may be shared between threads. A :meth:`batch` belongs to
+    the thread that opened it. Whether processes can share the data depends on the
+    backend (see its class docstring and ``docs/backends.md``).
+
+    Options common to every backend (all keyword-only):
+
+    namespace
+        Name of an isolated key space inside the backend (default ``"default"``).
+    password, key, salt, security, encrypt
+        Encryption (see ``docs/security.md``). ``password`` derives a key with argon2id
+        at ``security`` ``"low"``, ``"medium"`` or ``"high"`` (the default); ``key`` is a
+        raw 32-byte key instead. ``encrypt`` defaults to on when either is given.
+    dot_names
+        Treat ``"a.b.c"`` as a path; ``store["a"]`` is then a live :class:`View`.
+    readonly
+        Every mutator raises :class:`~mappingstore.errors.ReadOnlyError`.
+    ttl
+        Default time-to-live in seconds for new items (``None``: no expiry).
+    logger
+        A :class:`logging.Logger` (default: the ``mappingstore`` logger).
+    clock
+        A zero-argument callable returning the time in seconds since the epoch, used for
+        TTL (default :func:`time.time`); inject a fake clock in tests.
+    """
+
+    #: URL scheme(s) of the backend, for ``repr`` and the registry.
+    scheme: ClassVar[str] = ""
+    #: What the backend promises after a crash; shown by ``info()`` and the docs.
+    durability: ClassVar[str] = "none"
+    #: True when several processes can use the same data at once.
+    shared_across_processes: ClassVar[bool] = False
+
+    _closed: bool = True  # until __init__ has run, behave as closed
+
+    # -- construction -------------------------------------------------------------------
+
+    def __init__(
+        self,
+        *,
+        namespace: str = "default",
+        password: str | bytes | None = None,
+        key: bytes | None = None,
+        salt: bytes | None = None,
+        security: str = "high",
+        encrypt: bool | None = None,
+        dot_names: bool = False,
+        readonly: bool = False,
+        ttl: float | None = None,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._ns = check_namespace(namespace)
+        if security not in _crypto.SECURITY_LEVELS:
+            raise InvalidOptionError(
+                f"security must be one of {sorted(_crypto.SECURITY_LEVELS)}, got {security!r}"
+            )
+        if encrypt is not None and not isinstance(encrypt, bool):
+            raise InvalidOptionError("encrypt must be True, False or None")
+        self._password = password
+        self._raw_key = key
+        self._salt = salt
+        self._security = security
+        self._encrypt_option = encrypt
+        self._dot = bool(dot_names)
+        self._readonly = bool(readonly)
+        default_ttl = _check_ttl(ttl)
+        self._default_ttl = None if default_ttl == FOREVER else default_ttl
+        self._log = logger if logger is not None else _LOG
+        self._clock: Callable[[], float] = clock if clock is not None else time.time
+        self._lock = threading.RLock()
+        self._tls = threading.local()
+        self._nbatch = 0
+        self._cipher: _crypto.Cipher | None = None
+        self._store_id = b""
+        self._encrypt_default = False
+        self._closed = False
+
+    def _start(self) -> None:
+        """Finish opening once the backend is connected (backends call this last)."""
+        try:
+            self._init_crypto()
+        except BaseException:
+            self.close()
+            raise
+        # Never log secrets: the description contains no password or key.
+        self._log.debug("opened %r", self)
+
+    def _ephemeral_key(self) -> bytes | None:
+        """A random in-process key for ``encrypt=True`` without a password (memory only)."""
+        return None
+
+    def _init_crypto(self) -> None:
+        has_secret = self._password is not None or self._raw_key is not None
+        encrypt = self._encrypt_option
+        slot_bytes = self._meta_get("crypto")
+        if not has_secret:
+            if slot_bytes is not None and encrypt is not False:
+                raise PasswordRequiredError(
+                    "this store is encrypted: pass password= or key= "
+                    "(or encrypt=False to read only its unencrypted items)"
+                )
+            if encrypt:
+                ephemeral = self._ephemeral_key()
+                if ephemeral is None:
+                    raise PasswordRequiredError("encrypt=True needs a password= or key=")
+                self._store_id = b"ephemeral"
+                self._cipher = _crypto.Cipher(ephemeral)
+                self._encrypt_default = True
+            return
+        self._encrypt_default = encrypt is not False
+        if slot_bytes is None:
+            if self._readonly:
+                # Nothing encrypted can exist yet and nothing may be written: no key needed.
+                return
+            store_id = self._meta_setdefault("id", _crypto.random_key()[:16])
+            slot = _crypto.new_slot(
+                _crypto.random_key(),
+                store_id,
+                password=self._password,
+                raw_key=self._raw_key,
+                salt=self._salt,
+                security=self._security,
+            )
+            # Two processes may create the store at once: whoever wins, both use its slot.
+            slot_bytes = self._meta_setdefault("crypto", pack(slot.to_dict()))
+        store_id = self._meta_get("id") or b""
+        slot = _crypto.KeySlot.from_dict(unpack(slot_bytes))
+        if self._salt is not None and bytes(self._salt) != slot.salt:
+            raise InvalidOptionError("salt= does not match the salt this store was created with")
+        data_key = _crypto.unwrap(slot, store_id, password=self._password, raw_key=self._raw_key)
+        self._store_id = store_id
+        self._cipher = _crypto.Cipher(data_key)
+
+    def _meta_get(self, name: str) -> bytes | None:
+        return self._get(_META_NS, name)
+
+    def _meta_setdefault(self, name: str, value: bytes) -> bytes:
+        result: list[bytes] = []
+
+        def step(rec: Record | None) -> Any:
+            if rec is not None:
+                result.append(rec[0])
+                return KEEP
+            result.append(value)
+            return (value, None)
+
+        self._update(_META_NS, name, step)
+        return result[0]
+
+    def _meta_set(self, name: str, value: bytes) -> None:
+        self._put(_META_NS, name, value, None)
+
+    # -- backend contract: required -----------------------------------------------------
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        """Return the live record ``(data, expires)`` of *key*, or ``None``."""
+        raise NotImplementedError
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        """Create or replace a record (``expires=None``: no expiry)."""
+        raise NotImplementedError
+
+    def _delete(self, ns: str, key: str) -> bool:
+        """Delete a record; return whether a live one existed."""
+        raise NotImplementedError
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        """Yield the live keys of *ns* that start with *prefix* (order: backend's own)."""
+        raise NotImplementedError
+
+    def _namespaces(self) -> Iterable[str]:
+        """Raw namespaces holding at least one record (may include expired ones)."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release every resource; called once."""
+        raise NotImplementedError
+
+    # -- backend contract: optional, with defaults --------------------------------------
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        rec = self._get_record(ns, key)
+        return None if rec is None else rec[0]
+
+    def _contains(self, ns: str, key: str) -> bool:
+        return self._get_record(ns, key) is not None
+
+    def _count(self, ns: str) -> int:
+        return sum(1 for _ in self._iter_keys(ns, ""))
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        for key in self._iter_keys(ns, prefix):
+            data = self._get(ns, key)
+            if data is not None:  # deleted or expired since it was listed
+                yield key, data
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        return [self._get(ns, key) for key in keys]
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Make the raw calls inside atomic against other writers (re-entrant)."""
+        with self._lock:
+            yield
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        """Apply every op or none (and readers see all or none)."""
+        with self._exclusive():
+            for op in ops:
+                if op.data is None:
+                    self._delete(op.ns, op.key)
+                else:
+                    self._put(op.ns, op.key, op.data, op.expires)
+
+    def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        """Atomically replace the record of *key* with ``fn(current)``.
+
+        ``fn`` returns a new record, ``None`` to delete, or :data:`KEEP`. It may raise to
+        abort; nothing is then written. Backends with optimistic concurrency may call it
+        more than once.
+        """
+        with self._exclusive():
+            rec = self._get_record(ns, key)
+            new = fn(rec)
+            if new is KEEP:
+                return
+            if new is None:
+                if rec is not None:
+                    self._delete(ns, key)
+            else:
+                self._put(ns, key, new[0], new[1])
+
+    def _clear(self, ns: str) -> None:
+        with self._exclusive():
+            self._apply([Op(ns, k, None, None) for k in list(self._iter_keys(ns, ""))])
+
+    def _purge_expired(self, ns: str) -> int:
+        """Physically remove expired records of *ns*; return how many."""
+        return 0
+
+    # -- batch-aware raw access (used by every public method) ---------------------------
+
+    def _batch(self) -> _Batch | None:
+        if not self._nbatch:
+            return None
+        return getattr(self._tls, "batch", None)  # type: ignore[no-any-return]
+
+    def _rrecord(self, ns: str, key: str) -> Record | None:
+        batch = self._batch()
+        if batch is not None:
+            hit = batch.ops.get((ns, key))
+            if hit is not None:
+                data, expires = hit
+                if data is None or (expires is not None and expires <= self._clock()):
+                    return None
+                return data, expires
+        return self._get_record(ns, key)
+
+    def _rget(self, ns: str, key: str) -> bytes | None:
+        if self._nbatch:
+            rec = self._rrecord(ns, key)
+            return None if rec is None else rec[0]
+        return self._get(ns, key)
+
+    def _rput(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        batch = self._batch()
+        if batch is not None:
+            batch.ops[(ns, key)] = (data, expires)
+        else:
+            self._put(ns, key, data, expires)
+
+    def _rdelete(self, ns: str, key: str) -> bool:
+        batch = self._batch()
+        if batch is not None:
+            existed = self._rrecord(ns, key) is not None
+            batch.ops[(ns, key)] = (None, None)
+            return existed
+        return self._delete(ns, key)
+
+    def _rapply(self, ops: Sequence[Op]) -> None:
+        batch = self._batch()
+        if batch is not None:
+            for op in ops:
+                batch.ops[(op.ns, op.key)] = (op.data, op.expires)
+        elif ops:
+            self._apply(ops)
+
+    def _rupdate(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        batch = self._batch()
+        if batch is None:
+            self._update(ns, key, fn)
+            return
+        rec = self._rrecord(ns, key)
+        new = fn(rec)
+        if new is KEEP:
+            return
+        batch.ops[(ns, key)] = (None, None) if new is None else (new[0], new[1])
+
+    def _rkeys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        batch = self._batch()
+        if batch is None:
+            yield from self._iter_keys(ns, prefix)
+            return
+        pending = {k: v for (n, k), v in batch.ops.items() if n == ns and k.startswith(prefix)}
+        now = self._clock()
+        for key in self._iter_keys(ns, prefix):
+            if key not in pending:
+                yield key
+        for key, (data, expires) in pending.items():
+            if data is not None and (expires is None or expires > now):
+                yield key
+
+    def _ritems(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        if self._batch() is None:
+            yield from self._iter_items(ns, prefix)
+            return
+        for key in list(self._rkeys(ns, prefix)):
+            data = self._rget(ns, key)
+            if data is not None:
+                yield key, data
+
+    def _rcount(self, ns: str) -> int:
+        if self._batch() is None:
+            return self._count(ns)
+        return sum(1 for _ in self._rkeys(ns, ""))
+
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """Exclusive section for multi-step writes (a no-op inside a batch: the batch
+        commits atomically as a whole)."""
+        if self._batch() is not None:
+            yield
+        else:
+            with self._exclusive():
+                yield
+
+    # -- codec --------------------------------------------------------------------------
+
+    def _encode(self, ns: str, key: str, value: Any, encrypt: bool | None = None, context: bytes = b"") -> bytes:
+        payload = pack(value)
+        if not (self._encrypt_default if encrypt is None else encrypt):
+            return wrap_plain(payload)
+        cipher = self._cipher
+        if cipher is None:
+            ephemeral = self._ephemeral_key() if self._password is None and self._raw_key is None else None
+            if ephemeral is None:
+                raise PasswordRequiredError("encrypt=True needs a store opened with password= or key=")
+            self._store_id, self._cipher = b"ephemeral", _crypto.Cipher(ephemeral)
+            cipher = self._cipher
+        aad = ENCRYPTED_HEADER + _crypto.aad_for(self._store_id, ns, key, context)
+        return ENCRYPTED_HEADER + cipher.seal(payload, aad)
+
+    def _decode(self, ns: str, key: str, record: bytes, context: bytes = b"") -> Any:
+        head = record[:2]
+        if head == PLAIN_HEADER:
+            return decode_plain(record)
+        if head == ENCRYPTED_HEADER:
+            cipher = self._cipher
+            if cipher is None:
+                raise PasswordRequiredError(f"the value of {key!r} is encrypted: open the store with password= or key=")
+            aad = ENCRYPTED_HEADER + _crypto.aad_for(self._store_id, ns, key, context)
+            return unpack(cipher.open(record[2:], aad))
+        raise CorruptValueError(f"stored value of {key!r} is not a mappingstore record")
+
+    def _expires(self, ttl: float | None) -> float | None:
+        if ttl is None:
+            ttl = self._default_ttl
+        else:
+            ttl = _check_ttl(ttl)
+        if ttl is None or ttl == FOREVER:
+            return None
+        return self._clock() + ttl  # type: ignore[operator]
+
+    # -- state checks -------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{type(self).__name__} is closed")
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{type(self).__name__} is closed")
+        if self._readonly:
+            raise ReadOnlyError(f"{type(self).__name__} was opened read-only")
+
+    # -- the mapping --------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        if self._closed:
+            self._check_open()
+        if self._dot:
+            from . import _tree
+
+            return _tree.get_item(self, "", key)
+        k = check_key(key)
+        data = self._rget(self._ns, k) if self._nbatch else self._get(self._ns, k)
+        if data is None:
+            raise MissingKeyError(key)
+        return self._decode(self._ns, k, data)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``store[key]`` if present, else *default* (never raises ``KeyError``)."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None) -> None:
+        """Store *value* at *key*.
+
+        ``ttl`` (seconds) overrides the store's default TTL; :data:`FOREVER` stores
+        without expiry. Overwriting an item without a TTL clears its old expiry.
+        ``encrypt`` overrides the store's default for this item.
+        """
+        if self._closed or self._readonly:
+            self._check_writable()
+        if self._dot:
+            from . import _tree
+
+            _tree.set_item(self, "", key, value, ttl=ttl, encrypt=encrypt)
+            return
+        k = check_key(key)
+        data = self._encode(self._ns, k, value, encrypt)
+        expires = self._expires(ttl) if (ttl is not None or self._default_ttl is not None) else None
+        if self._nbatch:
+            self._rput(self._ns, k, data, expires)
+        else:
+            self._put(self._ns, k, data, expires)
+
+    def __delitem__(self, key: str) -> None:
+        self._check_writable()
+        if self._dot:
+            from . import _tree
+
+            _tree.del_item(self, "", key)
+            return
+        k = check_key(key)
+        if not self._rdelete(self._ns, k):
+            raise MissingKeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._check_open()
+        if self._dot:
+            from . import _tree
+
+            return _tree.contains(self, "", key)
+        k = check_key(key)
+        if self._nbatch:
+            return self._rrecord(self._ns, k) is not None
+        return self._contains(self._ns, k)
+
+    def __iter__(self) -> Iterator[str]:
+        self._check_open()
+        if self._dot:
+            from . import _tree
+
+            return _tree.iter_children(self, "")
+        return self._rkeys(self._ns, "")
+
+    def __len__(self) -> int:
+        self._check_open()
+        if self._dot:
+            from . import _tree
+
+            return _tree.count_children(self, "")
+        return self._rcount(self._ns)
+
+    def __bool__(self) -> bool:
+        self._check_open()
+        for _ in self._rkeys(self._ns, ""):
+            return True
+        return False
+
+    def keys(self) -> KeysView[str]:
+        """A live view of the keys (top-level names under dot names)."""
+        return KeysView(self)
+
+    def items(self) -> ItemsView[str, Any]:
+        """A live view of ``(key, value)`` pairs, read with one streaming scan."""
+        return _ItemsView(self)
+
+    def values(self) -> ValuesView[Any]:
+        """A live view of the values, read with one streaming scan."""
+        return _ValuesView(self)
+
+    def _iter_pairs(self) -> Iterator[tuple[str, Any]]:
+        self._check_open()
+        if self._dot:
+            from . import _tree
+
+            yield from _tree.iter_child_items(self, "")
+            return
+        ns = self._ns
+        for key, data in self._ritems(ns, ""):
+            yield key, self._decode(ns, key, data)
+
+    def pop(self, key: str, default: Any = MISSING) -> Any:
+        """Remove *key* and return its value atomically; *default* or ``KeyError`` if missing."""
+        self._check_writable()
+        if self._dot:
+            from . import _tree
+
+            return _tree.pop_item(self, "", key, default)
+        k = check_key(key)
+        found: list[bytes] = []
+
+        def step(rec: Record | None) -> Any:
+            found.clear()
+            if rec is None:
+                return KEEP
+            found.append(rec[0])
+            return None
+
+        self._rupdate(self._ns, k, step)
+        if not found:
+            if default is MISSING:
+                raise MissingKeyError(key)
+            return default
+        return self._decode(self._ns, k, found[0])
+
+    def popitem(self) -> tuple[str, Any]:
+        """Remove and return some ``(key, value)`` pair; ``KeyError`` when empty."""
+        self._check_writable()
+        while True:
+            key = next(iter(self), MISSING)
+            if key is MISSING:
+                raise MissingKeyError("popitem(): store is empty")
+            value = self.pop(key, MISSING)
+            if value is not MISSING:  # another writer may have taken it first
+                return key, value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """Atomically insert *default* if *key* is missing; return the stored value."""
+        self._check_writable()
+        if self._dot:
+            from . import _tree
+
+            return _tree.setdefault_item(self, "", key, default)
+        k = check_key(key)
+        encoded = self._encode(self._ns, k, default)
+        expires = self._expires(None)
+        found: list[bytes] = []
+
+        def step(rec: Record | None) -> Any:
+            found.clear()
+            if rec is not None:
+                found.append(rec[0])
+                return KEEP
+            return (encoded, expires)
+
+        self._rupdate(self._ns, k, step)
+        return self._decode(self._ns, k, found[0]) if found else self._decode(self._ns, k, encoded)
+
+    def clear(self) -> None:
+        """Remove every item of this namespace."""
+        self._check_writable()
+        batch = self._batch()
+        if batch is not None:
+            for key in list(self._rkeys(self._ns, "")):
+                batch.ops[(self._ns, key)] = (None, None)
+        else:
+            self._clear(self._ns)
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like ``dict.update``; every write commits together (one transaction/pipeline)."""
+        self._check_writable()
+        if isinstance(other, Mapping):
+            pairs: Iterable[tuple[Any, Any]] = ((k, other[k]) for k in other.keys())
+        elif hasattr(other, "keys"):
+            pairs = ((k, other[k]) for k in other.keys())
+        else:
+            pairs = other
+        self.set_many(pairs, **{} if not kwargs else {"_extra": kwargs})
+
+    def set_many(
+        self,
+        items: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        ttl: float | None = None,
+        encrypt: bool | None = None,
+        _extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Store many items at once, atomically (encoded first: a bad value stores nothing)."""
+        self._check_writable()
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        if _extra:
+            pairs.extend(_extra.items())
+        if self._dot:
+            with self.batch():
+                for k, v in pairs:
+                    self.set(k, v, ttl=ttl, encrypt=encrypt)
+            return
+        expires = self._expires(ttl)
+        ns = self._ns
+        latest: dict[str, Op] = {}
+        for pair in pairs:
+            try:
+                k, v = pair
+            except (TypeError, ValueError) as exc:
+                raise InvalidOptionError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+            k = check_key(k)
+            latest[k] = Op(ns, k, self._encode(ns, k, v, encrypt), expires)
+        self._rapply(list(latest.values()))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Values of the *keys* that exist (missing keys are left out), in one round trip."""
+        self._check_open()
+        wanted = list(keys)
+        if self._dot:
+            return {k: self[k] for k in wanted if k in self}
+        checked = [check_key(k) for k in wanted]
+        if self._batch() is not None:
+            datas = [self._rget(self._ns, k) for k in checked]
+        else:
+            datas = self._get_many(self._ns, checked)
+        return {k: self._decode(self._ns, k, d) for k, d in zip(checked, datas) if d is not None}
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete the *keys* that exist, atomically; return how many existed."""
+        self._check_writable()
+        if self._dot:
+            n = 0
+            with self.batch():
+                for k in list(keys):
+                    if k in self:
+                        del self[k]
+                        n += 1
+            return n
+        checked = list(dict.fromkeys(check_key(k) for k in keys))
+        with self._atomic():
+            present = [k for k in checked if self._rrecord(self._ns, k) is not None]
+            self._rapply([Op(self._ns, k, None, None) for k in present])
+        return len(present)
+
+    # -- TTL ----------------------------------------------------------------------------
+
+    def _leaf_record(self, key: str) -> tuple[str, Record]:
+        if self._dot:
+            from . import _tree
+
+            k = _tree.leaf_name(self, "", key)
+        else:
+            k = check_key(key)
+        rec = self._rrecord(self._ns, k)
+        if rec is None:
+            raise MissingKeyError(key)
+        return k, rec
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until *key* expires, or ``None`` if it never does; ``KeyError`` if missing."""
+        self._check_open()
+        _, (_, expires) = self._leaf_record(key)
+        if expires is None:
+            return None
+        return max(0.0, expires - self._clock())
+
+    def expire(self, key: str, ttl: float | None) -> None:
+        """Set *key* to expire in *ttl* seconds (``None`` or ``FOREVER``: never)."""
+        self._check_writable()
+        checked = _check_ttl(ttl)
+        expires = None if checked is None or checked == FOREVER else self._clock() + checked
+        k, _ = self._leaf_record(key)
+
+        def step(rec: Record | None) -> Any:
+            if rec is None:
+                raise MissingKeyError(key)
+            return (rec[0], expires)
+
+        self._rupdate(self._ns, k, step)
+
+    def purge_expired(self) -> int:
+        """Physically remove the expired items of this namespace; return how many.
+
+        Expired items are already invisible to every read; this reclaims their space.
+        """
+        self._check_writable()
+        return self._purge_expired(self._ns)
+
+    # -- read-modify-write and batches --------------------------------------------------
+
+    def modify(self, key: str, fn: Callable[[Any], Any], default: Any = MISSING) -> Any:
+        """Atomically replace the value of *key* with ``fn(value)`` and return the new value.
+
+        If *key* is missing, ``fn(default)`` is stored (``KeyError`` without a default).
+        The item keeps its expiry; a new item gets the store's default TTL. Atomic across
+        threads, and across processes on backends shared between processes. ``fn`` may
+        run more than once on backends with optimistic concurrency (Redis): keep it free
+        of side effects. If ``fn`` raises, nothing is written.
+        """
+        self._check_writable()
+        if self._dot:
+            from . import _tree
+
+            k = _tree.leaf_name(self, "", key, for_write=True)
+        else:
+            k = check_key(key)
+        ns = self._ns
+        result: list[Any] = []
+
+        def step(rec: Record | None) -> Any:
+            result.clear()
+            if rec is None:
+                if default is MISSING:
+                    raise MissingKeyError(key)
+                old, expires = default, self._expires(None)
+            else:
+                old, expires = self._decode(ns, k, rec[0]), rec[1]
+            new = fn(old)
+            if self._dot and isinstance(new, Mapping):
+                from .errors import NameConflictError
+
+                raise NameConflictError("modify() cannot turn a leaf into a branch under dot names")
+            result.append(new)
+            return (self._encode(ns, k, new), expires)
+
+        with self._atomic():
+            if self._dot:
+                from . import _tree
+
+                _tree.check_leaf_write(self, k)
+            self._rupdate(ns, k, step)
+        return result[0]
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Store]:
+        """Group writes: inside the block they are buffered (and visible to reads in this
+        thread); at the end they commit together, or not at all if the block raises.
+
+        Nested batches join the outer one. Reads are not isolated from other writers.
+        """
+        self._check_writable()
+        batch = self._batch()
+        if batch is not None:
+            batch.depth += 1
+            try:
+                yield self
+            finally:
+                batch.depth -= 1
+            return
+        batch = _Batch()
+        self._tls.batch = batch
+        with self._lock:
+            self._nbatch += 1
+        try:
+            yield self
+        except BaseException:
+            self._end_batch()
+            raise
+        self._end_batch()
+        if batch.ops:
+            self._check_open()
+            self._apply([Op(ns, k, d, e) for (ns, k), (d, e) in batch.ops.items()])
+
+    def _end_batch(self) -> None:
+        self._tls.batch = None
+        with self._lock:
+            self._nbatch -= 1
+
+    # -- names, views, export -----------------------------------------------------------
+
+    def names(self, prefix: str = "") -> Iterator[str]:
+        """Every full key name starting with *prefix*.
+
+        Under dot names *prefix* is a path: ``names("2")`` yields ``"2"`` and ``"2.x"`` but
+        not ``"20"``; a prefix ending in ``"."`` means exactly that branch.
+        """
+        self._check_open()
+        if not isinstance(prefix, str):
+            from .errors import KeyTypeError
+
+            raise KeyTypeError("prefix must be str")
+        if self._dot and prefix and not prefix.endswith("."):
+            if self._rrecord(self._ns, prefix) is not None:
+                yield prefix
+            yield from self._rkeys(self._ns, prefix + ".")
+            return
+        yield from self._rkeys(self._ns, prefix)
+
+    def view(self, name: str) -> View:
+        """A live :class:`View` of branch *name* (which need not exist yet); needs dot names."""
+        self._check_open()
+        from . import _tree
+
+        return _tree.make_view(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain ``dict`` copy (nested dicts under dot names)."""
+        self._check_open()
+        if self._dot:
+            from . import _tree
+
+            return _tree.to_dict(self, "")
+        return dict(self._iter_pairs())
+
+    def export_json(self, fp: IO[str] | None = None, *, typed: bool = True) -> str | None:
+        """Export as one JSON object ``{name: value}``; return it as text when *fp* is None.
+
+        ``typed=True`` tags values JSON cannot hold (bytes, tuples, sets, datetimes,
+        Decimal...) so :meth:`import_json` restores them exactly; ``typed=False`` gives
+        plain JSON any tool can read (lossy for those types).
+        """
+        self._check_open()
+        from ._jsonio import dump
+
+        return dump(((n, self._value_of_name(n)) for n in self.names()), fp, typed=typed)
+
+    def _value_of_name(self, name: str) -> Any:
+        data = self._rget(self._ns, name)
+        if data is None:
+            return None
+        return self._decode(self._ns, name, data)
+
+    def import_json(self, src: str | bytes | IO[str] | IO[bytes]) -> int:
+        """Import JSON written by :meth:`export_json` (text, bytes or a file); atomically.
+
+        Returns the number of items written.
+        """
+        self._check_writable()
+        from ._jsonio import load
+
+        items = load(src)
+        self.set_many(items.items())
+        return len(items)
+
+    def namespaces(self) -> list[str]:
+        """The namespaces of this backend that hold data (sorted)."""
+        self._check_open()
+        found = set()
+        for ns in self._namespaces():
+            if ns.startswith(INTERNAL_PREFIX):
+                continue
+            found.add(ns)
+        return sorted(found)
+
+    # -- encryption management ----------------------------------------------------------
+
+    @property
+    def encrypted(self) -> bool:
+        """True if new values are encrypted by default."""
+        return self._encrypt_default
+
+    def change_password(self, new: str | bytes | None = None, *, key: bytes | None = None, security: str | None = None) -> None:
+        """Re-wrap the store's data key under a new password (or raw ``key=``).
+
+        O(1): no value is rewritten. Every namespace of the store is affected. Other open
+        instances keep working (the data key does not change).
+        """
+        self._check_writable()
+        if self._cipher is None or self._store_id == b"ephemeral":
+            raise PasswordRequiredError("change_password() needs a store opened with its password or key")
+        if (new is None) == (key is None):
+            raise InvalidOptionError("give exactly one of a new password or key=")
+        level = security or self._security
+        slot_bytes = self._meta_get("crypto")
+        if slot_bytes is None:
+            raise PasswordRequiredError("this store has no password yet")
+        old = _crypto.KeySlot.from_dict(unpack(slot_bytes))
+        data_key = _crypto.unwrap(old, self._store_id, password=self._password, raw_key=self._raw_key)
+        slot = _crypto.new_slot(data_key, self._store_id, password=new, raw_key=key, salt=None, security=level)
+        self._meta_set("crypto", pack(slot.to_dict()))
+        self._password, self._raw_key, self._salt, self._security = new, key, None, level
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """A description without secrets: backend, location, namespace, options, crypto."""
+        self._check_open()
+        crypto: dict[str, Any] | None = None
+        slot_bytes = self._meta_get("crypto")
+        if slot_bytes is not None:
+            slot = _crypto.KeySlot.from_dict(unpack(slot_bytes))
+            crypto = {
+                "kdf": slot.kdf,
+                "security": slot.security,
+                "opslimit": slot.opslimit,
+                "memlimit": slot.memlimit,
+                "cipher": "XChaCha20-Poly1305",
+            }
+        return {
+            "backend": type(self).__name__,
+            "url": self.url,
+            "namespace": self._ns,
+            "durability": self.durability,
+            "shared_across_processes": self.shared_across_processes,
+            "dot_names": self._dot,
+            "readonly": self._readonly,
+            "default_ttl": self._default_ttl,
+            "encrypt_by_default": self._encrypt_default,
+            "encryption": crypto,
+        }
+
+    @property
+    def url(self) -> str:
+        """A URL that reopens this store (passwords are never included)."""
+        return f"{self.scheme}://"
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this store reads and writes."""
+        return self._ns
+
+    @property
+    def readonly(self) -> bool:
+        """True if the store was opened read-only."""
+        return self._readonly
+
+    @property
+    def dot_names(self) -> bool:
+        """True if dot names are on."""
+        return self._dot
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release resources. Idempotent; any later use raises ``StoreClosedError``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cipher = None
+        self._close()
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        # Cheap: reads nothing, counts nothing, never shows a password.
+        state = " closed" if self._closed else ""
+        return f"<{type(self).__name__} {self.url!r} namespace={self._ns!r}{state}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} cannot be pickled; reopen it from its URL: {self.url!r}")
+
+    # Mapping.__eq__ compares dict(self.items()) with the other mapping; keep it, and make
+    # the class unhashable like dict.
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _ItemsView(ItemsView[str, Any]):
+    _mapping: Store
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self._mapping._iter_pairs()
+
+
+class _ValuesView(ValuesView[Any]):
+    _mapping: Store
+
+    def __iter__(self) -> Iterator[Any]:
+        for _, value in self._mapping._iter_pairs():
+            yield value
+
+
+from ._tree import View  # noqa: E402  (the view module imports Store lazily)
