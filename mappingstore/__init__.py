@@ -20,7 +20,7 @@ from ._tree import View
 from .errors import *  # noqa: F403  (the error classes are part of the top-level API)
 
 if TYPE_CHECKING:
-    from ._sqlite import SQLiteStore
+    from ._sqlite import SQLiteStore  # type: ignore[import-not-found, unused-ignore]
 
 __version__ = "0.1.0"
 

@@ -47,6 +47,7 @@ from .errors import CorruptValueError, SerializationError
 __all__ = [
     "ENCRYPTED_HEADER",
     "PLAIN_HEADER",
+    "ZoneInfo",
     "decode_plain",
     "is_encrypted",
     "pack",

@@ -84,7 +84,9 @@ def to_plain(value: Any) -> Any:
     if t in (list, tuple, set, frozenset):
         return [to_plain(v) for v in value]
     if t is dict:
-        return {k if type(k) is str else json.dumps(to_plain(k)): to_plain(v) for k, v in value.items()}
+        return {
+            k if type(k) is str else json.dumps(to_plain(k)): to_plain(v) for k, v in value.items()
+        }
     if t is bytes:
         return base64.b64encode(value).decode("ascii")
     if t in (_dt.datetime, _dt.date, _dt.time):
@@ -160,10 +162,8 @@ def dump(pairs: Iterable[tuple[str, Any]], fp: IO[str] | None, *, typed: bool) -
 def load(src: str | bytes | IO[str] | IO[bytes]) -> dict[str, Any]:
     """Read JSON written by :func:`dump` (typed tags are restored)."""
     try:
-        if isinstance(src, (str, bytes, bytearray)):
-            obj = json.loads(src)
-        else:
-            obj = json.load(src)
+        text = src if isinstance(src, (str, bytes, bytearray)) else src.read()
+        obj = json.loads(text)
         if not isinstance(obj, dict):
             raise ValueError("expected a JSON object {name: value}")
         return {k: from_typed(v) for k, v in obj.items()}

@@ -6,7 +6,15 @@ from typing import Any
 
 from .errors import InvalidKeyError, KeyTypeError
 
-__all__ = ["INTERNAL_PREFIX", "MISSING", "check_dotted", "check_key", "check_namespace", "internal_ns"]
+__all__ = [
+    "INTERNAL_PREFIX",
+    "MISSING",
+    "check_dotted",
+    "check_key",
+    "check_namespace",
+    "internal_ns",
+]
+
 
 class _Missing:
     def __repr__(self) -> str:
@@ -34,25 +42,26 @@ def check_key(key: Any) -> str:
             key.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidKeyError(f"key {key!r} is not valid Unicode text") from exc
-    return key  # type: ignore[no-any-return]
+    checked: str = key
+    return checked
 
 
 def check_dotted(key: Any) -> str:
     """Like :func:`check_key`, and reject empty dot-name segments (``a..b``, ``.a``, ``a.``)."""
-    key = check_key(key)
-    if "." in key and (key[0] == "." or key[-1] == "." or ".." in key):
-        raise InvalidKeyError(f"dot name {key!r} has an empty segment")
-    return key
+    checked = check_key(key)
+    if "." in checked and (checked[0] == "." or checked[-1] == "." or ".." in checked):
+        raise InvalidKeyError(f"dot name {checked!r} has an empty segment")
+    return checked
 
 
 def check_namespace(namespace: Any) -> str:
     """Validate a user namespace name."""
     if not isinstance(namespace, str):
         raise KeyTypeError(f"namespace must be str, not {type(namespace).__qualname__}")
-    namespace = check_key(namespace)
-    if namespace.startswith(INTERNAL_PREFIX):
+    checked = check_key(namespace)
+    if checked.startswith(INTERNAL_PREFIX):
         raise InvalidKeyError("namespaces starting with NUL are reserved")
-    return namespace
+    return checked
 
 
 def internal_ns(kind: str, namespace: str = "") -> str:

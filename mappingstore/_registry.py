@@ -49,7 +49,9 @@ def register_scheme(scheme: str, target: str | type[Store], *, replace: bool = F
     with _LOCK:
         if scheme in _SCHEMES and not replace:
             raise InvalidURLError(f"scheme {scheme!r} is already registered")
-        _SCHEMES[scheme] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+        _SCHEMES[scheme] = (
+            target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+        )
 
 
 def _load_entry_points() -> None:
@@ -83,14 +85,14 @@ def resolve_scheme(scheme: str) -> type[Store]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UnknownSchemeError(
-            f"the backend for {scheme}:// cannot be imported ({exc}); "
-            f"is its optional dependency installed? e.g. pip install 'mappingstore[{scheme.split('+')[0]}]'"
+            f"the backend for {scheme}:// cannot be imported ({exc}); is its optional "
+            f"dependency installed? e.g. pip install 'mappingstore[{scheme.split('+')[0]}]'"
         ) from exc
     cls: type[Store] = getattr(module, attr)
     return cls
 
 
-def open(url: str = "memory://", **options: Any) -> Store:  # noqa: A001 - the public name is fixed
+def open(url: str = "memory://", **options: Any) -> Store:
     """Open the store named by *url*.
 
     ``memory://`` (private), ``memory://NAME`` (shared in the process),

@@ -111,6 +111,13 @@ def _check_ttl(ttl: Any) -> float | None:
     return float(ttl)
 
 
+def _require_str(value: object, what: str) -> None:
+    if not isinstance(value, str):
+        from .errors import KeyTypeError
+
+        raise KeyTypeError(f"{what} must be str, not {type(value).__qualname__}")
+
+
 class Store(MutableMapping[str, Any]):
     """A persistent ``MutableMapping[str, Any]``; the abstract base of every backend.
 
@@ -362,7 +369,8 @@ class Store(MutableMapping[str, Any]):
     def _batch(self) -> _Batch | None:
         if not self._nbatch:
             return None
-        return getattr(self._tls, "batch", None)  # type: ignore[no-any-return]
+        batch: _Batch | None = getattr(self._tls, "batch", None)
+        return batch
 
     def _rrecord(self, ns: str, key: str) -> Record | None:
         batch = self._batch()
@@ -455,15 +463,21 @@ class Store(MutableMapping[str, Any]):
 
     # -- codec --------------------------------------------------------------------------
 
-    def _encode(self, ns: str, key: str, value: Any, encrypt: bool | None = None, context: bytes = b"") -> bytes:
+    def _encode(
+        self, ns: str, key: str, value: Any, encrypt: bool | None = None, context: bytes = b""
+    ) -> bytes:
         payload = pack(value)
         if not (self._encrypt_default if encrypt is None else encrypt):
             return wrap_plain(payload)
         cipher = self._cipher
         if cipher is None:
-            ephemeral = self._ephemeral_key() if self._password is None and self._raw_key is None else None
+            ephemeral = (
+                self._ephemeral_key() if self._password is None and self._raw_key is None else None
+            )
             if ephemeral is None:
-                raise PasswordRequiredError("encrypt=True needs a store opened with password= or key=")
+                raise PasswordRequiredError(
+                    "encrypt=True needs a store opened with password= or key="
+                )
             self._store_id, self._cipher = b"ephemeral", _crypto.Cipher(ephemeral)
             cipher = self._cipher
         aad = ENCRYPTED_HEADER + _crypto.aad_for(self._store_id, ns, key, context)
@@ -476,19 +490,18 @@ class Store(MutableMapping[str, Any]):
         if head == ENCRYPTED_HEADER:
             cipher = self._cipher
             if cipher is None:
-                raise PasswordRequiredError(f"the value of {key!r} is encrypted: open the store with password= or key=")
+                raise PasswordRequiredError(
+                    f"the value of {key!r} is encrypted: open the store with password= or key="
+                )
             aad = ENCRYPTED_HEADER + _crypto.aad_for(self._store_id, ns, key, context)
             return unpack(cipher.open(record[2:], aad))
         raise CorruptValueError(f"stored value of {key!r} is not a mappingstore record")
 
     def _expires(self, ttl: float | None) -> float | None:
-        if ttl is None:
-            ttl = self._default_ttl
-        else:
-            ttl = _check_ttl(ttl)
+        ttl = self._default_ttl if ttl is None else _check_ttl(ttl)
         if ttl is None or ttl == FOREVER:
             return None
-        return self._clock() + ttl  # type: ignore[operator]
+        return self._clock() + ttl
 
     # -- state checks -------------------------------------------------------------------
 
@@ -527,7 +540,9 @@ class Store(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         self.set(key, value)
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None) -> None:
+    def set(
+        self, key: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None
+    ) -> None:
         """Store *value* at *key*.
 
         ``ttl`` (seconds) overrides the store's default TTL; :data:`FOREVER` stores
@@ -686,13 +701,13 @@ class Store(MutableMapping[str, Any]):
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Like ``dict.update``; every write commits together (one transaction/pipeline)."""
         self._check_writable()
-        if isinstance(other, Mapping):
-            pairs: Iterable[tuple[Any, Any]] = ((k, other[k]) for k in other.keys())
-        elif hasattr(other, "keys"):
-            pairs = ((k, other[k]) for k in other.keys())
+        if isinstance(other, Mapping) or hasattr(other, "keys"):
+            # dict.update's rule: anything with keys() is a mapping, else (key, value) pairs.
+            keys = other.keys()
+            pairs: Iterable[tuple[Any, Any]] = ((k, other[k]) for k in keys)
         else:
             pairs = other
-        self.set_many(pairs, **{} if not kwargs else {"_extra": kwargs})
+        self.set_many(pairs, _extra=kwargs or None)
 
     def set_many(
         self,
@@ -719,7 +734,9 @@ class Store(MutableMapping[str, Any]):
             try:
                 k, v = pair
             except (TypeError, ValueError) as exc:
-                raise InvalidOptionError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+                raise InvalidOptionError(
+                    f"update() needs (key, value) pairs, got {pair!r}"
+                ) from exc
             k = check_key(k)
             latest[k] = Op(ns, k, self._encode(ns, k, v, encrypt), expires)
         self._rapply(list(latest.values()))
@@ -735,7 +752,11 @@ class Store(MutableMapping[str, Any]):
             datas = [self._rget(self._ns, k) for k in checked]
         else:
             datas = self._get_many(self._ns, checked)
-        return {k: self._decode(self._ns, k, d) for k, d in zip(checked, datas) if d is not None}
+        return {
+            k: self._decode(self._ns, k, d)
+            for k, d in zip(checked, datas, strict=True)
+            if d is not None
+        }
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete the *keys* that exist, atomically; return how many existed."""
@@ -887,10 +908,7 @@ class Store(MutableMapping[str, Any]):
         not ``"20"``; a prefix ending in ``"."`` means exactly that branch.
         """
         self._check_open()
-        if not isinstance(prefix, str):
-            from .errors import KeyTypeError
-
-            raise KeyTypeError("prefix must be str")
+        _require_str(prefix, "prefix")
         if self._dot and prefix and not prefix.endswith("."):
             if self._rrecord(self._ns, prefix) is not None:
                 yield prefix
@@ -961,7 +979,13 @@ class Store(MutableMapping[str, Any]):
         """True if new values are encrypted by default."""
         return self._encrypt_default
 
-    def change_password(self, new: str | bytes | None = None, *, key: bytes | None = None, security: str | None = None) -> None:
+    def change_password(
+        self,
+        new: str | bytes | None = None,
+        *,
+        key: bytes | None = None,
+        security: str | None = None,
+    ) -> None:
         """Re-wrap the store's data key under a new password (or raw ``key=``).
 
         O(1): no value is rewritten. Every namespace of the store is affected. Other open
@@ -969,7 +993,9 @@ class Store(MutableMapping[str, Any]):
         """
         self._check_writable()
         if self._cipher is None or self._store_id == b"ephemeral":
-            raise PasswordRequiredError("change_password() needs a store opened with its password or key")
+            raise PasswordRequiredError(
+                "change_password() needs a store opened with its password or key"
+            )
         if (new is None) == (key is None):
             raise InvalidOptionError("give exactly one of a new password or key=")
         level = security or self._security
@@ -977,8 +1003,12 @@ class Store(MutableMapping[str, Any]):
         if slot_bytes is None:
             raise PasswordRequiredError("this store has no password yet")
         old = _crypto.KeySlot.from_dict(unpack(slot_bytes))
-        data_key = _crypto.unwrap(old, self._store_id, password=self._password, raw_key=self._raw_key)
-        slot = _crypto.new_slot(data_key, self._store_id, password=new, raw_key=key, salt=None, security=level)
+        data_key = _crypto.unwrap(
+            old, self._store_id, password=self._password, raw_key=self._raw_key
+        )
+        slot = _crypto.new_slot(
+            data_key, self._store_id, password=new, raw_key=key, salt=None, security=level
+        )
         self._meta_set("crypto", pack(slot.to_dict()))
         self._password, self._raw_key, self._salt, self._security = new, key, None, level
 
@@ -1056,7 +1086,9 @@ class Store(MutableMapping[str, Any]):
         return f"<{type(self).__name__} {self.url!r} namespace={self._ns!r}{state}>"
 
     def __reduce__(self) -> Any:
-        raise TypeError(f"{type(self).__name__} cannot be pickled; reopen it from its URL: {self.url!r}")
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled; reopen it from its URL: {self.url!r}"
+        )
 
     # Mapping.__eq__ compares dict(self.items()) with the other mapping; keep it, and make
     # the class unhashable like dict.

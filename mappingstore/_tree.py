@@ -245,7 +245,9 @@ class View(MutableMapping[str, Any]):
     def __setitem__(self, name: str, value: Any) -> None:
         set_item(self._store, self._path, name, value, ttl=None, encrypt=None)
 
-    def set(self, name: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None) -> None:
+    def set(
+        self, name: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None
+    ) -> None:
         """Like :meth:`Store.set`, relative to this branch."""
         set_item(self._store, self._path, name, value, ttl=ttl, encrypt=encrypt)
 
@@ -281,7 +283,9 @@ class View(MutableMapping[str, Any]):
         self._store._check_writable()
         ns = self._store._ns
         with self._store._atomic():
-            self._store._rapply([Op(ns, k, None, None) for k in list(self._store._rkeys(ns, self._path + "."))])
+            self._store._rapply(
+                [Op(ns, k, None, None) for k in list(self._store._rkeys(ns, self._path + "."))]
+            )
 
     def view(self, name: str) -> View:
         """A view of the sub-branch *name*."""

@@ -87,7 +87,9 @@ def parse_url(
     options: dict[str, Any] = {}
     for name, value in urllib.parse.parse_qsl(split.query, keep_blank_values=True):
         if _SECRET_QUERY.match(name):
-            raise InvalidURLError(f"never put a {name} in a URL; pass it as an option or environment variable")
+            raise InvalidURLError(
+                f"never put a {name} in a URL; pass it as an option or environment variable"
+            )
         if name not in types:
             raise InvalidURLError(f"unknown URL option {name!r}; known: {', '.join(sorted(types))}")
         if name in options:
@@ -111,12 +113,12 @@ def parse_url(
 
 
 def file_path(parsed: ParsedURL) -> str:
-    """The file path of a file-backend URL: ``x:///rel/p`` -> ``rel/p``; ``x:////abs`` -> ``/abs``."""
+    """The file path of a file URL: ``x:///rel/p`` -> ``rel/p``; ``x:////abs`` -> ``/abs``."""
     if parsed.netloc and parsed.netloc != "localhost":
         # sqlite://data.db is a common slip for sqlite:///data.db; say so instead of guessing.
         raise InvalidURLError(
-            f"{parsed.scheme}://{parsed.netloc}... has a host part; use {parsed.scheme}:///relative/path "
-            f"or {parsed.scheme}:////absolute/path"
+            f"{parsed.scheme}://{parsed.netloc}... has a host part; use "
+            f"{parsed.scheme}:///relative/path or {parsed.scheme}:////absolute/path"
         )
     path = parsed.path
     if not path.startswith("/") or path == "/":
