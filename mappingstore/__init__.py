@@ -13,8 +13,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from ._events import Event, EventLog
 from ._memory import MemoryStore
 from ._registry import known_schemes, open, register_scheme
+from ._series import Series
 from ._store import FOREVER, Store
 from ._tree import View
 from .errors import *  # noqa: F403  (the error classes are part of the top-level API)
@@ -26,8 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FOREVER",
+    "Event",
+    "EventLog",
     "MemoryStore",
     "SQLiteStore",
+    "Series",
     "Store",
     "View",
     "__version__",

@@ -47,7 +47,7 @@ from collections.abc import (
     Sequence,
     ValuesView,
 )
-from typing import IO, Any, ClassVar, NamedTuple, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from . import _crypto
 from ._codec import ENCRYPTED_HEADER, PLAIN_HEADER, decode_plain, pack, unpack, wrap_plain
@@ -60,6 +60,10 @@ from .errors import (
     ReadOnlyError,
     StoreClosedError,
 )
+
+if TYPE_CHECKING:
+    from ._events import EventLog
+    from ._series import Series
 
 __all__ = ["FOREVER", "KEEP", "Op", "Record", "Store"]
 
@@ -968,9 +972,44 @@ class Store(MutableMapping[str, Any]):
         found = set()
         for ns in self._namespaces():
             if ns.startswith(INTERNAL_PREFIX):
-                continue
+                # Series and event logs of namespace N live in "\0ts\0N" / "\0ev\0N".
+                kind, _, user = ns[1:].partition(INTERNAL_PREFIX)
+                if kind not in ("ts", "ev") or not user:
+                    continue
+                ns = user
             found.add(ns)
         return sorted(found)
+
+    # -- time series and event sequences ------------------------------------------------
+
+    def series(self, name: str, *, freq: int | None = None) -> Series:
+        """The time series *name* (created on first write). ``freq`` is its default
+        frequency for :meth:`Series.missing`. Independent of a plain key of the same name."""
+        self._check_open()
+        from ._series import Series
+
+        return Series(self, name, freq)
+
+    def series_names(self) -> list[str]:
+        """Names of the non-empty time series of this namespace, sorted."""
+        self._check_open()
+        from ._series import series_names
+
+        return series_names(self)
+
+    def events(self, name: str) -> EventLog:
+        """The event sequence *name* (an unknown one reads as an empty state)."""
+        self._check_open()
+        from ._events import EventLog
+
+        return EventLog(self, name)
+
+    def event_names(self) -> list[str]:
+        """Names of the event sequences of this namespace, sorted."""
+        self._check_open()
+        from ._events import event_names
+
+        return event_names(self)
 
     # -- encryption management ----------------------------------------------------------
 

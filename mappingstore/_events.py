@@ -1,0 +1,448 @@
+"""Event sequences: changes to a dict recorded as timestamped events, replayable to any time.
+
+Layer 3 of the architecture, built only on the backend contract (like ``_series``).
+
+An event is ``(timestamp_ms, item, op, value)``. ``op`` is stored by *name*, never
+pickled: ``setitem``, ``delitem``, ``add``, ``sub``, ``mul``, ``truediv``, ``floordiv``,
+``mod``, ``pow``, ``concat``, ``neg``, ``not_``, plus ``snapshot`` (written by
+:meth:`EventLog.prune`: the whole state at that time).
+
+Storage (in the internal namespace ``"\\0ev\\0" + namespace``):
+
+* a **head** record ``H:<len(name)>:<name>`` with the chunk directory
+  ``[[first_timestamp, chunk_id, count], ...]``, the next chunk id, the timestamp of the
+  last event and the **current state** itself;
+* **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` with up to :data:`CHUNK_SIZE`
+  events sorted by time and the *base* state (the state before the chunk's first event).
+
+So ``current()`` reads one record; ``apply`` at the end of the sequence validates the
+change against the current state and rewrites the head and the tail chunk: O(1) in the
+length of the history. ``past(t)`` replays at most one chunk from its base. Inserting an
+event in the past replays the chunks after it (to validate and to refresh their bases).
+Every change is validated *before* anything is stored, so a sequence can never be
+poisoned by an event that does not replay.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._codec import pack, unpack
+from ._keys import check_key, internal_ns
+from .errors import (
+    CorruptValueError,
+    EventConflictError,
+    InvalidOptionError,
+    KeyTypeError,
+    OptionTypeError,
+    ReplayError,
+)
+
+if TYPE_CHECKING:
+    from ._store import Op, Store
+
+__all__ = ["CHUNK_SIZE", "OPS", "Event", "EventLog"]
+
+CHUNK_SIZE = 256
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "truediv": operator.truediv,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "pow": operator.pow,
+    "concat": operator.concat,
+}
+_UNARY: dict[str, Callable[[Any], Any]] = {"neg": operator.neg, "not_": operator.not_}
+
+#: Operator functions accepted in a change tuple, by the name they are stored under.
+OPS: dict[str, Callable[..., Any]] = {
+    "setitem": operator.setitem,
+    "delitem": operator.delitem,
+    **_BINARY,
+    **_UNARY,
+}
+_NAME_OF: dict[Any, str] = {fn: name for name, fn in OPS.items()}
+
+
+class Event(NamedTuple):
+    """One recorded change: ``op`` is the operator's name (``"add"``, ``"setitem"``...)."""
+
+    timestamp: int
+    item: str
+    op: str
+    value: Any
+
+
+def _parse_change(item: Any, change: Any) -> tuple[str, str, Any]:
+    item = check_key(item)
+    if type(change) is tuple and change and _is_op(change[0]):
+        name = _NAME_OF[change[0]]
+        rest = change[1:]
+        if name in ("delitem", "neg", "not_"):
+            if len(rest) > 1 or (rest and rest[0] is not None):
+                raise InvalidOptionError(
+                    f"{name} takes no value: use ({name}_function,) or (fn, None)"
+                )
+            return item, name, None
+        if len(rest) != 1:
+            raise InvalidOptionError(f"{name} needs exactly one value: (operator.{name}, value)")
+        value = rest[0]
+    else:
+        name, value = "setitem", change
+    # A deep copy through the codec: validates the value now (SerializationError before
+    # anything is stored) and detaches the state from the caller's objects.
+    return item, name, unpack(pack(value))
+
+
+def _is_op(obj: Any) -> bool:
+    try:
+        return obj in _NAME_OF
+    except TypeError:  # unhashable first element: a plain tuple value
+        return False
+
+
+def _replay(state: dict[str, Any], ts: int, item: str, op: str, value: Any) -> None:
+    if op == "setitem":
+        state[item] = value
+        return
+    if op == "snapshot":
+        state.clear()
+        state.update(unpack(pack(value)))
+        return
+    if item not in state:
+        raise ReplayError(f"event at {ts}: {op} on missing item {item!r}")
+    if op == "delitem":
+        del state[item]
+        return
+    try:
+        if op in _BINARY:
+            state[item] = _BINARY[op](state[item], value)
+        elif op in _UNARY:
+            state[item] = _UNARY[op](state[item])
+        else:
+            raise ReplayError(f"event at {ts}: unknown operator {op!r}")
+        pack(state[item])
+    except ReplayError:
+        raise
+    except Exception as exc:  # the operator itself failed (TypeError, ZeroDivisionError...)
+        raise ReplayError(f"event at {ts}: {op} on {item!r} failed: {exc}") from exc
+
+
+def _copy(state: Mapping[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = unpack(pack(dict(state)))
+    return result
+
+
+class EventLog:
+    """The event sequence *name* of a store (get one with :meth:`Store.events`).
+
+    An unknown sequence reads as an empty state. Thread-safe, and multi-process safe on
+    backends shared between processes: two processes applying events lose none.
+    """
+
+    __slots__ = ("_head_key", "_name", "_ns", "_store")
+
+    def __init__(self, store: Store, name: str) -> None:
+        self._store = store
+        self._name = check_key(name)
+        self._ns = internal_ns("ev", store._ns)
+        self._head_key = f"H:{len(self._name)}:{self._name}"
+
+    @property
+    def name(self) -> str:
+        """The sequence name."""
+        return self._name
+
+    # -- storage ------------------------------------------------------------------------
+
+    def _chunk_key(self, cid: int) -> str:
+        return f"C:{len(self._name)}:{self._name}:{cid:x}"
+
+    def _head(self) -> dict[str, Any] | None:
+        data = self._store._rget(self._ns, self._head_key)
+        if data is None:
+            return None
+        head = self._store._decode(self._ns, self._head_key, data)
+        if not isinstance(head, dict) or not {"c", "n", "l", "s"} <= head.keys():
+            raise CorruptValueError(f"event log {self._name!r}: damaged head record")
+        return head
+
+    def _chunk(self, cid: int) -> tuple[dict[str, Any], list[list[Any]]]:
+        key = self._chunk_key(cid)
+        data = self._store._rget(self._ns, key)
+        if data is None:
+            raise CorruptValueError(f"event log {self._name!r}: chunk {cid} is missing")
+        chunk = self._store._decode(self._ns, key, data)
+        try:
+            return chunk["b"], chunk["e"]
+        except (KeyError, TypeError) as exc:
+            raise CorruptValueError(f"event log {self._name!r}: damaged chunk {cid}") from exc
+
+    def _put_chunk(self, cid: int, base: dict[str, Any], events: list[list[Any]]) -> Op:
+        from ._store import Op
+
+        key = self._chunk_key(cid)
+        return Op(self._ns, key, self._store._encode(self._ns, key, {"b": base, "e": events}), None)
+
+    def _put_head(self, head: dict[str, Any]) -> Op:
+        from ._store import Op
+
+        return Op(
+            self._ns, self._head_key, self._store._encode(self._ns, self._head_key, head), None
+        )
+
+    # -- writes -------------------------------------------------------------------------
+
+    def apply(self, changes: Mapping[str, Any], timestamp: int | None = None) -> dict[str, Any]:
+        """Record one change set and return the new current state.
+
+        ``changes[item]`` is a plain value (set it) or a tuple whose first element is a
+        supported :mod:`operator` function: ``(operator.add, 1)``,
+        ``(operator.delitem, None)``, ``(operator.neg,)``. Any other tuple is a plain value.
+        The default timestamp is now in milliseconds, bumped past the last event; an
+        explicit timestamp that already has an event raises :class:`EventConflictError`. A
+        change that cannot replay raises :class:`ReplayError` and nothing is stored.
+        """
+        store = self._store
+        store._check_writable()
+        if not isinstance(changes, Mapping):
+            raise OptionTypeError("changes must be a mapping {item: value or (op, value)}")
+        parsed = [_parse_change(item, change) for item, change in changes.items()]
+        explicit = None
+        if timestamp is not None:
+            if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+                raise KeyTypeError("timestamps must be int milliseconds")
+            explicit = int(timestamp)
+        with store._atomic():
+            head = self._head() or {"c": [], "n": 0, "l": None, "s": {}}
+            last = head["l"]
+            ts = explicit
+            if ts is None:
+                now = int(store._clock() * 1000)
+                ts = now if last is None or now > last else last + 1
+            elif last is not None and ts <= last and self._exists(head, ts):
+                raise EventConflictError(f"event log {self._name!r} already has an event at {ts}")
+            if not parsed:
+                return _copy(head["s"])
+            new_events = [[ts, item, op, value] for item, op, value in parsed]
+            if last is None or ts > last:
+                ops = self._append(head, ts, new_events)
+            else:
+                ops = self._insert_past(head, ts, new_events)
+            store._rapply(ops)
+            return _copy(head["s"])
+
+    def _exists(self, head: dict[str, Any], ts: int) -> bool:
+        chunks = head["c"]
+        i = bisect.bisect_right([c[0] for c in chunks], ts) - 1
+        if i < 0:
+            return False
+        _, events = self._chunk(chunks[i][1])
+        return any(e[0] == ts for e in events)
+
+    def _append(self, head: dict[str, Any], ts: int, new_events: list[list[Any]]) -> list[Op]:
+        state = head["s"]
+        base_for_new_chunk = _copy(state)
+        for _, item, op, value in new_events:
+            _replay(state, ts, item, op, value)
+        chunks = head["c"]
+        if chunks and chunks[-1][2] + len(new_events) <= CHUNK_SIZE:
+            cid = chunks[-1][1]
+            base, events = self._chunk(cid)
+            events.extend(new_events)
+            chunks[-1][2] = len(events)
+        else:
+            cid = head["n"]
+            head["n"] = cid + 1
+            base, events = base_for_new_chunk, list(new_events)
+            chunks.append([ts, cid, len(events)])
+        head["l"] = ts
+        return [self._put_chunk(cid, base, events), self._put_head(head)]
+
+    def _insert_past(self, head: dict[str, Any], ts: int, new_events: list[list[Any]]) -> list[Op]:
+        chunks = head["c"]
+        i = max(bisect.bisect_right([c[0] for c in chunks], ts) - 1, 0)
+        loaded = [self._chunk(c[1]) for c in chunks[i:]]
+        state = _copy(loaded[0][0])
+        ops: list[Op] = []
+        for offset, (_, events) in enumerate(loaded):
+            if offset == 0:
+                # Stable: the new events go after every existing event at an earlier time.
+                pos = bisect.bisect_right([e[0] for e in events], ts)
+                events[pos:pos] = new_events
+            entry = chunks[i + offset]
+            base = _copy(state)
+            for e_ts, item, op, value in events:
+                _replay(state, e_ts, item, op, value)
+            entry[0], entry[2] = events[0][0], len(events)
+            ops.append(self._put_chunk(entry[1], base, events))
+        head["s"] = state
+        ops.append(self._put_head(head))
+        return ops
+
+    def prune(self, before: int) -> int:
+        """Compact every event at or before *before* into one ``snapshot`` event.
+
+        ``current()`` and every ``past(t)`` for ``t >= before`` are unchanged. Returns the
+        number of events removed (0 when nothing is at or before *before*).
+        """
+        store = self._store
+        store._check_writable()
+        if isinstance(before, bool) or not isinstance(before, int):
+            raise KeyTypeError("timestamps must be int milliseconds")
+        with store._atomic():
+            head = self._head()
+            if head is None:
+                return 0
+            everything = [e for c in head["c"] for e in self._chunk(c[1])[1]]
+            old = [e for e in everything if e[0] <= before]
+            if len(old) <= 1 and not (old and old[0][2] != "snapshot"):
+                return 0
+            state: dict[str, Any] = {}
+            for e_ts, item, op, value in old:
+                _replay(state, e_ts, item, op, value)
+            rest = [[old[-1][0], "", "snapshot", state], *(e for e in everything if e[0] > before)]
+            ops = self._rewrite(head, rest)
+            store._rapply(ops)
+            return len(old) - 1
+
+    def _rewrite(self, head: dict[str, Any], events: list[list[Any]]) -> list[Op]:
+        from ._store import Op
+
+        ops: list[Op] = [Op(self._ns, self._chunk_key(c[1]), None, None) for c in head["c"]]
+        state: dict[str, Any] = {}
+        chunks: list[list[int]] = []
+        cid = head["n"]
+        for start in range(0, len(events), CHUNK_SIZE):
+            part = events[start : start + CHUNK_SIZE]
+            base = _copy(state)
+            for e_ts, item, op, value in part:
+                _replay(state, e_ts, item, op, value)
+            ops.append(self._put_chunk(cid, base, part))
+            chunks.append([part[0][0], cid, len(part)])
+            cid += 1
+        head.update({"c": chunks, "n": cid, "s": state})
+        ops.append(self._put_head(head))
+        return ops
+
+    def remove(self) -> None:
+        """Delete the whole sequence (it leaves :meth:`Store.event_names`)."""
+        from ._store import Op
+
+        store = self._store
+        store._check_writable()
+        with store._atomic():
+            head = self._head()
+            if head is None:
+                return
+            ops = [Op(self._ns, self._chunk_key(c[1]), None, None) for c in head["c"]]
+            ops.append(Op(self._ns, self._head_key, None, None))
+            store._rapply(ops)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def current(self, *, with_timestamp: bool = False) -> Any:
+        """The current state (``{}`` for an unknown sequence); with ``with_timestamp=True``
+        a pair ``(timestamp of the last event or None, state)``."""
+        self._store._check_open()
+        head = self._head()
+        state = {} if head is None else _copy(head["s"])
+        if with_timestamp:
+            return (None if head is None else head["l"]), state
+        return state
+
+    def past(self, t: int, *, with_timestamp: bool = False) -> Any:
+        """The state after every event at or before *t*; with ``with_timestamp=True`` a pair
+        ``(timestamp of the last event applied or None, state)``."""
+        self._store._check_open()
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise KeyTypeError("timestamps must be int milliseconds")
+        head = self._head()
+        state: dict[str, Any] = {}
+        applied: int | None = None
+        if head is not None and head["c"]:
+            chunks = head["c"]
+            i = bisect.bisect_right([c[0] for c in chunks], t) - 1
+            if i >= 0:
+                base, events = self._chunk(chunks[i][1])
+                state = _copy(base)
+                for e_ts, item, op, value in events:
+                    if e_ts > t:
+                        break
+                    _replay(state, e_ts, item, op, value)
+                    applied = e_ts
+        return (applied, state) if with_timestamp else state
+
+    def events(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        ops: str | Callable[..., Any] | Collection[str | Callable[..., Any]] | None = None,
+    ) -> list[Event]:
+        """Events with ``start <= timestamp <= end`` (inclusive), in replay order.
+
+        ``ops`` filters by one operator or a collection of them (functions or names).
+        """
+        self._store._check_open()
+        wanted = _op_filter(ops)
+        head = self._head()
+        if head is None:
+            return []
+        out: list[Event] = []
+        for entry in head["c"]:
+            for e_ts, item, op, value in self._chunk(entry[1])[1]:
+                if start is not None and e_ts < start:
+                    continue
+                if end is not None and e_ts > end:
+                    return out
+                if wanted is None or op in wanted:
+                    out.append(Event(e_ts, item, op, value))
+        return out
+
+    def __len__(self) -> int:
+        self._store._check_open()
+        head = self._head()
+        return 0 if head is None else sum(c[2] for c in head["c"])
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events())
+
+    def __repr__(self) -> str:
+        return f"<EventLog {self._name!r} of {self._store!r}>"
+
+
+def _op_filter(ops: Any) -> set[str] | None:
+    if ops is None:
+        return None
+    items = [ops] if isinstance(ops, str) or callable(ops) else list(ops)
+    if not items:
+        return None
+    names = set()
+    for op in items:
+        if isinstance(op, str):
+            if op not in OPS and op != "snapshot":
+                raise InvalidOptionError(f"unknown operator name {op!r}")
+            names.add(op)
+        elif _is_op(op):
+            names.add(_NAME_OF[op])
+        else:
+            raise InvalidOptionError(f"unsupported operator {op!r}")
+    return names
+
+
+def event_names(store: Store) -> list[str]:
+    """Names of the event sequences of *store*'s namespace, sorted."""
+    ns = internal_ns("ev", store._ns)
+    names = []
+    for key in store._rkeys(ns, "H:"):
+        length, _, rest = key[2:].partition(":")
+        if length.isdigit() and len(rest) == int(length):
+            names.append(rest)
+    return sorted(names)

@@ -1,0 +1,409 @@
+"""Time series: a sorted ``MutableMapping[int, Any]`` of timestamped values per name.
+
+Layer 3 of the architecture: built only on the backend contract, so every backend (and
+every future one) stores series the same way, and a copy between backends carries them.
+
+Storage (in the internal namespace ``"\\0ts\\0" + namespace``):
+
+* a **head** record ``H:<len(name)>:<name>`` holding the sorted chunk directory
+  ``[[first_timestamp, chunk_id, count], ...]`` and the next chunk id;
+* **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` holding up to :data:`CHUNK_SIZE`
+  points as two parallel arrays: timestamps and msgpack-packed values.
+
+Why chunks: one record per point costs a round trip (or a B-tree insert) per point; a
+time-series store writes points in blocks. Appending 100,000 points writes about 100
+records; a 1% range reads one or two chunks; ``first``/``last``/``len`` read the head.
+Head and chunks are ordinary values: checksummed, and encrypted and authenticated when
+the store encrypts (the key name and chunk id are bound as associated data, and the
+timestamps live inside the authenticated payload). The length prefix in the key makes the
+(name, chunk) encoding injective for any name, NUL included.
+
+Writes run under the store's exclusive section and commit all changed records with one
+atomic ``_apply``, so a crash leaves the old or the new series, and two processes
+extending one series lose no point (on backends shared between processes).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from ._codec import pack, unpack
+from ._keys import internal_ns
+from .errors import (
+    CorruptValueError,
+    InvalidOptionError,
+    KeyTypeError,
+    MissingFrequencyError,
+    MissingKeyError,
+)
+
+if TYPE_CHECKING:
+    from ._store import Op, Store
+
+__all__ = ["CHUNK_SIZE", "Series"]
+
+#: Points per chunk. Larger chunks make appends of single points dearer (the tail chunk is
+#: rewritten); smaller ones make bulk loads and scans issue more records.
+CHUNK_SIZE = 1024
+
+
+def _check_ts(t: Any) -> int:
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise KeyTypeError(f"timestamps must be int, not {type(t).__qualname__}")
+    return int(t)
+
+
+def _check_freq(freq: Any) -> int:
+    if isinstance(freq, bool) or not isinstance(freq, int):
+        raise InvalidOptionError(f"freq must be a positive int, got {freq!r}")
+    if freq <= 0:
+        raise InvalidOptionError(f"freq must be > 0, got {freq!r}")
+    return freq
+
+
+def _name_key(kind: str, name: str) -> str:
+    return f"{kind}:{len(name)}:{name}"
+
+
+class Series(MutableMapping[int, Any]):
+    """A time series: integer timestamps (negative and zero included) to values.
+
+    Iteration is in ascending timestamp order. ``series[t]`` returns a fresh copy of the
+    value. Get one with :meth:`Store.series`. Thread-safe and (on backends shared between
+    processes) multi-process safe like the store itself; a series of a read-only store
+    raises :class:`~mappingstore.errors.ReadOnlyError` from every mutator.
+    """
+
+    __slots__ = ("_freq", "_head_key", "_name", "_ns", "_store")
+
+    def __init__(self, store: Store, name: str, freq: int | None = None) -> None:
+        from ._keys import check_key
+
+        self._store = store
+        self._name = check_key(name)
+        self._ns = internal_ns("ts", store._ns)
+        self._head_key = _name_key("H", self._name)
+        self._freq = None if freq is None else _check_freq(freq)
+
+    # -- storage helpers ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The series name."""
+        return self._name
+
+    @property
+    def freq(self) -> int | None:
+        """The default frequency used by :meth:`missing` and :meth:`iscomplete`."""
+        return self._freq
+
+    def _chunk_key(self, cid: int) -> str:
+        return f"C:{len(self._name)}:{self._name}:{cid:x}"
+
+    def _head(self) -> tuple[list[list[int]], int]:
+        data = self._store._rget(self._ns, self._head_key)
+        if data is None:
+            return [], 0
+        head = self._store._decode(self._ns, self._head_key, data)
+        try:
+            return [list(map(int, c)) for c in head["c"]], int(head["n"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptValueError(f"series {self._name!r}: damaged head record") from exc
+
+    def _chunk(self, cid: int) -> tuple[list[int], list[bytes]]:
+        key = self._chunk_key(cid)
+        data = self._store._rget(self._ns, key)
+        if data is None:
+            raise CorruptValueError(f"series {self._name!r}: chunk {cid} is missing")
+        chunk = self._store._decode(self._ns, key, data)
+        try:
+            ts, vs = chunk["t"], chunk["v"]
+            if len(ts) != len(vs):
+                raise ValueError("length mismatch")
+            return list(ts), list(vs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}") from exc
+
+    def _chunk_op(self, cid: int, ts: list[int], vs: list[bytes]) -> Op:
+        from ._store import Op
+
+        key = self._chunk_key(cid)
+        return Op(self._ns, key, self._store._encode(self._ns, key, {"t": ts, "v": vs}), None)
+
+    def _head_op(self, chunks: list[list[int]], next_id: int) -> Op:
+        from ._store import Op
+
+        if not chunks:
+            return Op(self._ns, self._head_key, None, None)
+        data = self._store._encode(self._ns, self._head_key, {"c": chunks, "n": next_id})
+        return Op(self._ns, self._head_key, data, None)
+
+    def _delete_op(self, cid: int) -> Op:
+        from ._store import Op
+
+        return Op(self._ns, self._chunk_key(cid), None, None)
+
+    def _locate(self, chunks: list[list[int]], t: int) -> int:
+        """Index of the chunk that holds (or would hold) timestamp *t*."""
+        i = bisect.bisect_right([c[0] for c in chunks], t) - 1
+        return max(i, 0)
+
+    # -- writes -------------------------------------------------------------------------
+
+    def extend(self, points: Iterable[tuple[int, Any]]) -> None:
+        """Add ``(timestamp, value)`` pairs in any order; a repeated timestamp keeps the last.
+
+        Atomic: every point is stored, or (on any error) none.
+        """
+        store = self._store
+        store._check_writable()
+        new: dict[int, bytes] = {}
+        for point in points:
+            try:
+                t, v = point
+            except (TypeError, ValueError) as exc:
+                raise InvalidOptionError(
+                    f"points must be (timestamp, value) pairs, got {point!r}"
+                ) from exc
+            new[_check_ts(t)] = pack(v)
+        if not new:
+            return
+        with store._atomic():
+            chunks, next_id = self._head()
+            groups: dict[int, dict[int, bytes]] = {}
+            if chunks:
+                starts = [c[0] for c in chunks]
+                for t, v in new.items():
+                    i = max(bisect.bisect_right(starts, t) - 1, 0)
+                    groups.setdefault(i, {})[t] = v
+            ops: list[Op] = []
+            new_chunks: list[list[int]] = []
+            for i, entry in enumerate(chunks):
+                if i not in groups:
+                    new_chunks.append(entry)
+                    continue
+                ts, vs = self._chunk(entry[1])
+                merged = dict(zip(ts, vs, strict=True))
+                merged.update(groups[i])
+                pieces, next_id = self._pieces(merged, entry[1], next_id, ops)
+                new_chunks.extend(pieces)
+            if not chunks:
+                pieces, next_id = self._pieces(new, None, next_id, ops)
+                new_chunks = pieces
+            ops.append(self._head_op(new_chunks, next_id))
+            store._rapply(ops)
+
+    def _pieces(
+        self, merged: dict[int, bytes], reuse: int | None, next_id: int, ops: list[Op]
+    ) -> tuple[list[list[int]], int]:
+        """Write *merged* points as chunks of at most CHUNK_SIZE; return their directory."""
+        order = sorted(merged)
+        out: list[list[int]] = []
+        for start in range(0, len(order), CHUNK_SIZE):
+            part = order[start : start + CHUNK_SIZE]
+            if reuse is not None and start == 0:
+                cid = reuse
+            else:
+                cid, next_id = next_id, next_id + 1
+            ops.append(self._chunk_op(cid, part, [merged[t] for t in part]))
+            out.append([part[0], cid, len(part)])
+        return out, next_id
+
+    def __setitem__(self, t: int, value: Any) -> None:
+        self.extend([(t, value)])
+
+    def __delitem__(self, t: int) -> None:
+        t = _check_ts(t)
+        if not self._remove(t, t):
+            raise MissingKeyError(t)
+
+    def remove(self, start: int | None = None, end: int | None = None) -> int:
+        """Delete the points with ``start <= t <= end`` (inclusive; ``None``: unbounded).
+
+        With no bounds the whole series is deleted and leaves :meth:`Store.series_names`.
+        Returns the number of points removed.
+        """
+        lo = None if start is None else _check_ts(start)
+        hi = None if end is None else _check_ts(end)
+        return self._remove(lo, hi)
+
+    def _remove(self, lo: int | None, hi: int | None) -> int:
+        store = self._store
+        store._check_writable()
+        if lo is not None and hi is not None and lo > hi:
+            return 0
+        removed = 0
+        with store._atomic():
+            chunks, next_id = self._head()
+            ops: list[Op] = []
+            kept: list[list[int]] = []
+            for i, entry in enumerate(chunks):
+                first = entry[0]
+                nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
+                if (hi is not None and first > hi) or (
+                    lo is not None and nxt is not None and nxt <= lo
+                ):
+                    kept.append(entry)
+                    continue
+                ts, vs = self._chunk(entry[1])
+                keep = [
+                    j
+                    for j, t in enumerate(ts)
+                    if (lo is not None and t < lo) or (hi is not None and t > hi)
+                ]
+                if len(keep) == len(ts):
+                    kept.append(entry)
+                    continue
+                removed += len(ts) - len(keep)
+                if keep:
+                    nts = [ts[j] for j in keep]
+                    ops.append(self._chunk_op(entry[1], nts, [vs[j] for j in keep]))
+                    kept.append([nts[0], entry[1], len(nts)])
+                else:
+                    ops.append(self._delete_op(entry[1]))
+            if removed:
+                ops.append(self._head_op(kept, next_id))
+                store._rapply(ops)
+        return removed
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _scan(self, lo: int | None, hi: int | None) -> Iterator[tuple[int, bytes]]:
+        self._store._check_open()
+        chunks, _ = self._head()
+        for i, entry in enumerate(chunks):
+            nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
+            if hi is not None and entry[0] > hi:
+                return
+            if lo is not None and nxt is not None and nxt <= lo:
+                continue
+            ts, vs = self._chunk(entry[1])
+            a = 0 if lo is None else bisect.bisect_left(ts, lo)
+            b = len(ts) if hi is None else bisect.bisect_right(ts, hi)
+            for j in range(a, b):
+                yield ts[j], vs[j]
+
+    def __getitem__(self, t: int) -> Any:
+        t = _check_ts(t)
+        for _, v in self._scan(t, t):
+            return unpack(v)
+        raise MissingKeyError(t)
+
+    def __contains__(self, t: object) -> bool:
+        if isinstance(t, bool) or not isinstance(t, int):
+            return False
+        return any(True for _ in self._scan(t, t))
+
+    def __iter__(self) -> Iterator[int]:
+        for t, _ in self._scan(None, None):
+            yield t
+
+    def __len__(self) -> int:
+        self._store._check_open()
+        return sum(c[2] for c in self._head()[0])
+
+    def items(self) -> Any:
+        """``(timestamp, value)`` pairs in ascending order (one pass over the chunks)."""
+        return _SeriesItems(self)
+
+    def first(self) -> tuple[int, Any] | None:
+        """The earliest ``(timestamp, value)``, or ``None`` when the series is empty."""
+        self._store._check_open()
+        chunks, _ = self._head()
+        if not chunks:
+            return None
+        ts, vs = self._chunk(chunks[0][1])
+        return ts[0], unpack(vs[0])
+
+    def last(self) -> tuple[int, Any] | None:
+        """The latest ``(timestamp, value)``, or ``None`` when the series is empty."""
+        self._store._check_open()
+        chunks, _ = self._head()
+        if not chunks:
+            return None
+        ts, vs = self._chunk(chunks[-1][1])
+        return ts[-1], unpack(vs[-1])
+
+    def range(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        n: int | None = None,
+        freq: int | None = None,
+    ) -> list[tuple[int, Any]]:
+        """Points with ``start <= t <= end`` (inclusive; ``None``: unbounded), ascending.
+
+        ``n`` caps the count from the start (``n=0`` returns nothing). ``freq`` thins the
+        result: the first point is kept, then only points at least ``freq`` after the last
+        kept one. ``start > end`` gives ``[]``.
+        """
+        lo = None if start is None else _check_ts(start)
+        hi = None if end is None else _check_ts(end)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise InvalidOptionError(f"n must be an int >= 0, got {n!r}")
+        step = None if freq is None else _check_freq(freq)
+        if n == 0 or (lo is not None and hi is not None and lo > hi):
+            return []
+        out: list[tuple[int, Any]] = []
+        last_kept: int | None = None
+        for t, v in self._scan(lo, hi):
+            if step is not None and last_kept is not None and t < last_kept + step:
+                continue
+            out.append((t, unpack(v)))
+            last_kept = t
+            if n is not None and len(out) >= n:
+                break
+        return out
+
+    def missing(self, start: int, end: int | None = None, *, freq: int | None = None) -> list[int]:
+        """Grid timestamps ``start, start+freq, ...`` up to and including *end* that have no
+        point exactly there. ``end=None`` means *start*. The frequency comes from the call or
+        the series' default; with neither, :class:`MissingFrequencyError`.
+        """
+        lo = _check_ts(start)
+        hi = lo if end is None else _check_ts(end)
+        step = freq if freq is not None else self._freq
+        if step is None:
+            raise MissingFrequencyError(
+                f"series {self._name!r} has no frequency: pass freq= or open it with "
+                "store.series(name, freq=...)"
+            )
+        step = _check_freq(step)
+        if lo > hi:
+            return []
+        present = {t for t, _ in self._scan(lo, hi)}
+        return [t for t in range(lo, hi + 1, step) if t not in present]
+
+    def iscomplete(self, start: int, end: int | None = None, *, freq: int | None = None) -> bool:
+        """``not missing(start, end, freq=freq)``."""
+        return not self.missing(start, end, freq=freq)
+
+    def __repr__(self) -> str:
+        return f"<Series {self._name!r} of {self._store!r}>"
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+from collections.abc import ItemsView  # noqa: E402
+
+
+class _SeriesItems(ItemsView[int, Any]):
+    _mapping: Series
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for t, v in self._mapping._scan(None, None):
+            yield t, unpack(v)
+
+
+def series_names(store: Store) -> list[str]:
+    """Names of the non-empty series of *store*'s namespace, sorted."""
+    ns = internal_ns("ts", store._ns)
+    names = []
+    for key in store._rkeys(ns, "H:"):
+        length, _, rest = key[2:].partition(":")
+        if length.isdigit() and len(rest) == int(length):
+            names.append(rest)
+    return sorted(names)
