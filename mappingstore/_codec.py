@@ -23,7 +23,8 @@ code   type and payload
 4      reserved (``bytearray`` is packed as msgpack ``bin`` and reads back as ``bytes``)
 5      ``datetime``: ``[naive ISO text, utcoffset µs | nil, zone key | nil, fold, tzname | nil]``
 6      ``date``: ISO text
-7      ``time``: ``[naive ISO text, utcoffset µs | nil, fold]``
+7      ``time``: ``[naive ISO text, utcoffset µs | nil, fold, tzname | nil]`` (the
+       4th item is optional: records written before it existed have 3)
 8      ``timedelta``: ``[days, seconds, microseconds]``
 9      ``Decimal``: text
 10     ``UUID``: 16 bytes
@@ -52,6 +53,7 @@ __all__ = [
     "is_encrypted",
     "pack",
     "unpack",
+    "unpack_slice",
     "wrap_plain",
 ]
 
@@ -75,6 +77,14 @@ def _offset_us(value: _dt.timedelta | None) -> int | None:
     return (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
 
 
+def _fixed_offset_name(tz: _dt.tzinfo | None) -> str | None:
+    """The explicit name of ``timezone(offset, name)``, or None when it has the default one."""
+    if not isinstance(tz, _dt.timezone) or tz is _dt.timezone.utc:
+        return None
+    name = tz.tzname(None)
+    return None if name == _dt.timezone(tz.utcoffset(None)).tzname(None) else name
+
+
 def _default(obj: Any) -> Any:
     """Turn a non-msgpack value into an extension type (called by msgpack)."""
     t = type(obj)
@@ -91,9 +101,7 @@ def _default(obj: Any) -> Any:
         tz = obj.tzinfo
         zone = getattr(tz, "key", None) if tz is not None else None
         offset = _offset_us(obj.utcoffset())
-        name = None
-        if tz is not None and zone is None and isinstance(tz, _dt.timezone):
-            name = obj.tzname() if tz is not _dt.timezone.utc else None
+        name = _fixed_offset_name(tz) if zone is None else None
         naive = obj.replace(tzinfo=None, fold=0).isoformat()
         return msgpack.ExtType(_DATETIME, _packb([naive, offset, zone, obj.fold, name]))
     if t is _dt.date:
@@ -101,7 +109,8 @@ def _default(obj: Any) -> Any:
     if t is _dt.time:
         offset = _offset_us(obj.utcoffset())
         naive = obj.replace(tzinfo=None, fold=0).isoformat()
-        return msgpack.ExtType(_TIME, _packb([naive, offset, obj.fold]))
+        name = _fixed_offset_name(obj.tzinfo)
+        return msgpack.ExtType(_TIME, _packb([naive, offset, obj.fold, name]))
     if t is _dt.timedelta:
         return msgpack.ExtType(_TIMEDELTA, _packb([obj.days, obj.seconds, obj.microseconds]))
     if t is Decimal:
@@ -173,9 +182,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == _DATE:
         return _dt.date.fromisoformat(data.decode())
     if code == _TIME:
-        naive, offset, fold = _unpackb(data)
+        naive, offset, fold, *rest = _unpackb(data)
         tvalue = _dt.time.fromisoformat(naive)
-        tz = _tz(offset, None, None)
+        tz = _tz(offset, None, rest[0] if rest else None)
         return tvalue.replace(tzinfo=tz, fold=fold)
     if code == _TIMEDELTA:
         days, seconds, micro = _unpackb(data)
@@ -212,6 +221,30 @@ def unpack(payload: bytes) -> Any:
     try:
         return _unpackb(payload)
     except _DECODE_ERRORS as exc:
+        raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
+
+
+def unpack_slice(payload: bytes, start: int, stop: int) -> list[Any]:
+    """Decode items ``start:stop`` of a msgpack array without building the others.
+
+    The items before *start* are skipped (parsed, never turned into objects): reading a
+    narrow window of a large packed array costs little more than the window itself.
+    """
+    try:
+        unpacker = msgpack.Unpacker(
+            None,
+            ext_hook=_ext_hook,
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=len(payload) + 1,
+        )
+        unpacker.feed(payload)
+        size = unpacker.read_array_header()
+        stop = min(stop, size)
+        for _ in range(start):
+            unpacker.skip()
+        return [unpacker.unpack() for _ in range(max(stop - start, 0))]
+    except (*_DECODE_ERRORS, msgpack.OutOfData) as exc:
         raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
 
 

@@ -11,14 +11,16 @@ Storage (in the internal namespace ``"\\0ev\\0" + namespace``):
 
 * a **head** record ``H:<len(name)>:<name>`` with the chunk directory
   ``[[first_timestamp, chunk_id, count], ...]``, the next chunk id, the timestamp of the
-  last event and the **current state** itself;
-* **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` with up to :data:`CHUNK_SIZE`
-  events sorted by time and the *base* state (the state before the chunk's first event).
+  last event, the **current state** itself, and the *pending* tail of up to
+  :data:`CHUNK_SIZE` events not yet moved into a chunk (with the state before it);
+* **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` with :data:`CHUNK_SIZE` events
+  sorted by time and the *base* state (the state before the chunk's first event).
 
 So ``current()`` reads one record; ``apply`` at the end of the sequence validates the
-change against the current state and rewrites the head and the tail chunk: O(1) in the
-length of the history. ``past(t)`` replays at most one chunk from its base. Inserting an
-event in the past replays the chunks after it (to validate and to refresh their bases).
+change against the current state and rewrites the head (and, once every CHUNK_SIZE events,
+writes a chunk): O(1) in the length of the history. ``past(t)`` replays at most one chunk
+from its base. Inserting an event in the past replays the chunks after it (to validate and
+to refresh their bases).
 Every change is validated *before* anything is stored, so a sequence can never be
 poisoned by an event that does not replay.
 """
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CHUNK_SIZE", "OPS", "Event", "EventLog"]
 
-CHUNK_SIZE = 256
+CHUNK_SIZE = 32
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "add": operator.add,
@@ -146,13 +148,14 @@ class EventLog:
     backends shared between processes: two processes applying events lose none.
     """
 
-    __slots__ = ("_head_key", "_name", "_ns", "_store")
+    __slots__ = ("_dir_key", "_head_key", "_name", "_ns", "_store")
 
     def __init__(self, store: Store, name: str) -> None:
         self._store = store
         self._name = check_key(name)
         self._ns = internal_ns("ev", store._ns)
         self._head_key = f"H:{len(self._name)}:{self._name}"
+        self._dir_key = f"D:{len(self._name)}:{self._name}"
 
     @property
     def name(self) -> str:
@@ -160,18 +163,44 @@ class EventLog:
         return self._name
 
     # -- storage ------------------------------------------------------------------------
+    # head = {"n": next chunk id, "l": last timestamp or None, "s": current state,
+    #         "p": pending events (the tail, not yet in a chunk), "b": state before "p",
+    #         "k": number of chunks}
+    # directory record = [[first_ts, chunk_id, count], ...] (loaded into head["c"])
+    # Keeping the tail in the head means an apply reads and writes one small record; a
+    # chunk and the directory are written once per CHUNK_SIZE events. The directory grows
+    # with the history, so it stays out of the per-apply path.
 
     def _chunk_key(self, cid: int) -> str:
         return f"C:{len(self._name)}:{self._name}:{cid:x}"
 
-    def _head(self) -> dict[str, Any] | None:
+    def _head(self, *, directory: bool = True) -> dict[str, Any] | None:
+        """The head; with *directory*, ``head["c"]`` holds the chunk directory (else None)."""
         data = self._store._rget(self._ns, self._head_key)
         if data is None:
             return None
         head = self._store._decode(self._ns, self._head_key, data)
-        if not isinstance(head, dict) or not {"c", "n", "l", "s"} <= head.keys():
+        if not isinstance(head, dict) or not {"n", "l", "s", "p", "b", "k"} <= head.keys():
             raise CorruptValueError(f"event log {self._name!r}: damaged head record")
+        head["c"] = self._directory(head["k"]) if directory else None
         return head
+
+    def _directory(self, expected: int) -> list[list[int]]:
+        if not expected:
+            return []
+        data = self._store._rget(self._ns, self._dir_key)
+        chunks = None if data is None else self._store._decode(self._ns, self._dir_key, data)
+        # The head records how many chunks exist; a directory that disagrees (only a
+        # tampered store can produce one: both are written in one atomic write) is refused.
+        if not isinstance(chunks, list) or len(chunks) != expected:
+            raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
+        return chunks
+
+    def _need_directory(self, head: dict[str, Any]) -> list[list[int]]:
+        if head["c"] is None:
+            head["c"] = self._directory(head["k"])
+        chunks: list[list[int]] = head["c"]
+        return chunks
 
     def _chunk(self, cid: int) -> tuple[dict[str, Any], list[list[Any]]]:
         key = self._chunk_key(cid)
@@ -193,9 +222,23 @@ class EventLog:
     def _put_head(self, head: dict[str, Any]) -> Op:
         from ._store import Op
 
-        return Op(
-            self._ns, self._head_key, self._store._encode(self._ns, self._head_key, head), None
-        )
+        stored = {k: v for k, v in head.items() if k != "c"}
+        data = self._store._encode(self._ns, self._head_key, stored)
+        return Op(self._ns, self._head_key, data, None)
+
+    def _put_directory(self, head: dict[str, Any]) -> Op:
+        from ._store import Op
+
+        head["k"] = len(head["c"])
+        if not head["c"]:
+            return Op(self._ns, self._dir_key, None, None)
+        data = self._store._encode(self._ns, self._dir_key, head["c"])
+        return Op(self._ns, self._dir_key, data, None)
+
+    @staticmethod
+    def _in_pending(head: dict[str, Any], ts: int) -> bool:
+        """True if time *ts* belongs to the pending tail (or there are no chunks at all)."""
+        return not head["k"] or bool(head["p"] and ts >= head["p"][0][0])
 
     # -- writes -------------------------------------------------------------------------
 
@@ -220,7 +263,15 @@ class EventLog:
                 raise KeyTypeError("timestamps must be int milliseconds")
             explicit = int(timestamp)
         with store._atomic():
-            head = self._head() or {"c": [], "n": 0, "l": None, "s": {}}
+            head = self._head(directory=False) or {
+                "c": [],
+                "n": 0,
+                "l": None,
+                "s": {},
+                "p": [],
+                "b": {},
+                "k": 0,
+            }
             last = head["l"]
             ts = explicit
             if ts is None:
@@ -233,39 +284,69 @@ class EventLog:
             new_events = [[ts, item, op, value] for item, op, value in parsed]
             if last is None or ts > last:
                 ops = self._append(head, ts, new_events)
+            elif self._in_pending(head, ts):
+                ops = self._insert_pending(head, ts, new_events)
             else:
-                ops = self._insert_past(head, ts, new_events)
+                self._need_directory(head)
+                ops = self._insert_chunks(head, ts, new_events)
             store._rapply(ops)
-            return _copy(head["s"])
+            # The head was decoded for this call only and is now encoded: hand it over.
+            state: dict[str, Any] = head["s"]
+            return state
 
     def _exists(self, head: dict[str, Any], ts: int) -> bool:
-        chunks = head["c"]
+        if any(e[0] == ts for e in head["p"]):
+            return True
+        if head["p"] and ts >= head["p"][0][0]:
+            return False
+        chunks = self._need_directory(head)
         i = bisect.bisect_right([c[0] for c in chunks], ts) - 1
         if i < 0:
             return False
-        _, events = self._chunk(chunks[i][1])
-        return any(e[0] == ts for e in events)
+        return any(e[0] == ts for e in self._chunk(chunks[i][1])[1])
 
     def _append(self, head: dict[str, Any], ts: int, new_events: list[list[Any]]) -> list[Op]:
         state = head["s"]
-        base_for_new_chunk = _copy(state)
         for _, item, op, value in new_events:
             _replay(state, ts, item, op, value)
-        chunks = head["c"]
-        if chunks and chunks[-1][2] + len(new_events) <= CHUNK_SIZE:
-            cid = chunks[-1][1]
-            base, events = self._chunk(cid)
-            events.extend(new_events)
-            chunks[-1][2] = len(events)
-        else:
-            cid = head["n"]
-            head["n"] = cid + 1
-            base, events = base_for_new_chunk, list(new_events)
-            chunks.append([ts, cid, len(events)])
+        head["p"].extend(new_events)
         head["l"] = ts
-        return [self._put_chunk(cid, base, events), self._put_head(head)]
+        ops = []
+        if len(head["p"]) >= CHUNK_SIZE:
+            ops += self._flush(head)
+        ops.append(self._put_head(head))
+        return ops
 
-    def _insert_past(self, head: dict[str, Any], ts: int, new_events: list[list[Any]]) -> list[Op]:
+    def _flush(self, head: dict[str, Any]) -> list[Op]:
+        """Move the pending tail into a new chunk (and record it in the directory)."""
+        cid = head["n"]
+        head["n"] = cid + 1
+        pending = head["p"]
+        self._need_directory(head).append([pending[0][0], cid, len(pending)])
+        op = self._put_chunk(cid, head["b"], pending)
+        head["p"], head["b"] = [], _copy(head["s"])
+        return [op, self._put_directory(head)]
+
+    def _insert_pending(
+        self, head: dict[str, Any], ts: int, new_events: list[list[Any]]
+    ) -> list[Op]:
+        pending = head["p"]
+        # Stable: the new events go after every existing event at an earlier or equal time.
+        pos = bisect.bisect_right([e[0] for e in pending], ts)
+        pending[pos:pos] = new_events
+        state = _copy(head["b"])
+        for e_ts, item, op, value in pending:
+            _replay(state, e_ts, item, op, value)
+        head["s"] = state
+        ops = []
+        if len(pending) >= CHUNK_SIZE:
+            ops += self._flush(head)
+        ops.append(self._put_head(head))
+        return ops
+
+    def _insert_chunks(
+        self, head: dict[str, Any], ts: int, new_events: list[list[Any]]
+    ) -> list[Op]:
         chunks = head["c"]
         i = max(bisect.bisect_right([c[0] for c in chunks], ts) - 1, 0)
         loaded = [self._chunk(c[1]) for c in chunks[i:]]
@@ -273,7 +354,6 @@ class EventLog:
         ops: list[Op] = []
         for offset, (_, events) in enumerate(loaded):
             if offset == 0:
-                # Stable: the new events go after every existing event at an earlier time.
                 pos = bisect.bisect_right([e[0] for e in events], ts)
                 events[pos:pos] = new_events
             entry = chunks[i + offset]
@@ -282,9 +362,16 @@ class EventLog:
                 _replay(state, e_ts, item, op, value)
             entry[0], entry[2] = events[0][0], len(events)
             ops.append(self._put_chunk(entry[1], base, events))
+        head["b"] = _copy(state)
+        for e_ts, item, op, value in head["p"]:
+            _replay(state, e_ts, item, op, value)
         head["s"] = state
+        ops.append(self._put_directory(head))
         ops.append(self._put_head(head))
         return ops
+
+    def _all_events(self, head: dict[str, Any]) -> list[list[Any]]:
+        return [e for c in head["c"] for e in self._chunk(c[1])[1]] + list(head["p"])
 
     def prune(self, before: int) -> int:
         """Compact every event at or before *before* into one ``snapshot`` event.
@@ -300,7 +387,7 @@ class EventLog:
             head = self._head()
             if head is None:
                 return 0
-            everything = [e for c in head["c"] for e in self._chunk(c[1])[1]]
+            everything = self._all_events(head)
             old = [e for e in everything if e[0] <= before]
             if len(old) <= 1 and not (old and old[0][2] != "snapshot"):
                 return 0
@@ -308,26 +395,22 @@ class EventLog:
             for e_ts, item, op, value in old:
                 _replay(state, e_ts, item, op, value)
             rest = [[old[-1][0], "", "snapshot", state], *(e for e in everything if e[0] > before)]
-            ops = self._rewrite(head, rest)
-            store._rapply(ops)
+            store._rapply(self._rewrite(head, rest))
             return len(old) - 1
 
     def _rewrite(self, head: dict[str, Any], events: list[list[Any]]) -> list[Op]:
         from ._store import Op
 
         ops: list[Op] = [Op(self._ns, self._chunk_key(c[1]), None, None) for c in head["c"]]
+        head.update({"c": [], "p": [], "b": {}, "s": {}})
         state: dict[str, Any] = {}
-        chunks: list[list[int]] = []
-        cid = head["n"]
-        for start in range(0, len(events), CHUNK_SIZE):
-            part = events[start : start + CHUNK_SIZE]
-            base = _copy(state)
-            for e_ts, item, op, value in part:
-                _replay(state, e_ts, item, op, value)
-            ops.append(self._put_chunk(cid, base, part))
-            chunks.append([part[0][0], cid, len(part)])
-            cid += 1
-        head.update({"c": chunks, "n": cid, "s": state})
+        for e_ts, item, op, value in events:
+            _replay(state, e_ts, item, op, value)
+            head["p"].append([e_ts, item, op, value])
+            head["s"] = state
+            if len(head["p"]) >= CHUNK_SIZE:
+                ops += self._flush(head)
+        ops.append(self._put_directory(head))
         ops.append(self._put_head(head))
         return ops
 
@@ -342,6 +425,7 @@ class EventLog:
             if head is None:
                 return
             ops = [Op(self._ns, self._chunk_key(c[1]), None, None) for c in head["c"]]
+            ops.append(Op(self._ns, self._dir_key, None, None))
             ops.append(Op(self._ns, self._head_key, None, None))
             store._rapply(ops)
 
@@ -351,8 +435,8 @@ class EventLog:
         """The current state (``{}`` for an unknown sequence); with ``with_timestamp=True``
         a pair ``(timestamp of the last event or None, state)``."""
         self._store._check_open()
-        head = self._head()
-        state = {} if head is None else _copy(head["s"])
+        head = self._head(directory=False)
+        state: dict[str, Any] = {} if head is None else head["s"]  # freshly decoded: a copy
         if with_timestamp:
             return (None if head is None else head["l"]), state
         return state
@@ -366,12 +450,18 @@ class EventLog:
         head = self._head()
         state: dict[str, Any] = {}
         applied: int | None = None
-        if head is not None and head["c"]:
-            chunks = head["c"]
-            i = bisect.bisect_right([c[0] for c in chunks], t) - 1
-            if i >= 0:
-                base, events = self._chunk(chunks[i][1])
-                state = _copy(base)
+        if head is not None:
+            base: dict[str, Any] | None = None
+            events: list[list[Any]] = []
+            if head["p"] and t >= head["p"][0][0]:
+                base, events = head["b"], head["p"]
+            else:
+                chunks = head["c"]
+                i = bisect.bisect_right([c[0] for c in chunks], t) - 1
+                if i >= 0:
+                    base, events = self._chunk(chunks[i][1])
+            if base is not None:
+                state = base
                 for e_ts, item, op, value in events:
                     if e_ts > t:
                         break
@@ -396,8 +486,15 @@ class EventLog:
         if head is None:
             return []
         out: list[Event] = []
-        for entry in head["c"]:
-            for e_ts, item, op, value in self._chunk(entry[1])[1]:
+        chunks = head["c"]
+        blocks: list[list[list[Any]] | int] = [c[1] for c in chunks] + [head["p"]]
+        for i, block in enumerate(blocks):
+            if isinstance(block, int):
+                nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
+                if start is not None and nxt is not None and nxt < start:
+                    continue  # the whole chunk is before start
+                block = self._chunk(block)[1]
+            for e_ts, item, op, value in block:
                 if start is not None and e_ts < start:
                     continue
                 if end is not None and e_ts > end:
@@ -409,7 +506,7 @@ class EventLog:
     def __len__(self) -> int:
         self._store._check_open()
         head = self._head()
-        return 0 if head is None else sum(c[2] for c in head["c"])
+        return 0 if head is None else sum(c[2] for c in head["c"]) + len(head["p"])
 
     def __iter__(self) -> Iterator[Event]:
         return iter(self.events())

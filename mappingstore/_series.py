@@ -6,9 +6,10 @@ every future one) stores series the same way, and a copy between backends carrie
 Storage (in the internal namespace ``"\\0ts\\0" + namespace``):
 
 * a **head** record ``H:<len(name)>:<name>`` holding the sorted chunk directory
-  ``[[first_timestamp, chunk_id, count], ...]`` and the next chunk id;
+  ``[[first_timestamp, chunk_id, count], ...]``, the next chunk id, and the first and last
+  points themselves (so ``first()``/``last()`` read one small record);
 * **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` holding up to :data:`CHUNK_SIZE`
-  points as two parallel arrays: timestamps and msgpack-packed values.
+  points as two parallel arrays, timestamps and values (decoded in one msgpack call).
 
 Why chunks: one record per point costs a round trip (or a B-tree insert) per point; a
 time-series store writes points in blocks. Appending 100,000 points writes about 100
@@ -29,7 +30,7 @@ import bisect
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from ._codec import pack, unpack
+from ._codec import pack, unpack_slice
 from ._keys import internal_ns
 from .errors import (
     CorruptValueError,
@@ -76,7 +77,7 @@ class Series(MutableMapping[int, Any]):
     raises :class:`~mappingstore.errors.ReadOnlyError` from every mutator.
     """
 
-    __slots__ = ("_freq", "_head_key", "_name", "_ns", "_store")
+    __slots__ = ("_cache", "_freq", "_head_key", "_name", "_ns", "_store")
 
     def __init__(self, store: Store, name: str, freq: int | None = None) -> None:
         from ._keys import check_key
@@ -86,6 +87,7 @@ class Series(MutableMapping[int, Any]):
         self._ns = internal_ns("ts", store._ns)
         self._head_key = _name_key("H", self._name)
         self._freq = None if freq is None else _check_freq(freq)
+        self._cache: tuple[bytes, dict[str, Any]] | None = None
 
     # -- storage helpers ----------------------------------------------------------------
 
@@ -102,43 +104,101 @@ class Series(MutableMapping[int, Any]):
     def _chunk_key(self, cid: int) -> str:
         return f"C:{len(self._name)}:{self._name}:{cid:x}"
 
-    def _head(self) -> tuple[list[list[int]], int]:
+    def _head_record(self) -> dict[str, Any] | None:
         data = self._store._rget(self._ns, self._head_key)
         if data is None:
-            return [], 0
+            return None
+        # The head is read by every operation: decode (and check) it once per version.
+        # Equal raw bytes mean an equal head (an encrypted head has a fresh nonce per write).
+        cached = self._cache
+        if cached is not None and cached[0] == data:
+            return cached[1]
         head = self._store._decode(self._ns, self._head_key, data)
         try:
-            return [list(map(int, c)) for c in head["c"]], int(head["n"])
+            if not (
+                isinstance(head, dict)
+                and type(head["n"]) is int
+                and all(len(c) == 3 and all(type(x) is int for x in c) for c in head["c"])
+                and len(head["f"]) == 2
+                and len(head["z"]) == 2
+            ):
+                raise ValueError("bad structure")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptValueError(f"series {self._name!r}: damaged head record") from exc
+        self._cache = (data, head)
+        return head
 
-    def _chunk(self, cid: int) -> tuple[list[int], list[bytes]]:
+    def _head(self) -> tuple[list[list[int]], int]:
+        """The chunk directory (shared with the cache: never mutate it) and the next id."""
+        head = self._head_record()
+        if head is None:
+            return [], 0
+        return head["c"], head["n"]
+
+    def _chunk_raw(self, cid: int) -> tuple[list[int], bytes]:
+        """Timestamps and the packed value array of chunk *cid* (values not decoded)."""
         key = self._chunk_key(cid)
         data = self._store._rget(self._ns, key)
         if data is None:
             raise CorruptValueError(f"series {self._name!r}: chunk {cid} is missing")
         chunk = self._store._decode(self._ns, key, data)
         try:
-            ts, vs = chunk["t"], chunk["v"]
-            if len(ts) != len(vs):
-                raise ValueError("length mismatch")
-            return list(ts), list(vs)
-        except (KeyError, TypeError, ValueError) as exc:
+            ts, packed = chunk["t"], chunk["v"]
+            if type(ts) is not list or type(packed) is not bytes:
+                raise TypeError("bad chunk types")
+            return ts, packed
+        except (KeyError, TypeError) as exc:
             raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}") from exc
 
-    def _chunk_op(self, cid: int, ts: list[int], vs: list[bytes]) -> Op:
+    def _chunk(self, cid: int) -> tuple[list[int], list[Any]]:
+        ts, packed = self._chunk_raw(cid)
+        values = unpack_slice(packed, 0, len(ts))
+        if len(values) != len(ts):
+            raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}")
+        return ts, values
+
+    def _chunk_op(self, cid: int, ts: list[int], vs: list[Any], written: dict[int, Any]) -> Op:
         from ._store import Op
 
         key = self._chunk_key(cid)
-        return Op(self._ns, key, self._store._encode(self._ns, key, {"t": ts, "v": vs}), None)
+        written[cid] = (ts, vs)
+        # Values travel as one packed array inside the chunk, so a reader can decode just
+        # the slice it needs (see _codec.unpack_slice).
+        payload = {"t": ts, "v": pack(vs)}
+        return Op(self._ns, key, self._store._encode(self._ns, key, payload), None)
 
-    def _head_op(self, chunks: list[list[int]], next_id: int) -> Op:
+    def _head_op(
+        self,
+        chunks: list[list[int]],
+        next_id: int,
+        written: dict[int, Any],
+        old: dict[str, Any] | None,
+    ) -> Op:
+        """The new head; its first/last points come from a chunk written now, or else from
+        the old head (the edge chunk was not touched)."""
         from ._store import Op
 
         if not chunks:
             return Op(self._ns, self._head_key, None, None)
-        data = self._store._encode(self._ns, self._head_key, {"c": chunks, "n": next_id})
-        return Op(self._ns, self._head_key, data, None)
+        first_cid, last_cid = chunks[0][1], chunks[-1][1]
+        first: Any = None
+        last: Any = None
+        if first_cid in written:
+            ts, vs = written[first_cid]
+            first = [ts[0], vs[0]]
+        elif old is not None:
+            first = old["f"]
+        if last_cid in written:
+            ts, vs = written[last_cid]
+            last = [ts[-1], vs[-1]]
+        elif old is not None:
+            last = old["z"]
+        if first is None or last is None:  # pragma: no cover - would be a logic error
+            raise CorruptValueError(f"series {self._name!r}: cannot find its edge points")
+        head = {"c": chunks, "n": next_id, "f": first, "z": last}
+        return Op(
+            self._ns, self._head_key, self._store._encode(self._ns, self._head_key, head), None
+        )
 
     def _delete_op(self, cid: int) -> Op:
         from ._store import Op
@@ -159,7 +219,7 @@ class Series(MutableMapping[int, Any]):
         """
         store = self._store
         store._check_writable()
-        new: dict[int, bytes] = {}
+        new: dict[int, Any] = {}
         for point in points:
             try:
                 t, v = point
@@ -167,12 +227,16 @@ class Series(MutableMapping[int, Any]):
                 raise InvalidOptionError(
                     f"points must be (timestamp, value) pairs, got {point!r}"
                 ) from exc
-            new[_check_ts(t)] = pack(v)
+            new[t if type(t) is int else _check_ts(t)] = v
         if not new:
             return
+        # Values are serialised when their chunk is encoded, all before the one atomic
+        # write: an unsupported value raises SerializationError and stores nothing.
         with store._atomic():
+            old = self._head_record()
             chunks, next_id = self._head()
-            groups: dict[int, dict[int, bytes]] = {}
+            written: dict[int, Any] = {}
+            groups: dict[int, dict[int, Any]] = {}
             if chunks:
                 starts = [c[0] for c in chunks]
                 for t, v in new.items():
@@ -187,16 +251,20 @@ class Series(MutableMapping[int, Any]):
                 ts, vs = self._chunk(entry[1])
                 merged = dict(zip(ts, vs, strict=True))
                 merged.update(groups[i])
-                pieces, next_id = self._pieces(merged, entry[1], next_id, ops)
+                pieces, next_id = self._pieces(merged, entry[1], next_id, ops, written)
                 new_chunks.extend(pieces)
             if not chunks:
-                pieces, next_id = self._pieces(new, None, next_id, ops)
-                new_chunks = pieces
-            ops.append(self._head_op(new_chunks, next_id))
+                new_chunks, next_id = self._pieces(new, None, next_id, ops, written)
+            ops.append(self._head_op(new_chunks, next_id, written, old))
             store._rapply(ops)
 
     def _pieces(
-        self, merged: dict[int, bytes], reuse: int | None, next_id: int, ops: list[Op]
+        self,
+        merged: dict[int, Any],
+        reuse: int | None,
+        next_id: int,
+        ops: list[Op],
+        written: dict[int, Any],
     ) -> tuple[list[list[int]], int]:
         """Write *merged* points as chunks of at most CHUNK_SIZE; return their directory."""
         order = sorted(merged)
@@ -207,7 +275,7 @@ class Series(MutableMapping[int, Any]):
                 cid = reuse
             else:
                 cid, next_id = next_id, next_id + 1
-            ops.append(self._chunk_op(cid, part, [merged[t] for t in part]))
+            ops.append(self._chunk_op(cid, part, [merged[t] for t in part], written))
             out.append([part[0], cid, len(part)])
         return out, next_id
 
@@ -236,13 +304,14 @@ class Series(MutableMapping[int, Any]):
             return 0
         removed = 0
         with store._atomic():
+            old = self._head_record()
             chunks, next_id = self._head()
+            written: dict[int, Any] = {}
             ops: list[Op] = []
             kept: list[list[int]] = []
             for i, entry in enumerate(chunks):
-                first = entry[0]
                 nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
-                if (hi is not None and first > hi) or (
+                if (hi is not None and entry[0] > hi) or (
                     lo is not None and nxt is not None and nxt <= lo
                 ):
                     kept.append(entry)
@@ -259,18 +328,18 @@ class Series(MutableMapping[int, Any]):
                 removed += len(ts) - len(keep)
                 if keep:
                     nts = [ts[j] for j in keep]
-                    ops.append(self._chunk_op(entry[1], nts, [vs[j] for j in keep]))
+                    ops.append(self._chunk_op(entry[1], nts, [vs[j] for j in keep], written))
                     kept.append([nts[0], entry[1], len(nts)])
                 else:
                     ops.append(self._delete_op(entry[1]))
             if removed:
-                ops.append(self._head_op(kept, next_id))
+                ops.append(self._head_op(kept, next_id, written, old))
                 store._rapply(ops)
         return removed
 
     # -- reads --------------------------------------------------------------------------
 
-    def _scan(self, lo: int | None, hi: int | None) -> Iterator[tuple[int, bytes]]:
+    def _scan(self, lo: int | None, hi: int | None) -> Iterator[tuple[int, Any]]:
         self._store._check_open()
         chunks, _ = self._head()
         for i, entry in enumerate(chunks):
@@ -279,16 +348,20 @@ class Series(MutableMapping[int, Any]):
                 return
             if lo is not None and nxt is not None and nxt <= lo:
                 continue
-            ts, vs = self._chunk(entry[1])
+            ts, packed = self._chunk_raw(entry[1])
             a = 0 if lo is None else bisect.bisect_left(ts, lo)
             b = len(ts) if hi is None else bisect.bisect_right(ts, hi)
-            for j in range(a, b):
-                yield ts[j], vs[j]
+            if a >= b:
+                continue
+            values = unpack_slice(packed, a, b)
+            if len(values) != b - a:
+                raise CorruptValueError(f"series {self._name!r}: damaged chunk {entry[1]}")
+            yield from zip(ts[a:b], values, strict=True)
 
     def __getitem__(self, t: int) -> Any:
         t = _check_ts(t)
         for _, v in self._scan(t, t):
-            return unpack(v)
+            return v
         raise MissingKeyError(t)
 
     def __contains__(self, t: object) -> bool:
@@ -311,20 +384,14 @@ class Series(MutableMapping[int, Any]):
     def first(self) -> tuple[int, Any] | None:
         """The earliest ``(timestamp, value)``, or ``None`` when the series is empty."""
         self._store._check_open()
-        chunks, _ = self._head()
-        if not chunks:
-            return None
-        ts, vs = self._chunk(chunks[0][1])
-        return ts[0], unpack(vs[0])
+        head = self._head_record()
+        return None if head is None else (int(head["f"][0]), head["f"][1])
 
     def last(self) -> tuple[int, Any] | None:
         """The latest ``(timestamp, value)``, or ``None`` when the series is empty."""
         self._store._check_open()
-        chunks, _ = self._head()
-        if not chunks:
-            return None
-        ts, vs = self._chunk(chunks[-1][1])
-        return ts[-1], unpack(vs[-1])
+        head = self._head_record()
+        return None if head is None else (int(head["z"][0]), head["z"][1])
 
     def range(
         self,
@@ -347,12 +414,17 @@ class Series(MutableMapping[int, Any]):
         step = None if freq is None else _check_freq(freq)
         if n == 0 or (lo is not None and hi is not None and lo > hi):
             return []
+        if step is None:
+            points = self._scan(lo, hi)
+            if n is None:
+                return list(points)
+            return [p for p, _ in zip(points, range(n), strict=False)]
         out: list[tuple[int, Any]] = []
         last_kept: int | None = None
         for t, v in self._scan(lo, hi):
-            if step is not None and last_kept is not None and t < last_kept + step:
+            if last_kept is not None and t < last_kept + step:
                 continue
-            out.append((t, unpack(v)))
+            out.append((t, v))
             last_kept = t
             if n is not None and len(out) >= n:
                 break
@@ -394,8 +466,7 @@ class _SeriesItems(ItemsView[int, Any]):
     _mapping: Series
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
-        for t, v in self._mapping._scan(None, None):
-            yield t, unpack(v)
+        yield from self._mapping._scan(None, None)
 
 
 def series_names(store: Store) -> list[str]:

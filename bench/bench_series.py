@@ -1,0 +1,189 @@
+"""Time series and event logs: mappingstore beside rstore (PyPI ``rlib-store``), same run.
+
+Usage::
+
+    python bench/bench_series.py [--quick] [--backends sqlite,memory,postgres,redis]
+
+Prints ops/s (or points/s) for each workload and the ratio mappingstore / rstore, next to
+the targets of issue 5. Peers that are not installed or that fail are reported as such.
+Every workload runs on fresh stores in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import operator
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mappingstore
+
+
+def best_of(repeat: int, fn: Callable[[], Any]) -> float:
+    """Median wall time of *repeat* runs of *fn* (seconds)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rstore_available() -> bool:
+    try:
+        import rstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_sqlite(
+    points: int, events: int, repeat: int
+) -> list[tuple[str, float, float | None, str]]:
+    rows: list[tuple[str, float, float | None, str]] = []
+    data = [(i * 10, {"v": i, "q": i * 0.5}) for i in range(points)]
+    tmp = tempfile.mkdtemp(prefix="ms-bench-series-")
+
+    def ms_store(tag: str) -> mappingstore.Store:
+        return mappingstore.open(f"sqlite:///{tmp}/ms-{tag}-{time.perf_counter_ns()}.db")
+
+    # extend
+    def ms_extend() -> None:
+        with ms_store("extend") as s:
+            s.series("t").extend(data)
+
+    ms_t = best_of(repeat, ms_extend)
+    r_t: float | None = None
+    if rstore_available():
+        from rstore import Store as RStore
+
+        def r_extend() -> None:
+            with RStore(f"sqlite://{tmp}/r-extend-{time.perf_counter_ns()}.db", frozen=False) as r:
+                r.extend("t", *data)
+
+        r_t = best_of(repeat, r_extend)
+    rows.append(("sqlite extend (points/s)", points / ms_t, points / r_t if r_t else None, ">= 4x"))
+
+    # range over 1% windows, first/last: on one loaded store each
+    ms = ms_store("read")
+    series = ms.series("t")
+    series.extend(data)
+    width = points // 100 * 10
+    starts = [(i * 7919 % 90) * width for i in range(50)]
+    ms_r = best_of(repeat, lambda: [series.range(a, a + width) for a in starts])
+    ms_fl = best_of(repeat, lambda: [(series.first(), series.last()) for _ in range(200)])
+    r_r = r_fl = None
+    if rstore_available():
+        from rstore import Store as RStore
+
+        path = f"sqlite://{tmp}/r-read.db"
+        with RStore(path, frozen=False) as r:
+            r.extend("t", *data)
+        with RStore(path) as r:
+            r_r = best_of(repeat, lambda: [r.range("t", a, end=a + width) for a in starts])
+            r_fl = best_of(repeat, lambda: [(r.first("t"), r.last("t")) for _ in range(200)])
+    rows.append(
+        ("sqlite range 1% window (windows/s)", 50 / ms_r, 50 / r_r if r_r else None, ">= 2x")
+    )
+    rows.append(("sqlite first+last (pairs/s)", 200 / ms_fl, 200 / r_fl if r_fl else None, ">= 2x"))
+    ms.close()
+
+    # events: N applies on one sequence, then current()
+    def ms_events() -> None:
+        with ms_store("events") as s:
+            log = s.events("e")
+            log.apply({"count": 0, "name": "x"}, 1)
+            for i in range(2, events + 1):
+                log.apply({"count": (operator.add, 1)}, i)
+
+    ms_e = best_of(1, ms_events)
+    r_e: float | None = None
+    r_n = min(events, 1000)  # rstore replays all history per apply: quadratic; cap it
+    if rstore_available():
+        from rstore import Store as RStore
+
+        def r_events() -> None:
+            with RStore(f"sqlite://{tmp}/r-ev-{time.perf_counter_ns()}.db", frozen=False) as r:
+                r.apply("e", {"count": 0, "name": "x"}, 1)
+                for i in range(2, r_n + 1):
+                    r.apply("e", {"count": (operator.add, 1)}, i)
+
+        r_e = best_of(1, r_events)
+    rows.append(
+        (
+            f"sqlite events apply (applies/s; rstore measured on {r_n})",
+            events / ms_e,
+            r_n / r_e if r_e else None,
+            ">= 50x",
+        )
+    )
+    with ms_store("current") as s:
+        log = s.events("e")
+        with s.batch():
+            for i in range(1, events + 1):
+                log.apply({"count": i, f"k{i % 50}": i}, i)
+        cur = best_of(repeat, lambda: [log.current() for _ in range(20)]) / 20
+    rows.append(
+        (f"sqlite current() at {events} events (calls/s)", 1 / cur, None, "<= 20 ms per call")
+    )
+    return rows
+
+
+def bench_generic(
+    url: str, label: str, points: int, repeat: int
+) -> list[tuple[str, float, float | None, str]]:
+    data = [(i, i) for i in range(points)]
+    try:
+        store = mappingstore.open(url, namespace=f"bench-{os.getpid()}-{time.perf_counter_ns()}")
+    except Exception as exc:  # a server that is not running: report, do not crash
+        print(f"# {label}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return []
+    series = store.series("t")
+
+    def run() -> None:
+        series.remove()
+        series.extend(data)
+
+    t = best_of(repeat, run)
+    series.remove()
+    store.close()
+    target = ">= 100,000 points/s" if label == "redis" else ""
+    return [(f"{label} extend (points/s)", points / t, None, target)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, one repeat")
+    parser.add_argument("--backends", default="sqlite,memory,postgres,redis")
+    args = parser.parse_args()
+    points = 20_000 if args.quick else 100_000
+    events = 2_000 if args.quick else 10_000
+    repeat = 1 if args.quick else 3
+    rows: list[tuple[str, float, float | None, str]] = []
+    wanted = args.backends.split(",")
+    if "sqlite" in wanted:
+        rows += bench_sqlite(points, events, repeat)
+    if "memory" in wanted:
+        rows += bench_generic("memory://", "memory", points, repeat)
+    if "postgres" in wanted:
+        url = os.environ.get(
+            "MAPPINGSTORE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        )
+        rows += bench_generic(url, "postgres", points, repeat)
+    if "redis" in wanted:
+        url = os.environ.get("MAPPINGSTORE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+        rows += bench_generic(url, "redis", points, repeat)
+    print(f"{'workload':58} {'mappingstore':>14} {'rstore':>12} {'ratio':>8}  target")
+    for name, ours, theirs, target in rows:
+        ratio = f"{ours / theirs:8.1f}" if theirs else "       -"
+        peer = f"{theirs:12,.0f}" if theirs else "           -"
+        print(f"{name:58} {ours:14,.0f} {peer} {ratio}  {target}")
+
+
+if __name__ == "__main__":
+    main()
