@@ -36,8 +36,10 @@ code   type and payload
 from __future__ import annotations
 
 import datetime as _dt
+import threading
 import uuid
 import zlib
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -89,11 +91,11 @@ def _default(obj: Any) -> Any:
     """Turn a non-msgpack value into an extension type (called by msgpack)."""
     t = type(obj)
     if t is tuple:
-        return msgpack.ExtType(_TUPLE, _packb(list(obj)))
+        return msgpack.ExtType(_TUPLE, _packb_nested(list(obj)))
     if t is set:
-        return msgpack.ExtType(_SET, _packb(list(obj)))
+        return msgpack.ExtType(_SET, _packb_nested(list(obj)))
     if t is frozenset:
-        return msgpack.ExtType(_FROZENSET, _packb(list(obj)))
+        return msgpack.ExtType(_FROZENSET, _packb_nested(list(obj)))
     if t is int:  # msgpack only calls us for ints outside [-2**63, 2**64).
         length = (obj.bit_length() + 8) // 8
         return msgpack.ExtType(_BIGINT, obj.to_bytes(length, "big", signed=True))
@@ -103,22 +105,22 @@ def _default(obj: Any) -> Any:
         offset = _offset_us(obj.utcoffset())
         name = _fixed_offset_name(tz) if zone is None else None
         naive = obj.replace(tzinfo=None, fold=0).isoformat()
-        return msgpack.ExtType(_DATETIME, _packb([naive, offset, zone, obj.fold, name]))
+        return msgpack.ExtType(_DATETIME, _packb_nested([naive, offset, zone, obj.fold, name]))
     if t is _dt.date:
         return msgpack.ExtType(_DATE, obj.isoformat().encode())
     if t is _dt.time:
         offset = _offset_us(obj.utcoffset())
         naive = obj.replace(tzinfo=None, fold=0).isoformat()
         name = _fixed_offset_name(obj.tzinfo)
-        return msgpack.ExtType(_TIME, _packb([naive, offset, obj.fold, name]))
+        return msgpack.ExtType(_TIME, _packb_nested([naive, offset, obj.fold, name]))
     if t is _dt.timedelta:
-        return msgpack.ExtType(_TIMEDELTA, _packb([obj.days, obj.seconds, obj.microseconds]))
+        return msgpack.ExtType(_TIMEDELTA, _packb_nested([obj.days, obj.seconds, obj.microseconds]))
     if t is Decimal:
         return msgpack.ExtType(_DECIMAL, str(obj).encode())
     if t is uuid.UUID:
         return msgpack.ExtType(_UUID, obj.bytes)
     if t is complex:
-        return msgpack.ExtType(_COMPLEX, _packb([obj.real, obj.imag]))
+        return msgpack.ExtType(_COMPLEX, _packb_nested([obj.real, obj.imag]))
     # Subclasses of the builtin containers and scalars (OrderedDict, defaultdict, IntEnum,
     # str subclasses...) are stored as their base type: the value survives, the subclass
     # does not. Documented in docs/concepts.md.
@@ -137,7 +139,7 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return bytes(obj)
     if isinstance(obj, tuple):  # namedtuple and friends: a plain tuple
-        return msgpack.ExtType(_TUPLE, _packb(list(obj)))
+        return msgpack.ExtType(_TUPLE, _packb_nested(list(obj)))
     raise TypeError(f"values of type {t.__qualname__} cannot be stored")
 
 
@@ -145,10 +147,58 @@ def _packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+# Each extension type holding other values (tuple, set, datetime...) packs and unpacks its
+# payload with a nested msgpack call, and msgpack's C unpacker keeps ~40 KB of state on the
+# C stack per call: about 180 nested tuples overflow an 8 MB stack and kill the process
+# (a segfault, not an exception) before Python's recursion limit is reached. So nesting is
+# capped, on write (SerializationError) and on read (CorruptValueError for a crafted record).
+MAX_EXT_DEPTH = 32
+_DEPTH = threading.local()
+
+
+def _nest(fn: Callable[[Any], Any], arg: Any) -> Any:
+    depth = getattr(_DEPTH, "n", 0)
+    if depth >= MAX_EXT_DEPTH:
+        raise ValueError(
+            f"tuples, sets and other extension types nest more than {MAX_EXT_DEPTH} deep"
+        )
+    _DEPTH.n = depth + 1
+    try:
+        return fn(arg)
+    finally:
+        _DEPTH.n = depth
+
+
+def _packb_nested(obj: Any) -> bytes:
+    return _nest(_packb, obj)  # type: ignore[no-any-return]
+
+
+def _unpackb_nested(data: bytes) -> Any:
+    return _nest(_unpackb, data)
+
+
+_PACKER = threading.local()
+_UNSET: Any = object()
+
+
 def pack(value: Any) -> bytes:
     """msgpack-encode *value*; unsupported types raise :class:`SerializationError`."""
+    # msgpack.packb() builds a new Packer per call, which costs about as much as packing a
+    # small value: reuse one Packer per thread (bench/bench_core.py). It is taken out while
+    # it packs, so a re-entrant call (a finalizer or a value's own method running during
+    # packing) uses a fresh one instead of writing into the busy buffer. A Packer empties
+    # its buffer when pack() raises, so a failed value leaves nothing behind.
+    packer = getattr(_PACKER, "packer", _UNSET)
     try:
-        return _packb(value)
+        if packer is None:
+            return _packb(value)
+        if packer is _UNSET:
+            packer = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        _PACKER.packer = None
+        try:
+            return packer.pack(value)  # type: ignore[no-any-return]
+        finally:
+            _PACKER.packer = packer
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"cannot serialize value: {exc}") from exc
 
@@ -157,7 +207,9 @@ def _tz(offset: int | None, zone: str | None, name: str | None) -> _dt.tzinfo | 
     if zone is not None and ZoneInfo is not None:
         try:
             return ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
+        # OSError: with the tzdata package, a key naming a directory ("Europe") raises
+        # IsADirectoryError. Any unusable key falls back to the stored offset.
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             pass
     if offset is None:
         return None
@@ -167,34 +219,34 @@ def _tz(offset: int | None, zone: str | None, name: str | None) -> _dt.tzinfo | 
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _TUPLE:
-        return tuple(_unpackb(data))
+        return tuple(_unpackb_nested(data))
     if code == _SET:
-        return set(_unpackb(data))
+        return set(_unpackb_nested(data))
     if code == _FROZENSET:
-        return frozenset(_unpackb(data))
+        return frozenset(_unpackb_nested(data))
     if code == _BIGINT:
         return int.from_bytes(data, "big", signed=True)
     if code == _DATETIME:
-        naive, offset, zone, fold, name = _unpackb(data)
+        naive, offset, zone, fold, name = _unpackb_nested(data)
         value = _dt.datetime.fromisoformat(naive)
         tz = _tz(offset, zone, name)
         return value.replace(tzinfo=tz, fold=fold) if tz is not None else value
     if code == _DATE:
         return _dt.date.fromisoformat(data.decode())
     if code == _TIME:
-        naive, offset, fold, *rest = _unpackb(data)
+        naive, offset, fold, *rest = _unpackb_nested(data)
         tvalue = _dt.time.fromisoformat(naive)
         tz = _tz(offset, None, rest[0] if rest else None)
         return tvalue.replace(tzinfo=tz, fold=fold)
     if code == _TIMEDELTA:
-        days, seconds, micro = _unpackb(data)
+        days, seconds, micro = _unpackb_nested(data)
         return _dt.timedelta(days=days, seconds=seconds, microseconds=micro)
     if code == _DECIMAL:
         return Decimal(data.decode())
     if code == _UUID:
         return uuid.UUID(bytes=data)
     if code == _COMPLEX:
-        real, imag = _unpackb(data)
+        real, imag = _unpackb_nested(data)
         return complex(real, imag)
     raise ValueError(f"unknown extension type {code}")
 
@@ -258,7 +310,10 @@ def decode_plain(record: bytes) -> Any:
     payload = record[6:]
     if len(record) < 7 or zlib.crc32(payload).to_bytes(4, "big") != record[2:6]:
         raise CorruptValueError("stored value is damaged: checksum mismatch")
-    return unpack(payload)
+    try:  # unpack() inlined: this is every plain read's path
+        return _unpackb(payload)
+    except _DECODE_ERRORS as exc:
+        raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
 
 
 def is_encrypted(record: bytes) -> bool:

@@ -58,11 +58,13 @@ def to_typed(value: Any) -> Any:
         return to_typed(unpacked)
     if t is _dt.datetime:
         zone = getattr(value.tzinfo, "key", None)
-        return {"$datetime": value.isoformat(), "zone": zone, "fold": value.fold}
+        return _with_tzname(
+            {"$datetime": value.isoformat(), "zone": zone, "fold": value.fold}, value.tzinfo
+        )
     if t is _dt.date:
         return {"$date": value.isoformat()}
     if t is _dt.time:
-        return {"$time": value.isoformat(), "fold": value.fold}
+        return _with_tzname({"$time": value.isoformat(), "fold": value.fold}, value.tzinfo)
     if t is _dt.timedelta:
         return {"$timedelta": [value.days, value.seconds, value.microseconds]}
     if t is Decimal:
@@ -72,6 +74,23 @@ def to_typed(value: Any) -> Any:
     if t is complex:
         return {"$complex": [to_typed(value.real), to_typed(value.imag)]}
     raise SerializationError(f"cannot export values of type {t.__qualname__}")
+
+
+def _with_tzname(obj: dict[str, Any], tz: _dt.tzinfo | None) -> dict[str, Any]:
+    # ISO text keeps the offset but not the name of timezone(offset, "CEST").
+    from ._codec import _fixed_offset_name
+
+    name = _fixed_offset_name(tz)
+    if name is not None:
+        obj["tzname"] = name
+    return obj
+
+
+def _named(value: Any, extra: dict[str, Any]) -> Any:
+    name = extra.get("tzname")
+    if name is None or value.tzinfo is None:
+        return value
+    return value.replace(tzinfo=_dt.timezone(value.utcoffset(), name))
 
 
 def to_plain(value: Any) -> Any:
@@ -116,12 +135,18 @@ def _tagged(tag: str, value: Any, extra: dict[str, Any]) -> Any:
         dt = _dt.datetime.fromisoformat(value)
         zone = extra.get("zone")
         if zone and ZoneInfo is not None:
-            dt = dt.replace(tzinfo=ZoneInfo(zone))
-        return dt.replace(fold=extra.get("fold", 0))
+            try:
+                dt = dt.replace(tzinfo=ZoneInfo(zone))
+            except (KeyError, ValueError, OSError):
+                # Unknown here (ZoneInfoNotFoundError is a KeyError; with tzdata a
+                # directory such as "Europe" raises IsADirectoryError): keep the ISO
+                # offset, as the codec does.
+                pass
+        return _named(dt, extra).replace(fold=extra.get("fold", 0))
     if tag == "$date":
         return _dt.date.fromisoformat(value)
     if tag == "$time":
-        return _dt.time.fromisoformat(value).replace(fold=extra.get("fold", 0))
+        return _named(_dt.time.fromisoformat(value), extra).replace(fold=extra.get("fold", 0))
     if tag == "$timedelta":
         d, s, us = value
         return _dt.timedelta(days=d, seconds=s, microseconds=us)

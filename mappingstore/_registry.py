@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import threading
 from importlib.metadata import entry_points
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._url import redact
@@ -18,11 +19,18 @@ from .errors import InvalidURLError, UnknownSchemeError
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["known_schemes", "open", "register_scheme", "resolve_scheme"]
+__all__ = [
+    "known_schemes",
+    "open",
+    "open_sharded",
+    "open_tiered",
+    "register_scheme",
+    "resolve_scheme",
+]
 
 # Built-in backends. A scheme listed here whose module is missing (a later issue's
 # backend, or an optional driver that is not installed) fails with a clear error.
-_SCHEMES: dict[str, str] = {
+_SCHEMES: dict[str, str | type[Store]] = {
     "memory": "mappingstore._memory:MemoryStore",
     "sqlite": "mappingstore._sqlite:SQLiteStore",
     "shm": "mappingstore._shm:SharedMemoryStore",
@@ -49,9 +57,9 @@ def register_scheme(scheme: str, target: str | type[Store], *, replace: bool = F
     with _LOCK:
         if scheme in _SCHEMES and not replace:
             raise InvalidURLError(f"scheme {scheme!r} is already registered")
-        _SCHEMES[scheme] = (
-            target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
-        )
+        # Keep a class itself: "module:qualname" cannot re-import a class defined in a
+        # function (a plugin factory, a test).
+        _SCHEMES[scheme] = target
 
 
 def _load_entry_points() -> None:
@@ -80,6 +88,8 @@ def resolve_scheme(scheme: str) -> type[Store]:
         raise UnknownSchemeError(
             f"unknown store scheme {scheme!r}; known schemes: {', '.join(known_schemes())}"
         )
+    if not isinstance(target, str):
+        return target
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -99,6 +109,11 @@ def open(url: str = "memory://", **options: Any) -> Store:
     ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite://:memory:``,
     and every scheme in :func:`known_schemes`. Keyword options (``namespace=``,
     ``password=``, ``dot_names=``, ``ttl=``...) override options in the URL query.
+
+    Adapters compose from options, in the URL query or as keywords: ``prefix="p:"`` wraps
+    the store in :class:`~mappingstore.Prefixed`, ``cache=N`` (with ``cache_ttl=S``) in
+    :class:`~mappingstore.Cached`; e.g. ``open("sqlite:///a.db?cache=1000")``. Closing the
+    result closes the store it wraps.
     """
     if not isinstance(url, str):
         raise InvalidURLError(f"a store URL must be a str, not {type(url).__qualname__}")
@@ -106,4 +121,116 @@ def open(url: str = "memory://", **options: Any) -> Store:
     if not sep or not scheme:
         raise InvalidURLError(f"not a store URL (expected scheme://...): {redact(url)!r}")
     cls = resolve_scheme(scheme)
-    return cls.from_url(url, **options)  # type: ignore[attr-defined, no-any-return]
+    url, layers = _adapter_options(url, options)
+    store: Store = cls.from_url(url, **options)  # type: ignore[attr-defined]
+    return _wrap(store, layers) if layers else store
+
+
+# -- adapter composition (docs/guides/adapters.md) ---------------------------------------
+
+#: Options open() handles itself by wrapping the store in adapters; they never reach the
+#: backend, whose URL parser rejects unknown query options.
+_ADAPTER_OPTIONS = ("cache", "cache_ttl", "prefix")
+
+
+def _adapter_options(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Take ``cache``, ``cache_ttl`` and ``prefix`` out of *url*'s query and *options*
+    (a keyword wins over the URL); return the URL without them and their values."""
+    import urllib.parse
+
+    from .errors import InvalidOptionError
+
+    head, qmark, rest = url.partition("?")
+    query, hsh, fragment = rest.partition("#")
+    layers: dict[str, Any] = {}
+    kept: list[str] = []
+    for part in query.split("&") if qmark else ():
+        name = urllib.parse.unquote_plus(part.partition("=")[0])
+        if name not in _ADAPTER_OPTIONS:
+            kept.append(part)
+            continue
+        if name in layers:
+            raise InvalidURLError(f"URL option {name!r} given twice")
+        text = urllib.parse.unquote_plus(part.partition("=")[2])
+        try:
+            layers[name] = text if name == "prefix" else (int if name == "cache" else float)(text)
+        except ValueError as exc:
+            raise InvalidOptionError(f"URL option {name}={text!r} is not a number") from exc
+    if layers:
+        url = head + ("?" + "&".join(kept) if kept else "") + hsh + fragment
+    for name in _ADAPTER_OPTIONS:
+        if name in options:
+            layers[name] = options.pop(name)
+    if layers.get("cache") in (None, 0):
+        if layers.get("cache_ttl") is not None:
+            raise InvalidOptionError("cache_ttl= needs cache=N (the number of cached items)")
+        layers.pop("cache", None)
+        layers.pop("cache_ttl", None)
+    if layers.get("prefix") is None:
+        layers.pop("prefix", None)
+    return url, layers
+
+
+def _wrap(store: Store, layers: dict[str, Any]) -> Store:
+    """Wrap *store*: the prefix inside, the cache outside (it caches the user's keys)."""
+    from ._adapters import Cached, Prefixed
+
+    try:
+        if "prefix" in layers:
+            store = Prefixed(store, layers["prefix"], close_inner=True)
+        if "cache" in layers:
+            store = Cached(store, layers["cache"], layers.get("cache_ttl"), close_inner=True)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _open_all(urls: Any, options: dict[str, Any]) -> list[Store]:
+    if isinstance(urls, str) or not hasattr(urls, "__iter__"):
+        from .errors import OptionTypeError
+
+        raise OptionTypeError("expected a list of store URLs")
+    stores: list[Store] = []
+    try:
+        for url in urls:
+            stores.append(open(url, **options))
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores
+
+
+def open_tiered(urls: Iterable[str], **options: Any) -> Store:
+    """Open each URL (fastest first) with *options* and stack them in a
+    :class:`~mappingstore.Tiered`; closing it closes every tier."""
+    from ._adapters import Tiered
+
+    stores = _open_all(urls, options)
+    try:
+        return Tiered(stores, close_inner=True)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+
+
+def open_sharded(
+    urls: Iterable[str],
+    placement: Callable[[str], int] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    **options: Any,
+) -> Store:
+    """Open each URL with *options* and spread keys over them with a
+    :class:`~mappingstore.Sharded`; closing it closes every shard."""
+    from ._adapters import Sharded
+
+    stores = _open_all(urls, options)
+    try:
+        return Sharded(stores, placement, names=names, close_inner=True)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise

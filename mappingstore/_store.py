@@ -130,7 +130,7 @@ class Store(MutableMapping[str, Any]):
 
     Thread safety: every store may be shared between threads. A :meth:`batch` belongs to
     the thread that opened it. Whether processes can share the data depends on the
-    backend (see its class docstring and ``docs/backends.md``).
+    backend (see its class docstring and ``docs/choose-a-backend.md``).
 
     Options common to every backend (all keyword-only):
 
@@ -212,8 +212,10 @@ class Store(MutableMapping[str, Any]):
         except BaseException:
             self.close()
             raise
-        # Never log secrets: the description contains no password or key.
-        self._log.debug("opened %r", self)
+        # Never log secrets: the description contains no password or key. Pass the text,
+        # not the store: logging treats a lone Mapping argument as a dict of named args
+        # (it would call bool() on the store, a read, and format with it).
+        self._log.debug("opened %s", repr(self))
 
     def _ephemeral_key(self) -> bytes | None:
         """A random in-process key for ``encrypt=True`` without a password (memory only)."""
@@ -475,9 +477,11 @@ class Store(MutableMapping[str, Any]):
             return wrap_plain(payload)
         cipher = self._cipher
         if cipher is None:
-            ephemeral = (
-                self._ephemeral_key() if self._password is None and self._raw_key is None else None
-            )
+            # A store locked by a password (opened with encrypt=False) must never get values
+            # sealed with the in-process key: nobody holding the password could read them.
+            no_secret = self._password is None and self._raw_key is None
+            locked = no_secret and self._meta_get("crypto") is not None
+            ephemeral = self._ephemeral_key() if no_secret and not locked else None
             if ephemeral is None:
                 raise PasswordRequiredError(
                     "encrypt=True needs a store opened with password= or key="
@@ -643,13 +647,14 @@ class Store(MutableMapping[str, Any]):
 
             return _tree.pop_item(self, "", key, default)
         k = check_key(key)
-        found: list[bytes] = []
+        found: list[Any] = []
 
         def step(rec: Record | None) -> Any:
             found.clear()
             if rec is None:
                 return KEEP
-            found.append(rec[0])
+            # Decode before deleting: a corrupt or undecryptable value raises and stays.
+            found.append(self._decode(self._ns, k, rec[0]))
             return None
 
         self._rupdate(self._ns, k, step)
@@ -657,7 +662,7 @@ class Store(MutableMapping[str, Any]):
             if default is MISSING:
                 raise MissingKeyError(key)
             return default
-        return self._decode(self._ns, k, found[0])
+        return found[0]
 
     def popitem(self) -> tuple[str, Any]:
         """Remove and return some ``(key, value)`` pair; ``KeyError`` when empty."""
@@ -737,7 +742,11 @@ class Store(MutableMapping[str, Any]):
         for pair in pairs:
             try:
                 k, v = pair
-            except (TypeError, ValueError) as exc:
+            except TypeError as exc:  # as dict.update: not a sequence -> TypeError
+                from .errors import OptionTypeError
+
+                raise OptionTypeError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+            except ValueError as exc:  # as dict.update: wrong length -> ValueError
                 raise InvalidOptionError(
                     f"update() needs (key, value) pairs, got {pair!r}"
                 ) from exc
@@ -860,11 +869,15 @@ class Store(MutableMapping[str, Any]):
             result.append(new)
             return (self._encode(ns, k, new), expires)
 
+        if not self._dot:
+            # _update is atomic by contract: an _exclusive() section around it would only
+            # add cost (a transaction and a lock on backends shared between processes).
+            self._rupdate(ns, k, step)
+            return result[0]
         with self._atomic():
-            if self._dot:
-                from . import _tree
+            from . import _tree
 
-                _tree.check_leaf_write(self, k)
+            _tree.check_leaf_write(self, k)
             self._rupdate(ns, k, step)
         return result[0]
 

@@ -69,6 +69,18 @@ def _flatten(prefix: str, value: Mapping[Any, Any], out: list[tuple[str, Any]]) 
             out.append((full, v))
 
 
+def _check_new_leaves(leaves: list[tuple[str, Any]]) -> None:
+    """Reject a mapping that would make one name both a leaf and a branch
+    (``{"a": 1, "a.b": 2}``): the store holds either, never both."""
+    names = {name for name, _ in leaves}
+    for name in names:
+        dot = name.find(".")
+        while dot >= 0:
+            if name[:dot] in names:
+                raise NameConflictError(f"{name[:dot]!r} would be both a leaf and a branch")
+            dot = name.find(".", dot + 1)
+
+
 def get_item(store: Store, base: str, name: Any) -> Any:
     full = _full(base, name)
     ns = store._ns
@@ -99,6 +111,7 @@ def set_item(
     # a live view of the very branch we are about to delete (``s["a"] = s["a"]``).
     leaves: list[tuple[str, Any]] = []
     _flatten(full, dict(value.items()) if isinstance(value, View) else value, leaves)
+    _check_new_leaves(leaves)
     puts = [Op(ns, k, store._encode(ns, k, v, encrypt), expires) for k, v in leaves]
     with store._atomic():
         _check_ancestors(store, full)
@@ -289,10 +302,12 @@ class View(MutableMapping[str, Any]):
 
     def view(self, name: str) -> View:
         """A view of the sub-branch *name*."""
+        self._store._check_open()
         return make_view(self._store, _full(self._path, name))
 
     def names(self) -> Iterator[str]:
         """Full names of every leaf under this branch."""
+        self._store._check_open()
         return self._store._rkeys(self._store._ns, self._path + ".")
 
     def to_dict(self) -> dict[str, Any]:

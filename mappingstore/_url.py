@@ -126,7 +126,9 @@ def file_path(parsed: ParsedURL) -> str:
     return path[1:]
 
 
-_USERINFO = re.compile(r"(?P<pre>://[^/@:]*:)(?P<pw>[^@/]*)(?P<post>@)")
+# The password runs to the LAST "@" before the path (as urllib splits it), so an unescaped
+# "@" or ":" inside it is hidden too; whitespace ends a URL inside a longer message.
+_USERINFO = re.compile(r"(?P<pre>://[^/@:\s]*:)(?P<pw>[^/\s]*)(?P<post>@)")
 
 
 def redact(text: str) -> str:

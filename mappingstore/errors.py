@@ -15,6 +15,7 @@ __all__ = [
     "CapacityError",
     "CorruptValueError",
     "EventConflictError",
+    "InsecureStorageError",
     "IntegrityError",
     "InvalidKeyError",
     "InvalidOptionError",
@@ -170,3 +171,8 @@ class EventConflictError(MappingStoreError, ValueError):
 
 class ReplayError(MappingStoreError, ValueError):
     """A change cannot be replayed (unknown operator, op on a missing item); nothing stored."""
+
+
+class InsecureStorageError(BackendError, PermissionError):
+    """Refused to attach: the backing storage is owned by another user, writable by
+    group or others, or not a regular file (a planted shared-memory segment, a symlink)."""

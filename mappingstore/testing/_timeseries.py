@@ -199,7 +199,13 @@ class SeriesTests:
     @settings(
         max_examples=25,
         deadline=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        # Each backend's test class inherits this method with its own factory: running it
+        # from several classes ("executors") is the design, not an accident.
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.differing_executors,
+        ],
     )
     @given(
         steps=st.lists(
@@ -375,7 +381,13 @@ class EventTests:
     @settings(
         max_examples=25,
         deadline=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        # Each backend's test class inherits this method with its own factory: running it
+        # from several classes ("executors") is the design, not an accident.
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.differing_executors,
+        ],
     )
     @given(
         steps=st.lists(

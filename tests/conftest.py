@@ -1,0 +1,43 @@
+"""Shared test configuration: Hypothesis profiles and assertion rewriting for the suite.
+
+Profiles (pick one with ``MAPPINGSTORE_HYPOTHESIS_PROFILE``):
+
+``ci`` (default)
+    Small and deterministic (``derandomize=True``): the same examples on every run, so a
+    red CI run is reproducible and a green one is not luck.
+``torture``
+    1,000 examples of up to 50 steps each, randomised: run it before a release.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# The conformance suite lives in the package; rewrite its asserts for readable failures.
+# This must run before anything imports mappingstore.testing.
+pytest.register_assert_rewrite("mappingstore.testing")
+
+settings.register_profile(
+    "ci",
+    # Sized for CI: the state machines run for ~8 backends on 2 cores, and a write to a
+    # durable server backend costs milliseconds. The torture profile goes deep.
+    max_examples=15,
+    stateful_step_count=20,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "torture",
+    max_examples=1_000,
+    stateful_step_count=50,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("MAPPINGSTORE_HYPOTHESIS_PROFILE", "ci"))
