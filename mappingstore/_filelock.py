@@ -1,0 +1,181 @@
+"""A small cross-process lock on a lock file (``flock``), re-entrant within a thread.
+
+Used by the file backends (:mod:`._directory`, :mod:`._ini`). Why ``flock`` and not
+``fcntl.lockf`` (POSIX record locks): record locks belong to the *process*, so two
+instances in one process would not exclude each other, and closing *any* descriptor of
+the file drops every lock the process holds on it. ``flock`` locks belong to an open
+file description: each :class:`FileLock` opens its own, so instances, threads and
+processes all exclude each other, and the kernel releases the lock when its holder dies
+(no stale lock after ``kill -9``, nothing to clean up).
+
+After ``fork()`` a child shares its parent's open file description (and so its lock
+state); the lock notices the new pid and opens a fresh description before first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from .errors import BackendError, InvalidOptionError, LockTimeoutError
+
+__all__ = ["FileLock", "current_pid", "lock_timeout_option"]
+
+# os.getpid() is a system call (glibc no longer caches it); locks check it on every use.
+_pid = [os.getpid()]
+
+
+def _after_fork() -> None:
+    _pid[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def current_pid() -> int:
+    """This process's id, kept up to date across ``fork()`` without a system call."""
+    return _pid[0]
+
+
+def lock_timeout_option(value: object) -> float | None:
+    """Check a ``lock_timeout`` option (seconds >= 0, or ``None``: wait forever); URL
+    text is accepted too."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidOptionError(f"lock_timeout must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidOptionError(f"lock_timeout must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+class FileLock:
+    """An exclusive or shared ``flock`` on *path*, re-entrant in the owning thread.
+
+    Threads of one process are serialised by an ``RLock`` first, so a thread that
+    already holds the lock may take it again (nested ``exclusive()`` blocks); only the
+    outermost release unlocks the file. A thread holding the shared lock that asks for
+    the exclusive one is refused (upgrading ``flock`` is not atomic and could deadlock).
+
+    *timeout* (seconds, ``None``: wait forever) bounds how long an acquire waits for
+    another process; on expiry :class:`~mappingstore.errors.LockTimeoutError`.
+    """
+
+    def __init__(self, path: str, *, create: bool = True, timeout: float | None = None) -> None:
+        self.path = path
+        self._create = create
+        self._timeout = timeout
+        self._rlock = threading.RLock()
+        self._fd = -1
+        self._pid = -1
+        self._depth = 0
+        self._mode = 0  # fcntl.LOCK_EX or LOCK_SH while held
+
+    def _descriptor(self) -> int:
+        if self._fd >= 0 and self._pid == _pid[0]:
+            return self._fd
+        # A forked child must not reuse (or unlock!) the parent's description: leave the
+        # inherited descriptor alone and open a new one.
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if self._create:
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except FileNotFoundError as exc:
+            raise BackendError(f"cannot open lock file {self.path!r}: {exc}") from exc
+        except OSError:
+            # Read-only file or file system: flock works on a read-only descriptor too.
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise BackendError(f"cannot open lock file {self.path!r}: {exc}") from exc
+        self._fd, self._pid, self._depth = fd, _pid[0], 0
+        return fd
+
+    def _flock(self, fd: int, mode: int) -> None:
+        if self._timeout is None:
+            fcntl.flock(fd, mode)
+            return
+        deadline = time.monotonic() + self._timeout
+        delay = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeoutError(
+                        f"lock {self.path!r} still held by another process after {self._timeout} s"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def acquire(self, exclusive: bool = True) -> bool:
+        """Take the lock (blocking up to the timeout); True if this call locked the file
+        (the outermost level), False if the thread already held it."""
+        self._rlock.acquire()
+        try:
+            fd = self._descriptor()
+            outermost = not self._depth
+            if outermost:
+                mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                self._flock(fd, mode)
+                self._mode = mode
+            elif exclusive and self._mode != fcntl.LOCK_EX:
+                raise RuntimeError("cannot upgrade a shared file lock to an exclusive one")
+            self._depth += 1
+            return outermost
+        except BaseException:
+            self._rlock.release()
+            raise
+
+    def release(self) -> None:
+        """Release one level; the file is unlocked when the outermost level ends."""
+        try:
+            self._depth -= 1
+            if self._depth == 0 and self._fd >= 0 and self._pid == _pid[0]:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._rlock.release()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the exclusive lock for the block."""
+        self.acquire(True)
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the shared lock for the block (or the exclusive one if already held)."""
+        self.acquire(False)
+        try:
+            yield
+        finally:
+            self.release()
+
+    @property
+    def held(self) -> bool:
+        """True if the calling thread holds the lock."""
+        if not self._rlock.acquire(blocking=False):
+            return False
+        try:
+            return self._depth > 0 and self._pid == _pid[0]
+        finally:
+            self._rlock.release()
+
+    def close(self) -> None:
+        """Close the lock file (releasing the lock if held)."""
+        with self._rlock:
+            if self._fd >= 0 and self._pid == _pid[0]:
+                os.close(self._fd)
+            self._fd, self._depth = -1, 0
