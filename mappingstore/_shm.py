@@ -1,0 +1,624 @@
+"""Shared-memory backend (``shm://NAME``): one hash table in POSIX shared memory.
+
+Every process that opens ``shm://NAME`` maps the same segments: a write is visible to
+every reader at once, with no synchronisation step and no private copy to go stale.
+
+The data segment is a hash table plus a heap of immutable records (layout in
+:mod:`._shm_table` and ``docs/backends/shm.md``).
+
+Writers (one at a time, under ``flock``) append a record past the committed heap end,
+commit the heap end, then publish it with one aligned 8-byte store into its slot. A
+reader that loads a slot therefore finds a complete, immutable record; a writer killed
+at any point leaves the old or the new value. When the heap or the table is full, or
+for a multi-key :meth:`_apply` (which must be all-or-nothing for readers too), the writer
+builds the next generation aside (compacted, bigger) and publishes it in the control
+segment (see :mod:`._shm_base`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from . import _codec
+from ._codec import PLAIN_HEADER
+from ._keys import MISSING
+from ._shm_base import PAGE, SHM_DIR, Handle, check_name
+from ._shm_bytes import SharedBytes
+from ._shm_table import (
+    EMPTY,
+    FIRST_HEAP,
+    INF,
+    M32,
+    MAX_SEGMENT,
+    MIN_HEAP,
+    Q_END,
+    Q_USED,
+    REC,
+    TAIL,
+    TOMB,
+    Segment,
+    fill,
+    find_slot,
+    record_size,
+    segment_size,
+    write_record,
+)
+from ._store import Op, Record, Store
+from ._url import parse_bool, parse_url
+from .errors import (
+    CapacityError,
+    InvalidOptionError,
+    InvalidURLError,
+    StoreCorruptError,
+)
+
+__all__ = ["SharedBytes", "SharedMemoryStore"]
+
+PREFIX = "mappingstore"
+_MAGIC_CTL = b"MSSHMST1"
+_HOT_MAX = 4096  # cached locations per instance (values: <= 16 MiB in all)
+_HOT_DATA_MAX = 4096  # largest value kept in the read cache
+_IMMUTABLE: frozenset[type] = frozenset(
+    {str, int, float, bool, bytes, type(None), Decimal, uuid.UUID, complex}
+    | {_dt.datetime, _dt.date, _dt.time, _dt.timedelta}
+)
+_NOVALUE: Any = MISSING  # hot entry: payload not checked by the codec yet
+_CHECKED: Any = object()  # hot entry: payload checked, value mutable (decode per read)
+
+
+def _immutable(value: Any, depth: int = 0) -> bool:
+    """True if *value* can be handed out twice (nothing inside it can be mutated)."""
+    t = type(value)
+    if t in _IMMUTABLE:
+        return True
+    if (t is tuple or t is frozenset) and depth < 4 and len(value) <= 64:
+        return all(_immutable(v, depth + 1) for v in value)
+    return False
+
+
+class SharedMemoryStore(Store):
+    """A store in POSIX shared memory, shared by every process that opens ``shm://NAME``.
+
+    Multi-process behaviour: every process sees every write at once (no sync call, no
+    private copy). Writers serialise on an ``flock`` of the control segment, which the
+    kernel releases if the holder dies; :meth:`modify`, ``setdefault``, ``pop`` and
+    :meth:`batch` are atomic across processes. Readers take no lock: they read immutable
+    records published by an atomic pointer store, so they never see a torn value, even
+    when a writer is killed mid-write. Each instance caches the *location* of values it
+    has read, validated against the live slot on every read, so a cached read is never
+    stale.
+
+    Thread-safe. Works after ``fork()`` (the child gets its own lock). Linux only
+    (``/dev/shm``).
+
+    Limits: the data survives until :meth:`unlink` (or ``delete_on_close=True``) or a
+    reboot, not a power cut. A data segment holds at most 32 GiB; ``max_size`` sets a
+    lower cap. Beyond it, or when ``/dev/shm`` is full, writes raise
+    :class:`~mappingstore.errors.CapacityError` and change nothing. ``len()`` and
+    iteration scan the table (O(capacity)). A multi-key write (``update``, ``batch``,
+    ``clear``) rewrites the data segment, so its cost grows with the store's size.
+
+    Segments are created mode 0600; attaching to one owned by another user, writable by
+    group or others, or not a regular file raises
+    :class:`~mappingstore.errors.InsecureStorageError`.
+
+    Options (besides the common ones): ``delete_on_close`` removes the store when this
+    instance closes; ``max_size`` caps the data segment in bytes; ``lock_timeout``
+    (seconds, default: wait) raises :class:`~mappingstore.errors.LockTimeoutError` instead
+    of waiting for a live writer forever; ``create=False`` raises
+    :class:`~mappingstore.errors.StoreNotFoundError` if the store does not exist.
+    """
+
+    scheme: ClassVar[str] = "shm"
+    durability: ClassVar[str] = (
+        "survives the processes (and kill -9) until unlinked or reboot; lost on power cut"
+    )
+    shared_across_processes: ClassVar[bool] = True
+
+    _find = staticmethod(find_slot)
+    _write = staticmethod(write_record)
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        delete_on_close: bool = False,
+        max_size: int | None = None,
+        lock_timeout: float | None = None,
+        create: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self._name = check_name(name, "shared-memory store")
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < PAGE
+        ):
+            raise InvalidOptionError(f"max_size must be an int >= {PAGE} bytes, got {max_size!r}")
+        if lock_timeout is not None and (
+            isinstance(lock_timeout, bool)
+            or not isinstance(lock_timeout, (int, float))
+            or not lock_timeout >= 0
+        ):
+            raise InvalidOptionError(f"lock_timeout must be >= 0 seconds, got {lock_timeout!r}")
+        self._max_size = min(max_size or MAX_SEGMENT, MAX_SEGMENT)
+        self._delete_on_close = bool(delete_on_close)
+        self._ns_cache: dict[str, tuple[bytes, int]] = {}
+        self._hot: dict[str, tuple[Any, ...]] = {}
+        self._plain_dot = not self._dot
+        self._h = Handle(
+            PREFIX,
+            self._name,
+            _MAGIC_CTL,
+            readonly=self._readonly,
+            create=create,
+            lock_timeout=lock_timeout,
+            init=self._init_segment,
+        )
+        self._ctlq = self._h.ctlq
+        self._ilock = self._h.inode_lock
+        self._lock_timeout = lock_timeout
+        try:
+            self._seg = self._map(self._h.generation)
+        except BaseException:
+            self._h.close()
+            raise
+        self._start()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SharedMemoryStore:
+        """``shm://NAME?namespace=...&delete_on_close=1&max_size=...&lock_timeout=...``."""
+        parsed = parse_url(
+            url,
+            cls.scheme,
+            {
+                "delete_on_close": parse_bool,
+                "max_size": _parse_int,
+                "lock_timeout": _parse_float,
+                "create": parse_bool,
+            },
+        )
+        if parsed.path not in ("", "/") or not parsed.netloc:
+            raise InvalidURLError(f"expected shm://NAME, got {url!r}")
+        try:
+            name = check_name(parsed.netloc, "shared-memory store")
+        except ValueError as exc:
+            raise InvalidURLError(str(exc)) from exc
+        return cls(name, **{**parsed.options, **options})
+
+    @property
+    def url(self) -> str:
+        return f"shm://{self._name}"
+
+    @property
+    def name(self) -> str:
+        """The store's name (``NAME`` of ``shm://NAME``)."""
+        return self._name
+
+    def files(self) -> list[str]:
+        """The ``/dev/shm`` files of this store (control segment and data generations)."""
+        from ._shm_base import data_files
+
+        return data_files(PREFIX, self._name)
+
+    def unlink(self) -> None:
+        """Remove the store from the system and close this instance.
+
+        Every other open instance (in any process) raises
+        :class:`~mappingstore.errors.StoreNotFoundError` on its next use; a later open of
+        the name creates a new, empty store.
+        """
+        if not self._closed:
+            self._h.unlink()
+        self.close()
+
+    # -- segments -----------------------------------------------------------------------
+
+    def _init_segment(self, handle: Handle) -> None:
+        seg = Segment(1, handle.create_data(1, segment_size(16, FIRST_HEAP)), fresh=True)
+        seg.init(16)
+
+    def _map(self, gen: int) -> Segment:
+        for _ in range(100):
+            self._h.check_not_deleted(gen)
+            try:
+                return Segment(gen, self._h.open_data(gen))
+            except FileNotFoundError:
+                newer = self._h.generation
+                if newer == gen:
+                    raise StoreCorruptError(
+                        f"the data segment of shm://{self._name} ({SHM_DIR}) is missing"
+                    ) from None
+                gen = newer  # replaced while we opened it: follow
+        raise StoreCorruptError(f"shm://{self._name} keeps changing generation")  # pragma: no cover
+
+    def _current(self) -> Segment:
+        """The published segment, remapped if a writer replaced it (cheap when not)."""
+        seg = self._seg
+        gen = self._ctlq[2]
+        if gen == seg.gen:
+            return seg
+        if self._closed:
+            self._check_open()
+        new = self._map(gen)
+        with self._lock:
+            if new.gen > self._seg.gen:
+                self._seg = new
+                self._hot.clear()
+            return self._seg
+
+    def _name_of(self, ns: str, key: str) -> tuple[bytes, bytes, int]:
+        hit = self._ns_cache.get(ns) or self._ns_entry(ns)
+        kb = key.encode("utf-8")
+        return hit[0], kb, zlib.crc32(kb, hit[1])
+
+    def _read(self, seg: Segment, v: int) -> tuple[bytes, float]:
+        """The (data, expires) of the record slot value *v* points to, checked."""
+        off = (v & M32) << 3
+        if off + 32 > seg.size:
+            raise self._corrupt()
+        for _ in range(3):
+            crc, _flags, dl, exp, nl, kl = REC.unpack_from(seg.mm, off)
+            start = off + 32 + nl + kl
+            end = start + dl
+            if end <= seg.size and zlib.crc32(seg.mv[off + 4 : end]) == crc:
+                return seg.mm[start:end], exp
+            # Only a weakly ordered CPU could show a record before its bytes: look again.
+        raise self._corrupt()
+
+    def _corrupt(self) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"shm://{self._name} has a damaged record (bad offset or checksum)"
+        )
+
+    # -- backend contract: reads (lock-free) ---------------------------------------------
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        seg = self._current()
+        nsb, kb, h = self._name_of(ns, key)
+        idx, _ = self._find(seg, nsb, kb, h)
+        if idx < 0:
+            return None
+        v = seg.q[idx]
+        if v <= TOMB:  # deleted since we found it
+            return None
+        data, exp = self._read(seg, v)
+        if exp != INF and exp <= self._clock():
+            return None
+        if ns == self._ns and len(data) <= _HOT_DATA_MAX:
+            if len(self._hot) >= _HOT_MAX:
+                self._hot.clear()
+            self._hot[key] = (seg.gen, seg.q, idx, v, None if exp == INF else exp, data, _NOVALUE)
+        return data, None if exp == INF else exp
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        if ns == self._ns:
+            e = self._hot.get(key)
+            if (
+                e is not None
+                and self._ctlq[2] == e[0]
+                and e[1][e[2]] == e[3]
+                and (e[4] is None or e[4] > self._clock())
+            ):
+                return e[5]  # type: ignore[no-any-return]
+        rec = self._get_record(ns, key)
+        return None if rec is None else rec[0]
+
+    def __getitem__(self, key: str) -> Any:
+        # Fast path: a value this instance has read before, still in the same slot (the
+        # slot check makes it exact: records are immutable, offsets never reused within
+        # a generation). Immutable values are returned as is; others are decoded again,
+        # so every caller still gets its own copy. Entries: (generation, table view,
+        # slot index, slot value, expires, data, decoded value | _NOVALUE | _CHECKED,
+        # payload when _CHECKED).
+        e = self._hot.get(key) if type(key) is str else None
+        if (
+            e is not None
+            and self._plain_dot
+            and not self._nbatch
+            and self._ctlq[2] == e[0]
+            and e[1][e[2]] == e[3]
+            and (e[4] is None or e[4] > self._clock())
+        ):
+            value = e[6]
+            if value is _CHECKED:
+                return _codec._unpackb(e[7])  # decoded fine before: cannot fail now
+            if value is not _NOVALUE:
+                return value
+            data = e[5]
+            if data[:2] == PLAIN_HEADER:
+                value = _codec.decode_plain(data)
+                if _immutable(value):
+                    self._hot[key] = (*e[:6], value)
+                else:
+                    self._hot[key] = (*e[:6], _CHECKED, data[6:])
+                return value
+        return super().__getitem__(key)
+
+    def _contains(self, ns: str, key: str) -> bool:
+        return self._get(ns, key) is not None
+
+    def _scan(self, seg: Segment, nsb: bytes | None) -> Iterator[tuple[int, int, int, int, float]]:
+        """(offset, len ns, len key, len data, expires) of every record of *nsb* (all: None)."""
+        q, mm = seg.q, seg.mm
+        slots = q[seg.t0 : seg.t0 + seg.cap].tolist()  # a snapshot of the table
+        unpack = REC.unpack_from
+        for v in slots:
+            if v <= TOMB:
+                continue
+            off = (v & M32) << 3
+            if off + 32 > seg.size:
+                raise self._corrupt()
+            _crc, _flags, dl, exp, nl, kl = unpack(mm, off)
+            if nsb is not None and (nl != len(nsb) or mm[off + 32 : off + 32 + nl] != nsb):
+                continue
+            yield off, nl, kl, dl, exp
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        seg = self._current()
+        nsb = self._name_of(ns, "")[0]
+        now = self._clock()
+        mm = seg.mm
+        for off, nl, kl, _dl, exp in self._scan(seg, nsb):
+            if exp <= now:
+                continue
+            key = mm[off + 32 + nl : off + 32 + nl + kl].decode("utf-8")
+            if key.startswith(prefix):
+                yield key
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        seg = self._current()
+        nsb = self._name_of(ns, "")[0]
+        now = self._clock()
+        mm = seg.mm
+        for off, nl, kl, dl, exp in self._scan(seg, nsb):
+            if exp <= now:
+                continue
+            start = off + 32 + nl
+            key = mm[start : start + kl].decode("utf-8")
+            if key.startswith(prefix):
+                yield key, mm[start + kl : start + kl + dl]
+
+    def _count(self, ns: str) -> int:
+        seg = self._current()
+        nsb = self._name_of(ns, "")[0]
+        now = self._clock()
+        return sum(1 for r in self._scan(seg, nsb) if r[4] > now)
+
+    def _namespaces(self) -> Iterable[str]:
+        seg = self._current()
+        mm = seg.mm
+        found = {bytes(mm[off + 32 : off + 32 + nl]) for off, nl, *_ in self._scan(seg, None)}
+        return [n.decode("utf-8") for n in found]
+
+    # -- backend contract: writes (under the cross-process lock) -------------------------
+
+    def _exclusive(self) -> Any:
+        return self._h
+
+    def _wseg(self) -> Segment:
+        seg = self._seg
+        gen = self._ctlq[2]
+        if gen != seg.gen:
+            self._h.check_not_deleted(gen)
+            seg = self._current()
+        return seg
+
+    def _ns_entry(self, ns: str) -> tuple[bytes, int]:
+        hit = self._ns_cache.get(ns)
+        if hit is None:
+            nsb = ns.encode("utf-8")
+            hit = self._ns_cache[ns] = (nsb, zlib.crc32(nsb))
+        return hit
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        # The hottest write path: the lock and the small-record write are inlined (each
+        # Python call saved is ~5% of a set). Same protocol as _InodeLock.acquire/release.
+        lock = self._ilock
+        if self._lock_timeout is not None:
+            lock.acquire(self._lock_timeout)
+        else:
+            lock.rlock.acquire()
+            if not lock.depth:
+                try:
+                    fcntl.flock(lock.fd, fcntl.LOCK_EX)
+                except BaseException:
+                    lock.rlock.release()
+                    raise
+            lock.depth += 1
+        try:
+            seg = self._seg
+            if self._ctlq[2] != seg.gen:
+                seg = self._wseg()
+            nsb, nsh = self._ns_cache.get(ns) or self._ns_entry(ns)
+            kb = key.encode("utf-8")
+            h = zlib.crc32(kb, nsh)
+            idx, free = self._find(seg, nsb, kb, h)
+            exp = INF if expires is None else expires
+            dl = len(data)
+            rest = TAIL.pack(0, dl, exp, len(nsb), len(kb)) + nsb + kb
+            size = (4 + len(rest) + dl + 7) & ~7
+            q = seg.q
+            end = q[Q_END]
+            if end + size > seg.size or (
+                idx < 0 and q[free] == EMPTY and (q[Q_USED] + 1) * 2 > seg.cap
+            ):
+                self._rebuild_with(seg, [(nsb, kb, data, exp)], {idx} if idx >= 0 else set())
+                return
+            if dl <= 4096:
+                rest += data
+                mm = seg.mm
+                mm[end + 4 : end + 4 + len(rest)] = rest
+                mm[end : end + 4] = zlib.crc32(rest).to_bytes(4, "little")
+                v = (h << 32) | (end >> 3)
+            else:
+                v = self._write(seg, end, nsb, kb, data, exp, h)
+            q[Q_END] = end + size  # commit the space before anyone can point at it
+            if idx < 0:
+                idx = free
+                if q[idx] == EMPTY:
+                    q[Q_USED] += 1  # before publishing: a crash may only over-count
+            q[idx] = v
+        finally:
+            lock.release()
+        if ns == self._ns and dl <= _HOT_DATA_MAX:
+            hot = self._hot
+            if len(hot) >= _HOT_MAX:
+                hot.clear()
+            hot[key] = (seg.gen, q, idx, v, expires, data, _NOVALUE)
+
+    def _delete(self, ns: str, key: str) -> bool:
+        with self._h:
+            seg = self._wseg()
+            nsb, kb, h = self._name_of(ns, key)
+            idx, _ = self._find(seg, nsb, kb, h)
+            if idx < 0:
+                return False
+            v = seg.q[idx]
+            off = (v & M32) << 3
+            if off + 32 > seg.size:
+                raise self._corrupt()
+            exp: float = REC.unpack_from(seg.mm, off)[3]
+            seg.q[idx] = TOMB
+            return exp == INF or exp > self._clock()
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        if len(ops) == 1:
+            op = ops[0]
+            if op.data is None:
+                self._delete(op.ns, op.key)
+            else:
+                self._put(op.ns, op.key, op.data, op.expires)
+            return
+        if not ops:
+            return
+        final = {(op.ns, op.key): op for op in ops}
+        with self._h:
+            seg = self._wseg()
+            drop: set[int] = set()
+            adds: list[tuple[bytes, bytes, bytes, float]] = []
+            for (ns, key), op in final.items():
+                nsb, kb, h = self._name_of(ns, key)
+                idx, _ = self._find(seg, nsb, kb, h)
+                if idx >= 0:
+                    drop.add(idx)
+                if op.data is not None:
+                    adds.append((nsb, kb, op.data, INF if op.expires is None else op.expires))
+            # All-or-nothing for readers too: the next generation carries every op and
+            # becomes visible with one store.
+            self._rebuild_with(seg, adds, drop)
+
+    def _clear(self, ns: str) -> None:
+        with self._h:
+            seg = self._wseg()
+            self._rebuild_with(seg, [], set(), drop_ns=self._name_of(ns, "")[0])
+
+    def _purge_expired(self, ns: str) -> int:
+        with self._h:
+            seg = self._wseg()
+            nsb = self._name_of(ns, "")[0]
+            now = self._clock()
+            q, mm = seg.q, seg.mm
+            n = 0
+            for i in range(seg.t0, seg.t0 + seg.cap):
+                v = q[i]
+                if v <= TOMB:
+                    continue
+                off = (v & M32) << 3
+                if off + 32 > seg.size:
+                    raise self._corrupt()
+                _crc, _f, _dl, exp, nl, _kl = REC.unpack_from(mm, off)
+                if exp <= now and nl == len(nsb) and mm[off + 32 : off + 32 + nl] == nsb:
+                    q[i] = TOMB
+                    n += 1
+            return n
+
+    def _rebuild_with(
+        self,
+        seg: Segment,
+        adds: list[tuple[bytes, bytes, bytes, float]],
+        drop: set[int],
+        drop_ns: bytes | None = None,
+    ) -> None:
+        """Build the next generation from the live records of *seg* minus *drop*, plus
+        *adds*, and publish it (called under the lock)."""
+        now = self._clock()
+        q, mm = seg.q, seg.mm
+        keep: list[tuple[int, int, int]] = []  # (hash, offset, size)
+        total = 0
+        t0 = seg.t0
+        for i, v in enumerate(q[t0 : t0 + seg.cap].tolist()):
+            if v <= TOMB or (drop and t0 + i in drop):
+                continue
+            off = (v & M32) << 3
+            if off + 32 > seg.size:
+                raise self._corrupt()
+            _crc, _f, dl, exp, nl, kl = REC.unpack_from(mm, off)
+            if exp <= now:
+                continue  # expired: invisible already, reclaim it
+            if (
+                drop_ns is not None
+                and nl == len(drop_ns)
+                and mm[off + 32 : off + 32 + nl] == drop_ns
+            ):
+                continue
+            size = record_size(nl + kl + dl)
+            keep.append((v >> 32, off, size))
+            total += size
+        extra = sum(record_size(len(a[0]) + len(a[1]) + len(a[2])) for a in adds)
+        nkeys = len(keep) + len(adds)
+        cap = 16
+        while cap < 4 * nkeys:
+            cap *= 2
+        need = total + extra
+        # Head room of 3x the live data (1x above 64 MiB): rebuilds stay rare, so their
+        # cost (a copy of the live records) is a small constant per write.
+        room = max(MIN_HEAP, need * (3 if need < 64 * 2**20 else 1))
+        size = segment_size(cap, need + room)
+        if size > self._max_size:
+            size = self._max_size // PAGE * PAGE  # less head room, as much as allowed
+            if segment_size(cap, need) > size:
+                raise CapacityError(
+                    f"shm://{self._name} would need a {segment_size(cap, need)}-byte data "
+                    f"segment; the limit is "
+                    f"{self._max_size} bytes (max_size); nothing was changed"
+                )
+        gen = seg.gen + 1
+        new = Segment(gen, self._h.create_data(gen, size), fresh=True)
+        try:
+            new.init(cap)
+            fill(new, mm, keep, adds)
+        except BaseException:
+            self._h.discard(gen)
+            raise
+        self._h.publish(gen)
+        with self._lock:
+            self._seg = new
+            self._hot.clear()
+
+    def _close(self) -> None:
+        self._hot.clear()
+        try:
+            if self._delete_on_close and not self._readonly:
+                self._h.unlink()
+        finally:
+            self._h.close()
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise InvalidOptionError(f"expected a number, got {text!r}") from exc
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise InvalidOptionError(f"expected an integer, got {text!r}") from exc
