@@ -1,0 +1,608 @@
+"""Redis backend: ``redis://``, ``rediss://`` and ``redis+cluster://host:port[,host:port...]``.
+
+Key layout, scripts and the reasoning behind them: ``_redis_lua`` and
+``docs/backends/redis.md``. Connection options and error handling: ``_redis_client``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import redis
+import redis.exceptions as rex
+from redis.cluster import RedisCluster
+
+from . import _redis_lua as lua
+from ._redis_client import (
+    URL_OPTIONS,
+    ClientConfig,
+    backoff_delay,
+    classify,
+    make_client,
+    parse_redis_url,
+)
+from ._redis_layout import PREFIX_RE, Layout, bucket, unescape_namespace
+from ._store import KEEP, Op, Record, Store
+from .errors import (
+    InvalidOptionError,
+    LockTimeoutError,
+    MappingStoreError,
+    OptionTypeError,
+    UnknownOutcomeError,
+)
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+_MAX_PX = 10**15  # ~31,700 years: beyond this Redis rejects the expiry time
+_FIRST_CHUNK = 128
+_MAX_CHUNK = 4096  # Lua's unpack() limit is ~8,000 values
+#: Lease of the exclusive-section lock: a holder that dies releases it after this long.
+_LOCK_LEASE_MS = 60_000
+_LOCK_TIMEOUT = 60.0
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+class RedisStore(Store):
+    """A store in Redis 7+ (standalone, TLS, or Redis Cluster).
+
+    ``RedisStore("redis://[user[:pw]@]host:port/db?options")``,
+    ``RedisStore("redis+cluster://h1:7000,h2:7001")`` or ``RedisStore(client=redis_client)``
+    (a ready ``redis.Redis``/``RedisCluster`` built with ``decode_responses=False``; the
+    store does not close a client it was given).
+
+    Redis options (URL query or keyword): ``db``, ``socket_timeout`` (default 10 s),
+    ``socket_connect_timeout`` (5 s), ``health_check_interval``, ``max_connections``,
+    ``client_name``, ``retries`` (read retries with backoff, default 5), ``ssl`` and
+    ``ssl_cert_reqs``/``ssl_ca_certs``/``ssl_certfile``/``ssl_keyfile``/
+    ``ssl_check_hostname``. The server password comes from the URL (it is redacted from
+    ``repr``, ``url``, logs and errors) or ``redis_password=``. ``prefix`` (default
+    ``"ms"``) starts every key name: stores with different prefixes on one server are
+    independent (their own namespaces and encryption metadata).
+
+    Thread-safe (redis-py pools connections); shared between processes and machines;
+    reconnects by itself after ``fork()``. ``modify``/``setdefault``/``pop`` are atomic
+    across clients (a compare-and-set script; ``fn`` may run more than once).
+    ``batch()``/``update()`` are one atomic script on a standalone server; on Redis
+    Cluster they are atomic per slot only (a namespace spreads over 16 slots). Expiry is
+    Redis's own (``PXAT``), on the server's clock: ``clock=`` only converts TTLs.
+    Dot-name leaf/branch checks are atomic within one process only. Requires
+    ``maxmemory-policy noeviction`` (any eviction silently loses records).
+    """
+
+    scheme: ClassVar[str] = "redis"
+    durability: ClassVar[str] = (
+        "the server's: with AOF appendfsync always no acknowledged write is lost in a crash; "
+        "everysec may lose about 1 s; RDB loses writes since the last snapshot; "
+        "replication and Redis Cluster failover are asynchronous"
+    )
+    shared_across_processes: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: redis.Redis | RedisCluster | None = None,
+        redis_username: str | None = None,
+        redis_password: str | None = None,
+        prefix: str | None = None,
+        **options: Any,
+    ) -> None:
+        redis_opts = {k: options.pop(k) for k in list(options) if k in URL_OPTIONS}
+        retries = redis_opts.pop("retries", None)
+        config: ClientConfig | None = None
+        if client is None:
+            config, url_store_opts = parse_redis_url(url or "redis://127.0.0.1:6379/0")
+            options = {**url_store_opts, **options}  # keyword options win over the URL's
+            url_retries = config.options.pop("retries", None)
+            retries = url_retries if retries is None else retries
+            config.options.update(redis_opts)
+            if redis_username is not None:
+                config.username = redis_username
+            if redis_password is not None:
+                config.password = redis_password
+        elif url is not None or redis_opts or redis_username or redis_password:
+            raise InvalidOptionError("pass either client= or a URL and Redis options, not both")
+        url_prefix = options.pop("prefix", None)
+        super().__init__(**options)
+        prefix = prefix if prefix is not None else (url_prefix or "ms")
+        if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
+            raise InvalidOptionError("prefix must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+        self._prefix = prefix.encode("ascii")
+        self._layouts: dict[str, Layout] = {}
+        self._xlocal = threading.local()
+        retries = 5 if retries is None else retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise OptionTypeError("retries must be an int >= 0")
+        self._retries: int = retries
+        if config is not None:
+            self._client: Any = make_client(config)
+            self._owns = True
+            self._cluster = config.cluster
+            self._config = config
+        elif client is not None:
+            self._client, self._owns = client, False
+            self._cluster = isinstance(client, RedisCluster)
+            self._config = self._describe(client)
+            if client.get_encoder().decode_responses:
+                raise InvalidOptionError(
+                    "RedisStore needs a client built with decode_responses=False"
+                )
+            self._warn_client_retries(client)
+        self._start()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
+        """``redis://``, ``rediss://`` or ``redis+cluster://`` (see the class docstring)."""
+        return cls(url, **options)
+
+    # -- client plumbing ----------------------------------------------------------------
+
+    def _describe(self, client: Any) -> ClientConfig:
+        if isinstance(client, RedisCluster):
+            hosts = [(n.host, int(n.port)) for n in client.get_primaries()]  # type: ignore[no-untyped-call]
+            return ClientConfig(cluster=True, hosts=hosts)
+        kw = client.connection_pool.connection_kwargs
+        return ClientConfig(
+            cluster=False,
+            hosts=[(str(kw.get("host", "localhost")), int(kw.get("port", 6379)))],
+            db=int(kw.get("db", 0) or 0),
+            username=kw.get("username"),
+            ssl=bool(kw.get("ssl", False))
+            or "SSL" in client.connection_pool.connection_class.__name__,
+        )
+
+    def _warn_client_retries(self, client: Any) -> None:
+        if isinstance(client, RedisCluster):
+            retry = getattr(client, "retry", None)
+        else:
+            retry = client.get_retry()
+        # Retry.get_retries() appeared in redis-py 5.1; older ones keep the count private.
+        count = getattr(retry, "get_retries", lambda: getattr(retry, "_retries", 0))()
+        if count:
+            self._log.warning(
+                "the redis client passed to RedisStore resends commands after a timeout "
+                "(retries=%d): a write could then be applied twice; build it with "
+                "retry=Retry(NoBackoff(), 0) for exactly-once writes",
+                count,
+            )
+
+    def _layout(self, ns: str) -> Layout:
+        lay = self._layouts.get(ns)
+        if lay is None:
+            lay = self._layouts[ns] = Layout(self._prefix, ns)
+        return lay
+
+    def _names(self, ns: str, key: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """(member, I, X, D) of *key* in *ns*."""
+        kb = key.encode("utf-8")
+        b = bucket(kb)
+        lay = self._layout(ns)
+        base = lay.bases[b]
+        return kb, base + b"i", base + b"x", base + b"k:" + kb
+
+    def _data_key(self, ns: str, key: str) -> bytes:
+        kb = key.encode("utf-8")
+        return self._layout(ns).bases[bucket(kb)] + b"k:" + kb
+
+    def _run(self, what: str, write: bool, fn: Callable[[], T]) -> T:
+        """Run one Redis exchange, retrying only what is safe; convert every error."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except MappingStoreError:
+                raise
+            except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
+                verdict = classify(exc, write=write, what=what)
+                if verdict.retry and attempt < self._retries and not self._closed:
+                    if verdict.reconnect:
+                        self._reconnect()
+                    time.sleep(backoff_delay(attempt))
+                    attempt += 1
+                    continue
+                raise verdict.error from exc
+
+    def _reconnect(self) -> None:
+        try:
+            if self._cluster:
+                self._client.nodes_manager.initialize()
+            else:
+                self._client.connection_pool.disconnect()
+        except (rex.RedisError, rex.RedisClusterException, OSError):
+            pass  # the next attempt reports the real problem
+
+    def _evalsha(self, script: lua.Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        try:
+            return self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            # A restarted or new server has an empty script cache; EVAL caches it again.
+            # NOSCRIPT means nothing ran, so this is safe for writes too.
+            return self._client.eval(script.source, len(keys), *keys, *args)
+
+    def _eval(
+        self, script: lua.Script, keys: Sequence[bytes], args: Sequence[Any], *, write: bool
+    ) -> Any:
+        return self._run(script.name, write, lambda: self._evalsha(script, keys, args))
+
+    def _groups(self, ns: str) -> list[list[bytes]]:
+        """Bucket key lists one script may touch at once (cluster: one slot each)."""
+        lay = self._layout(ns)
+        if self._cluster:
+            return [list(pair) for pair in lay.pairs]
+        return [lay.flat]
+
+    def _read_all(
+        self, script: lua.Script, groups: list[list[bytes]], args: Sequence[Any]
+    ) -> list[Any]:
+        """Run a read-only (or idempotent) script over slot groups; pipelined in cluster mode."""
+        if len(groups) == 1:
+            return [self._eval(script, groups[0], args, write=False)]
+
+        def go() -> list[Any]:
+            calls = [(keys[0], ("EVALSHA", script.sha, len(keys), *keys, *args)) for keys in groups]
+            return self._per_node(calls, lambda i: self._evalsha(script, groups[i], args))
+
+        return self._run(script.name, False, go)
+
+    def _per_node(
+        self, calls: list[tuple[bytes, tuple[Any, ...]]], redo: Callable[[int], Any]
+    ) -> list[Any]:
+        """Cluster reads: one pipeline per node (redis-py's ClusterPipeline refuses EVALSHA
+        and MGET), then *redo* any call a node refused (NOSCRIPT, MOVED after resharding)
+        through the cluster client, which follows redirections. Reads only: resending a
+        read is harmless."""
+        client = self._client
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, (key, _) in enumerate(calls):
+            node = client.get_node_from_key(key)
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        results: list[Any] = [None] * len(calls)
+        for node, idx in by_node.values():
+            pipe = client.get_redis_connection(node).pipeline(transaction=False)
+            for i in idx:
+                pipe.execute_command(*calls[i][1])
+            for i, res in zip(idx, pipe.execute(raise_on_error=False), strict=True):
+                results[i] = res
+        for i, res in enumerate(results):
+            if isinstance(res, rex.ResponseError):
+                results[i] = redo(i)
+            elif isinstance(res, BaseException):
+                raise res
+        return results
+
+    def _px(self, expires: float | None) -> int | None:
+        """Milliseconds from now until *expires* (``None``: no expiry); may be <= 0."""
+        if expires is None:
+            return None
+        px = math.ceil((expires - self._clock()) * 1000)  # ceil: never expire early
+        if px > _MAX_PX:
+            raise InvalidOptionError("ttl is too large for Redis (more than 31,000 years)")
+        return px
+
+    @property
+    def url(self) -> str:
+        url = self._config.url()
+        if self._prefix != b"ms":
+            url += ("&" if "?" in url else "?") + "prefix=" + self._prefix.decode("ascii")
+        return url
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """The underlying redis-py client (do not close it while the store is open)."""
+        self._check_open()
+        return self._client  # type: ignore[no-any-return]
+
+    @property
+    def cluster(self) -> bool:
+        """True when talking to a Redis Cluster."""
+        return self._cluster
+
+    # -- backend contract ---------------------------------------------------------------
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        # docstring inherited
+        dkey = self._data_key(ns, key)
+        return self._run("GET", False, lambda: self._client.get(dkey))  # type: ignore[no-any-return]
+
+    def _contains(self, ns: str, key: str) -> bool:
+        # docstring inherited
+        dkey = self._data_key(ns, key)
+        return bool(self._run("EXISTS", False, lambda: self._client.exists(dkey)))
+
+    def _read_rec(self, dkey: bytes) -> tuple[bytes, int, int] | None:
+        raw = self._eval(lua.GETREC, [dkey], [], write=False)
+        if raw is None:
+            return None
+        return bytes(raw[0]), int(raw[1]), int(raw[2])
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        # docstring inherited
+        raw = self._read_rec(self._data_key(ns, key))
+        if raw is None:
+            return None
+        data, pttl, _ = raw
+        return data, (None if pttl < 0 else self._clock() + pttl / 1000)
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        # docstring inherited
+        member, ikey, xkey, dkey = self._names(ns, key)
+        px = self._px(expires)
+        if px is not None and px <= 0:  # already expired: the write leaves nothing visible
+            self._eval(lua.DELETE, [ikey, xkey, dkey], [member], write=True)
+            return
+        self._eval(
+            lua.PUT, [ikey, xkey, dkey], [member, data, b"" if px is None else px], write=True
+        )
+
+    def _delete(self, ns: str, key: str) -> bool:
+        # docstring inherited
+        member, ikey, xkey, dkey = self._names(ns, key)
+        return bool(self._eval(lua.DELETE, [ikey, xkey, dkey], [member], write=True))
+
+    def _walk(self, ns: str, prefix: str, values: bool) -> Iterator[tuple[bytes, bytes]]:
+        if prefix:
+            pb = prefix.encode("utf-8")
+            # UTF-8 never contains 0xFF, so every key starting with pb sorts below pb+0xFF.
+            lo, hi = b"[" + pb, b"(" + pb + b"\xff"
+        else:
+            lo, hi = b"-", b"+"
+        want = b"1" if values else b"0"
+        groups = self._groups(ns)
+        # Cluster: the first chunk of every bucket in one pipelined round (one exchange
+        # per node instead of 16 sequential ones), then the big buckets chunk by chunk.
+        first = self._read_all(lua.ITER, groups, [1, b"", lo, hi, _FIRST_CHUNK, want])
+        for keys, res in zip(groups, first, strict=True):
+            limit = _FIRST_CHUNK  # small first: bool(), popitem() and dot-name probes stop early
+            while True:
+                items = res[2:]
+                if values:
+                    for i in range(0, len(items), 2):
+                        yield items[i], items[i + 1]
+                else:
+                    for item in items:
+                        yield item, b""
+                start, after = int(res[0]), res[1]
+                if start == 0:
+                    break
+                limit = min(limit * 4, _MAX_CHUNK)
+                res = self._eval(lua.ITER, keys, [start, after, lo, hi, limit, want], write=False)
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        # docstring inherited
+        for member, _ in self._walk(ns, prefix, False):
+            yield member.decode("utf-8")
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        # docstring inherited
+        for member, data in self._walk(ns, prefix, True):
+            yield member.decode("utf-8"), data
+
+    def _count(self, ns: str) -> int:
+        # docstring inherited
+        return sum(int(n) for n in self._read_all(lua.COUNT, self._groups(ns), []))
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        # docstring inherited
+        if not keys:
+            return []
+        dkeys = [self._data_key(ns, k) for k in keys]
+        if not self._cluster:
+            return self._run("MGET", False, lambda: list(self._client.mget(dkeys)))
+        # Cluster: one MGET per slot (bucket), pipelined to every node at once.
+        by_slot: dict[bytes, list[int]] = {}
+        for i, dk in enumerate(dkeys):
+            by_slot.setdefault(dk[: dk.index(b"}") + 1], []).append(i)
+
+        def go() -> list[bytes | None]:
+            groups = list(by_slot.values())
+            calls = [(dkeys[idx[0]], ("MGET", *(dkeys[i] for i in idx))) for idx in groups]
+            replies = self._per_node(
+                calls, lambda g: self._client.mget([dkeys[i] for i in groups[g]])
+            )
+            out: list[bytes | None] = [None] * len(dkeys)
+            for idx, vals in zip(groups, replies, strict=True):
+                for i, v in zip(idx, vals, strict=True):
+                    out[i] = v
+            return out
+
+        return self._run("MGET", False, go)
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        # docstring inherited
+        latest: dict[tuple[str, str], Op] = {}
+        for op in ops:  # the last write of a key wins, as if applied in order
+            latest[(op.ns, op.key)] = op
+        # Per (namespace, bucket): plain puts as (member, data); deletes and puts with an
+        # expiry as (member, data, px). Ops are deduplicated, so order inside is free.
+        plain: dict[tuple[str, int], list[bytes]] = {}
+        other: dict[tuple[str, int], list[Any]] = {}
+        for op in latest.values():
+            kb = op.key.encode("utf-8")
+            slot = (op.ns, bucket(kb))
+            plain.setdefault(slot, [])
+            other.setdefault(slot, [])
+            if op.data is None:
+                other[slot] += (kb, b"", b"D")
+                continue
+            px = self._px(op.expires)
+            if px is None:
+                plain[slot] += (kb, op.data)
+            elif px <= 0:  # already expired: the write leaves nothing visible
+                other[slot] += (kb, b"", b"D")
+            else:
+                other[slot] += (kb, op.data, px)
+        groups = [(slot, plain[slot], other[slot]) for slot in plain]
+        if not groups:
+            return
+        if not self._cluster:
+            self._apply_script(groups)
+            return
+        for done, group in enumerate(groups):
+            try:
+                self._apply_script([group])
+            except UnknownOutcomeError:
+                raise
+            except MappingStoreError as exc:
+                if done:
+                    raise UnknownOutcomeError(
+                        f"batch partially applied: {done} of {len(groups)} slots were written "
+                        f"before this failure (Redis Cluster batches are atomic per slot): {exc}"
+                    ) from exc
+                raise
+
+    def _apply_script(self, groups: list[tuple[tuple[str, int], list[bytes], list[Any]]]) -> None:
+        keys: list[bytes] = []
+        args: list[Any] = []
+        for (ns, b), puts, rest in groups:
+            keys.extend(self._layout(ns).pairs[b])
+            args += (len(puts) // 2, len(rest) // 3)
+            args += puts
+            args += rest
+        self._eval(lua.APPLY, keys, args, write=True)
+
+    def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        # docstring inherited
+        member, ikey, xkey, dkey = self._names(ns, key)
+        conflicts = 0
+        raw = self._read_rec(dkey)
+        while True:
+            if raw is None:
+                rec: Record | None = None
+                expect: list[Any] = [b"0", b"", -1]
+            else:
+                data, pttl, at = raw
+                rec = (data, None if pttl < 0 else self._clock() + pttl / 1000)
+                expect = [b"1", data, at]
+            new = fn(rec)
+            if new is KEEP or (new is None and rec is None):
+                return
+            if new is None:
+                token: Any = b"D"
+                ndata = b""
+            else:
+                ndata, nexp = new
+                if rec is not None and nexp is not None and nexp == rec[1]:
+                    token = b"K"  # unchanged expiry: keep the server's exact PXAT
+                else:
+                    px = self._px(nexp)
+                    token = b"" if px is None else (b"D" if px <= 0 else px)
+            res = self._eval(
+                lua.CAS, [ikey, xkey, dkey], [member, *expect, token, ndata], write=True
+            )
+            if int(res[0]) == 2:
+                return
+            # Lost a race: the reply carries the current record, so retry at once without
+            # another read; under heavy contention back off with jitter so that one client
+            # at a time wins instead of all retrying in lockstep.
+            raw = None if int(res[0]) == 0 else (bytes(res[1]), int(res[2]), int(res[3]))
+            conflicts += 1
+            if conflicts > 1:
+                time.sleep(random.random() * min(0.02, 0.0005 * 2**conflicts))
+
+    def _clear(self, ns: str) -> None:
+        # docstring inherited
+        # CLEAR and PURGE are idempotent (running one twice changes nothing more), so
+        # unlike other writes they may be resent, and pipelined to every node at once.
+        limit = 10_000  # per script call: never block the server for long
+        groups = self._groups(ns)
+        while groups:
+            done = self._read_all(lua.CLEAR, groups, [limit])
+            groups = [keys for keys, n in zip(groups, done, strict=True) if int(n) >= limit]
+
+    def _purge_expired(self, ns: str) -> int:
+        # docstring inherited
+        return sum(int(n) for n in self._read_all(lua.PURGE, self._groups(ns), []))
+
+    def _namespaces(self) -> Iterable[str]:
+        # docstring inherited
+        def scan() -> list[str]:
+            found: set[str] = set()
+            head = self._prefix + b":{"
+            # The prefix has no glob characters (checked at open): the pattern is exact.
+            for name in self._client.scan_iter(match=head + b"*}:i", count=1000, _type="zset"):
+                close = name.find(b"}", len(head))
+                if not name.startswith(head) or close < 0 or name[close:] != b"}:i":
+                    continue
+                if name[close - 3 : close - 2] != b":":
+                    continue
+                try:
+                    found.add(unescape_namespace(name[len(head) : close - 3]))
+                except ValueError:  # not ours
+                    continue
+            return sorted(found)
+
+        return self._run("SCAN", False, scan)
+
+    # -- exclusive section across clients ----------------------------------------------
+    # Single-key read-modify-writes are one compare-and-set script (see _update). Writes
+    # that read several records and then write several (dot-name branch writes, time
+    # series, event logs) need every writer of this store excluded, in every process: a
+    # lease lock in Redis (SET NX PX with a random token; released by a compare-and-delete
+    # script, so an expired lease is never released by its old holder). Re-entrant per
+    # thread; threads of one process queue on the store's own lock first, so only one of
+    # them polls Redis. Limit (documented): a section longer than the lease (60 s) could
+    # overlap the next holder; every section here is one short read-modify-write.
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        # docstring inherited
+        local = self._xlocal
+        if getattr(local, "depth", 0):
+            local.depth += 1
+            try:
+                yield
+            finally:
+                local.depth -= 1
+            return
+        with self._lock:
+            token = os.urandom(16)
+            self._acquire_lock(token)
+            local.depth = 1
+            try:
+                yield
+            finally:
+                local.depth = 0
+                self._run(
+                    "UNLOCK", False, lambda: self._client.eval(_RELEASE, 1, self._lock_key, token)
+                )
+
+    @property
+    def _lock_key(self) -> bytes:
+        return self._prefix + b":lock"
+
+    def _acquire_lock(self, token: bytes) -> None:
+        key = self._lock_key
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        delay = 0.0005
+        while True:
+            # Retrying SET NX is safe: if an attempt whose reply was lost did take the
+            # lock, the token check below finds it ours.
+            taken = self._run(
+                "LOCK", False, lambda: self._client.set(key, token, nx=True, px=_LOCK_LEASE_MS)
+            )
+            if taken or self._run("GET", False, lambda: self._client.get(key)) == token:
+                return
+            if time.monotonic() > deadline:
+                raise LockTimeoutError(
+                    f"could not take the store lock of {self.url!r} in {_LOCK_TIMEOUT:.0f} s"
+                )
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
+    def _close(self) -> None:
+        # docstring inherited
+        if self._owns:
+            try:
+                self._client.close()
+            except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
+                self._log.debug("closing the Redis client failed: %s", exc)

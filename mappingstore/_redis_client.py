@@ -1,0 +1,307 @@
+"""Connecting to Redis for :class:`~mappingstore.RedisStore`: URL options, client
+construction, and the one place where redis-py exceptions become mappingstore errors.
+
+The classification rule that keeps writes exactly-once: a failure proves that a command
+was **not executed** only when the connection could not be made (``connecting to``), the
+server refused it before running it (``LOADING``, ``READONLY``, ``NOSCRIPT``,
+``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``OOM``). Any other connection or timeout
+error after a write was sent means its outcome is unknown: it is reported as
+:class:`~mappingstore.errors.UnknownOutcomeError` and never resent. Reads are idempotent
+and are retried with exponential backoff in both cases.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl as _ssl
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from ._url import ParsedURL, parse_bool, parse_url, redact
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    CapacityError,
+    InvalidOptionError,
+    InvalidURLError,
+    MappingStoreError,
+    UnknownOutcomeError,
+)
+
+__all__ = [
+    "Classified",
+    "ClientConfig",
+    "backoff_delay",
+    "classify",
+    "make_client",
+    "parse_redis_url",
+]
+
+SCHEMES = ("redis", "rediss", "redis+cluster")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise InvalidOptionError(f"expected an integer, got {text!r}") from exc
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise InvalidOptionError(f"expected a number, got {text!r}") from exc
+
+
+#: Redis options accepted in the URL query (and as keyword arguments).
+URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "db": _int,
+    "socket_timeout": _float,
+    "socket_connect_timeout": _float,
+    "health_check_interval": _float,
+    "max_connections": _int,
+    "retries": _int,
+    "client_name": str,
+    "ssl": parse_bool,
+    "ssl_cert_reqs": str,
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_check_hostname": parse_bool,
+    "prefix": str,  # the store's key prefix: a store option, not a client one
+}
+
+_CERT_REQS = {
+    "none": _ssl.CERT_NONE,
+    "optional": _ssl.CERT_OPTIONAL,
+    "required": _ssl.CERT_REQUIRED,
+}
+
+
+@dataclass
+class ClientConfig:
+    """Everything needed to build a redis-py client, without secrets in its ``repr``."""
+
+    cluster: bool
+    hosts: list[tuple[str, int]]
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def url(self) -> str:
+        """A URL for this server, never with the password."""
+        scheme = "redis+cluster" if self.cluster else ("rediss" if self.ssl else "redis")
+        user = urllib.parse.quote(self.username, safe="") + "@" if self.username else ""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
+        tail = "" if self.cluster else f"/{self.db}"
+        query = "?ssl=true" if self.cluster and self.ssl else ""
+        return f"{scheme}://{user}{hosts}{tail}{query}"
+
+
+def _split_hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    hosts: list[tuple[str, int]] = []
+    for part in netloc.split(","):
+        part = part.strip()
+        if not part:
+            raise InvalidURLError("empty host in a redis+cluster:// URL")
+        if part.startswith("["):
+            host, _, rest = part[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_text = part.partition(":")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError as exc:
+            raise InvalidURLError(f"bad port in Redis URL host {part!r}") from exc
+        if not host or not 0 < port < 65536:
+            raise InvalidURLError(f"bad Redis host {part!r}")
+        hosts.append((host, port))
+    return hosts
+
+
+def parse_redis_url(url: str) -> tuple[ClientConfig, dict[str, Any]]:
+    """Split a redis URL into a client config and the store's own options."""
+    parsed: ParsedURL = parse_url(url, SCHEMES, URL_OPTIONS)
+    options = dict(parsed.options)
+    cluster = parsed.scheme == "redis+cluster"
+    split = urllib.parse.urlsplit(url)
+    hostpart = split.netloc.rpartition("@")[2]
+    hosts = _split_hosts(hostpart, 6379) if hostpart else [("127.0.0.1", 6379)]
+    if len(hosts) > 1 and not cluster:
+        raise InvalidURLError("several hosts need a redis+cluster:// URL")
+    db = options.pop("db", None)
+    path = parsed.path.strip("/")
+    if path:
+        try:
+            path_db = int(path)
+        except ValueError as exc:
+            raise InvalidURLError(
+                f"the Redis URL path must be a database number, got {redact(url)!r}"
+            ) from exc
+        if db is not None and db != path_db:
+            raise InvalidURLError(
+                "the database is given twice (path and ?db=) with different values"
+            )
+        db = path_db
+    if cluster and db not in (None, 0):
+        raise InvalidURLError("Redis Cluster has only database 0")
+    ssl = options.pop("ssl", parsed.scheme == "rediss")
+    redis_opts = {k: options.pop(k) for k in list(options) if k in URL_OPTIONS and k != "prefix"}
+    config = ClientConfig(
+        cluster=cluster,
+        hosts=hosts,
+        db=db or 0,
+        username=parsed.username,
+        password=parsed.password,
+        ssl=bool(ssl),
+        options=redis_opts,
+    )
+    return config, options
+
+
+_NO_RETRY = Retry(NoBackoff(), 0)
+
+
+def make_client(config: ClientConfig) -> redis.Redis | RedisCluster:
+    """Build a client that never resends a command by itself (we decide what to retry)."""
+    opts = dict(config.options)
+    opts.pop("retries", None)
+    kwargs: dict[str, Any] = {
+        "socket_timeout": opts.pop("socket_timeout", 10.0),
+        "socket_connect_timeout": opts.pop("socket_connect_timeout", 5.0),
+        "socket_keepalive": True,
+        "health_check_interval": opts.pop("health_check_interval", 0),
+        "username": config.username,
+        "password": config.password,
+        "decode_responses": False,
+    }
+    if "client_name" in opts:
+        kwargs["client_name"] = opts.pop("client_name")
+    if "max_connections" in opts:
+        kwargs["max_connections"] = opts.pop("max_connections")
+    if config.ssl:
+        kwargs["ssl"] = True
+        reqs = str(opts.pop("ssl_cert_reqs", "required")).lower()
+        if reqs not in _CERT_REQS:
+            raise InvalidOptionError(
+                f"ssl_cert_reqs must be one of {sorted(_CERT_REQS)}, got {reqs!r}"
+            )
+        kwargs["ssl_cert_reqs"] = reqs
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"):
+            if name in opts:
+                kwargs[name] = opts.pop(name)
+    else:
+        tls_only = [name for name in opts if name.startswith("ssl_")]
+        if tls_only:
+            raise InvalidOptionError(
+                f"TLS options ({', '.join(sorted(tls_only))}) need a rediss:// URL (or ssl=true)"
+            )
+    if opts:
+        raise InvalidOptionError(f"unknown Redis options: {', '.join(sorted(opts))}")
+    if config.cluster:
+        nodes = [ClusterNode(host, port) for host, port in config.hosts]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, retry=_NO_RETRY, **kwargs)
+    host, port = config.hosts[0]
+    return redis.Redis(host=host, port=port, db=config.db, retry=_NO_RETRY, **kwargs)
+
+
+def backoff_delay(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
+    """Exponential backoff with jitter (attempt 0 -> about *base* seconds)."""
+    return float(min(cap, base * 2**attempt) * (0.5 + random.random() / 2))
+
+
+@dataclass(frozen=True)
+class Classified:
+    """How to react to a driver error."""
+
+    retry: bool  # safe to run again (for a write: proven not executed)
+    error: MappingStoreError  # what to raise when not retrying (chained to the cause)
+    reconnect: bool = False  # drop pooled connections before the next attempt
+
+
+_NOT_EXECUTED_REPLIES = (
+    rex.BusyLoadingError,
+    rex.ReadOnlyError,
+    rex.TryAgainError,
+    rex.ClusterDownError,
+    rex.MasterDownError,
+    rex.SlotNotCoveredError,
+)
+
+
+def _not_sent(exc: BaseException) -> bool:
+    # redis-py raises these before any byte of the command was written: the pool could
+    # not (re)connect, or a pooled socket was found dead and replaced first.
+    text = str(exc)
+    return (
+        "connecting to" in text
+        or "Timeout connecting" in text
+        or "Connection has data" in text
+        or "Connection not ready" in text
+        or "Too many connections" in text
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def classify(exc: BaseException, *, write: bool, what: str) -> Classified:
+    """Decide whether *exc* may be retried and which mappingstore error it becomes."""
+    text = redact(str(exc))
+    where = f"Redis {what} failed: {type(exc).__name__}: {text}"
+    if (
+        isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError))
+        or "NOAUTH" in text
+        or "WRONGPASS" in text
+    ):
+        return Classified(False, BackendError(f"Redis refused the credentials ({what}): {text}"))
+    if isinstance(exc, rex.OutOfMemoryError) or text.startswith("OOM"):
+        return Classified(
+            False,
+            CapacityError(
+                f"Redis is out of memory (maxmemory reached); nothing was written: {text}"
+            ),
+        )
+    if isinstance(exc, rex.ReadOnlyError) or text.startswith("READONLY"):
+        return Classified(
+            True,
+            BackendUnavailableError(
+                f"Redis {what} failed: the server is a read-only replica "
+                f"(after a failover?): {text}"
+            ),
+            reconnect=True,
+        )
+    if isinstance(exc, _NOT_EXECUTED_REPLIES):
+        return Classified(True, BackendUnavailableError(where))
+    chain = _chain(exc)
+    link_errors = [
+        e for e in chain if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError))
+    ]
+    if link_errors or isinstance(exc, rex.RedisClusterException):
+        if not write or all(_not_sent(e) for e in link_errors):
+            return Classified(True, BackendUnavailableError(where))
+        return Classified(
+            False,
+            UnknownOutcomeError(
+                f"Redis {what}: the connection failed after the write was sent, so it may or may "
+                f"not have been applied; it was not retried ({type(exc).__name__}: {text})"
+            ),
+        )
+    return Classified(False, BackendError(where))

@@ -1,0 +1,340 @@
+"""The Lua scripts of :class:`~mappingstore.RedisStore` (no I/O here).
+
+Layout (see ``docs/backends/redis.md``): a namespace is split into 16 *buckets*; bucket
+``b`` of namespace ``ns`` owns three kinds of keys that share one hash tag, so they always
+live in one cluster slot and one script may touch them together::
+
+    ms:{<esc(ns)>:<bb>}:k:<key>   the record (a Redis string, native PXAT expiry)
+    ms:{<esc(ns)>:<bb>}:i         index: sorted set of the bucket's keys, all scores 0
+                                  (lexicographic order, so prefix ranges are O(log n))
+    ms:{<esc(ns)>:<bb>}:x         expiries: sorted set key -> PXAT milliseconds, holding
+                                  only keys that have an expiry (a subset of the index)
+
+Every script receives bucket index keys as (I, X) pairs. Scripts compute "now" with the
+server's ``TIME`` so that counts agree with the server's own expiry of the records; an
+index entry whose expiry score is below now is dead (Redis expires a key when
+``now > at``). Scripts never use ``KEYS``/``SCAN``. Record keys are derived inside a script
+from the bucket's index key (same hash tag, hence same slot, which Redis Cluster allows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+__all__ = ["APPLY", "CAS", "CLEAR", "COUNT", "DELETE", "GETREC", "ITER", "PURGE", "PUT", "Script"]
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and its SHA1 (EVALSHA first, EVAL when the server lacks it)."""
+
+    name: str
+    source: bytes
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source).hexdigest())
+
+
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Drop dead index entries, bounded, and only once enough have piled up: keeps a
+-- TTL-heavy namespace's index small without making every write pay for it.
+local function prune(I, X, now)
+  if redis.call('ZCOUNT', X, '-inf', '(' .. now) < 64 then return end
+  local dead = redis.call('ZRANGEBYSCORE', X, '-inf', '(' .. now, 'LIMIT', 0, 256)
+  redis.call('ZREM', X, unpack(dead))
+  redis.call('ZREM', I, unpack(dead))
+end
+-- Call cmd(key, list[i..j]) in slices (Lua's unpack is limited to a few thousand values).
+local function sliced(cmd, key, list)
+  local n = #list
+  local i = 1
+  while i <= n do
+    local j = math.min(i + 999, n)
+    if key then
+      redis.call(cmd, key, unpack(list, i, j))
+    else
+      redis.call(cmd, unpack(list, i, j))
+    end
+    i = j + 1
+  end
+end
+"""
+
+
+def _script(name: str, body: str) -> Script:
+    return Script(name, (_PRELUDE + body).encode("ascii"))
+
+
+#: KEYS: I, X, D. ARGV: member, data, px ('' = no expiry, else milliseconds > 0).
+PUT = _script(
+    "put",
+    """
+local I, X, D = KEYS[1], KEYS[2], KEYS[3]
+local m, px = ARGV[1], ARGV[3]
+if px == '' then
+  redis.call('SET', D, ARGV[2])
+  redis.call('ZADD', I, 0, m)
+  if redis.call('EXISTS', X) == 1 then
+    redis.call('ZREM', X, m)
+    prune(I, X, now_ms())
+  end
+else
+  local now = now_ms()
+  local at = now + tonumber(px)
+  redis.call('SET', D, ARGV[2], 'PXAT', string.format('%d', at))
+  redis.call('ZADD', X, at, m)
+  redis.call('ZADD', I, 0, m)
+  prune(I, X, now)
+end
+return 1
+""",
+)
+
+#: KEYS: I, X, D. ARGV: member. Returns 1 if a live record was deleted.
+DELETE = _script(
+    "delete",
+    """
+local live = redis.call('EXISTS', KEYS[3])
+if live == 1 then redis.call('DEL', KEYS[3]) end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return live
+""",
+)
+
+#: KEYS: D. Returns nil or {data, pttl, pexpiretime}.
+GETREC = _script(
+    "getrec",
+    """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1]), redis.call('PEXPIRETIME', KEYS[1])}
+""",
+)
+
+#: Compare-and-set of one record. KEYS: I, X, D. ARGV: member, expect ('0' missing,
+#: '1' present), expected data, expected pexpiretime (-1: none), new px ('D' delete,
+#: 'K' keep the expiry, '' none, else ms > 0), new data. Returns {2} when written; on a
+#: conflict the current record, so the caller retries without another read: {0} when
+#: missing, {1, data, pttl, pexpiretime} when present.
+CAS = _script(
+    "cas",
+    """
+local I, X, D = KEYS[1], KEYS[2], KEYS[3]
+local m = ARGV[1]
+local cur = redis.call('GET', D)
+local at = -1
+if cur then at = redis.call('PEXPIRETIME', D) end
+if ARGV[2] == '0' then
+  if cur then return {1, cur, redis.call('PTTL', D), at} end
+elseif (not cur) or cur ~= ARGV[3] or at ~= tonumber(ARGV[4]) then
+  if not cur then return {0} end
+  return {1, cur, redis.call('PTTL', D), at}
+end
+local px = ARGV[5]
+if px == 'D' then
+  redis.call('DEL', D)
+  redis.call('ZREM', I, m)
+  redis.call('ZREM', X, m)
+elseif px == 'K' then
+  redis.call('SET', D, ARGV[6], 'KEEPTTL')
+  redis.call('ZADD', I, 0, m)
+elseif px == '' then
+  redis.call('SET', D, ARGV[6])
+  redis.call('ZADD', I, 0, m)
+  redis.call('ZREM', X, m)
+else
+  local at = now_ms() + tonumber(px)
+  redis.call('SET', D, ARGV[6], 'PXAT', string.format('%d', at))
+  redis.call('ZADD', X, at, m)
+  redis.call('ZADD', I, 0, m)
+end
+return {2}
+""",
+)
+
+#: Atomic multi-key write. KEYS: nb (I, X) pairs. ARGV: for each pair in order: the
+#: number of plain puts p and of other ops q, then p (member, data) pairs (no expiry),
+#: then q (member, data, px) triples (px 'D' deletes, else ms > 0). Record keys are
+#: derived from the index key (same hash tag), which keeps the request small.
+APPLY = _script(
+    "apply",
+    """
+local now = now_ms()
+local a = 1
+for b = 1, #KEYS / 2 do
+  local I, X = KEYS[2 * b - 1], KEYS[2 * b]
+  local base = string.sub(I, 1, -2) .. 'k:'
+  local np, nq = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local hasx = redis.call('EXISTS', X) == 1
+  if np > 0 then
+    local mset, zadd, ms = {}, {}, {}
+    for i = 0, np - 1 do
+      local m = ARGV[a + 2 * i]
+      mset[#mset + 1] = base .. m
+      mset[#mset + 1] = ARGV[a + 2 * i + 1]
+      zadd[#zadd + 1] = 0
+      zadd[#zadd + 1] = m
+      ms[#ms + 1] = m
+    end
+    a = a + 2 * np
+    sliced('MSET', false, mset)
+    sliced('ZADD', I, zadd)
+    if hasx then sliced('ZREM', X, ms) end
+  end
+  if nq > 0 then
+    local gone, dkeys = {}, {}
+    for i = 0, nq - 1 do
+      local m, v, px = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
+      if px == 'D' then
+        gone[#gone + 1] = m
+        dkeys[#dkeys + 1] = base .. m
+      else
+        local at = now + tonumber(px)
+        redis.call('SET', base .. m, v, 'PXAT', string.format('%d', at))
+        redis.call('ZADD', X, at, m)
+        redis.call('ZADD', I, 0, m)
+        hasx = true
+      end
+    end
+    a = a + 3 * nq
+    if #gone > 0 then
+      sliced('DEL', false, dkeys)
+      sliced('ZREM', I, gone)
+      if hasx then sliced('ZREM', X, gone) end
+    end
+  end
+  if hasx then prune(I, X, now) end
+end
+return 1
+""",
+)
+
+#: Live record count. KEYS: (I, X) pairs.
+COUNT = _script(
+    "count",
+    """
+local n = 0
+local xs = {}
+for i = 1, #KEYS, 2 do
+  n = n + redis.call('ZCARD', KEYS[i])
+  xs[#xs + 1] = KEYS[i + 1]
+end
+-- Most namespaces hold no expiring key: one EXISTS then spares a ZCOUNT per bucket.
+if redis.call('EXISTS', unpack(xs)) > 0 then
+  local now = now_ms()
+  for i = 1, #xs do
+    n = n - redis.call('ZCOUNT', xs[i], '-inf', '(' .. now)
+  end
+end
+return n
+""",
+)
+
+#: One chunk of a lexicographic walk over the buckets. KEYS: (I, X) pairs. ARGV: pair
+#: index to start at, member to start after ('' = range start), range start, range end,
+#: limit, '1' to return values. Returns {next pair index (0 = done), last member, items}
+#: where items are members (and values) of live records.
+ITER = _script(
+    "iter",
+    """
+local b = tonumber(ARGV[1])
+local after, lo, hi = ARGV[2], ARGV[3], ARGV[4]
+local limit = tonumber(ARGV[5])
+local wantv = ARGV[6] == '1'
+local nb = #KEYS / 2
+local now = now_ms()
+local out = {0, ''}
+local scanned = 0
+while b <= nb do
+  local I, X = KEYS[2 * b - 1], KEYS[2 * b]
+  local start = lo
+  if after ~= '' then start = '(' .. after end
+  local want = limit - scanned
+  local ms = redis.call('ZRANGEBYLEX', I, start, hi, 'LIMIT', 0, want)
+  local nm = #ms
+  if nm > 0 then
+    local base = string.sub(I, 1, -2) .. 'k:'
+    if wantv then
+      local ks = {}
+      for j = 1, nm do ks[j] = base .. ms[j] end
+      local vs = redis.call('MGET', unpack(ks))
+      for j = 1, nm do
+        if vs[j] then
+          out[#out + 1] = ms[j]
+          out[#out + 1] = vs[j]
+        end
+      end
+    elseif redis.call('EXISTS', X) == 1 then
+      local sc = redis.call('ZMSCORE', X, unpack(ms))
+      for j = 1, nm do
+        if (not sc[j]) or tonumber(sc[j]) >= now then out[#out + 1] = ms[j] end
+      end
+    else
+      for j = 1, nm do out[#out + 1] = ms[j] end
+    end
+    scanned = scanned + nm
+  end
+  if nm < want then
+    b = b + 1
+    after = ''
+  else
+    out[1] = b
+    out[2] = ms[nm]
+    return out
+  end
+end
+return out
+""",
+)
+
+#: Delete up to ARGV[1] records of the buckets. KEYS: (I, X) pairs. Returns how many.
+CLEAR = _script(
+    "clear",
+    """
+local limit = tonumber(ARGV[1])
+local removed = 0
+for i = 1, #KEYS, 2 do
+  local I, X = KEYS[i], KEYS[i + 1]
+  local base = string.sub(I, 1, -2) .. 'k:'
+  while removed < limit do
+    local ms = redis.call('ZRANGEBYLEX', I, '-', '+', 'LIMIT', 0, math.min(1000, limit - removed))
+    if #ms == 0 then break end
+    local ks = {}
+    for j = 1, #ms do ks[j] = base .. ms[j] end
+    redis.call('DEL', unpack(ks))
+    redis.call('ZREM', I, unpack(ms))
+    redis.call('ZREM', X, unpack(ms))
+    removed = removed + #ms
+  end
+end
+return removed
+""",
+)
+
+#: Remove the index entries of expired records. KEYS: (I, X) pairs. Returns how many.
+PURGE = _script(
+    "purge",
+    """
+local now = now_ms()
+local n = 0
+for i = 1, #KEYS, 2 do
+  local I, X = KEYS[i], KEYS[i + 1]
+  while true do
+    local dead = redis.call('ZRANGEBYSCORE', X, '-inf', '(' .. now, 'LIMIT', 0, 1000)
+    if #dead == 0 then break end
+    redis.call('ZREM', X, unpack(dead))
+    redis.call('ZREM', I, unpack(dead))
+    n = n + #dead
+  end
+end
+return n
+""",
+)
