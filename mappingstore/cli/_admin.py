@@ -1,0 +1,205 @@
+"""Store-wide commands: ``info``, ``namespaces``, ``check``, ``purge``, ``passwd``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .._url import redact
+from ..errors import CorruptValueError, IntegrityError, PasswordRequiredError
+from . import _app, _raw
+from ._app import (
+    Settings,
+    UsageFailure,
+    echo_json,
+    open_store,
+    read_secret,
+    show_key,
+    store_options,
+)
+from ._progress import Job
+
+__all__ = ["COMMANDS"]
+
+NEW_PASSWORD_ENV = "MAPPINGSTORE_NEW_PASSWORD"
+
+_all_namespaces = click.option(
+    "--all-namespaces",
+    "-A",
+    is_flag=True,
+    help="Every namespace of the store, not only --namespace.",
+)
+
+
+@click.command("info")
+@store_options
+def info_cmd(settings: Settings) -> None:
+    """Describe the store: backend, durability, item counts, encryption parameters.
+
+    Never shows a secret, and needs no password (it decrypts nothing).
+    """
+    with open_store(settings, readonly=True, values=False) as store:
+        info = store.info()
+        namespaces = {ns: _raw.count(store, ns) for ns in store.namespaces()}
+        items = _raw.count(store, store.namespace)
+    # Options of this particular open say nothing about the store itself.
+    for name in ("readonly", "encrypt_by_default", "dot_names"):
+        info.pop(name, None)
+    info["url"] = redact(str(info.get("url", "")))
+    info["encrypted"] = info.get("encryption") is not None
+    info["items"] = items
+    info["namespaces"] = namespaces
+    if settings.json:
+        echo_json(info, settings)
+        return
+    crypto = info.pop("encryption")
+    rows: list[tuple[str, str]] = [
+        (k, _text(v)) for k, v in info.items() if k not in ("namespaces", "encrypted")
+    ]
+    rows.append(
+        (
+            "namespaces",
+            ", ".join(f"{show_key(ns)} ({n})" for ns, n in namespaces.items()) or "(none)",
+        )
+    )
+    rows.append(("encryption", _crypto_text(crypto)))
+    width = max(len(k) for k, _ in rows) + 1
+    for key, text in rows:
+        click.echo(f"{key + ':':<{width}} {text}")
+
+
+def _crypto_text(crypto: dict[str, Any] | None) -> str:
+    if crypto is None:
+        return "none"
+    text = f"{crypto['cipher']}, key from {crypto['kdf']}"
+    if crypto["kdf"] == "argon2id":
+        text += (
+            f" (security {crypto['security']}: opslimit {crypto['opslimit']}, "
+            f"memlimit {crypto['memlimit']:,} bytes)"
+        )
+    return text
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+@click.command("namespaces")
+@store_options
+def namespaces_cmd(settings: Settings) -> None:
+    """List the namespaces that hold data."""
+    with open_store(settings, readonly=True, values=False) as store:
+        names = store.namespaces()
+    if settings.json:
+        echo_json(names, settings)
+    else:
+        for name in names:
+            click.echo(show_key(name))
+
+
+@click.command("check")
+@_all_namespaces
+@store_options
+def check_cmd(settings: Settings, all_namespaces: bool) -> None:
+    """Verify that every record decodes and authenticates.
+
+    Plain records are checked against their CRC, encrypted ones against their AEAD tag
+    (so an encrypted store needs its password). Each bad key is listed on stdout and
+    the exit status is 1; nothing is repaired or deleted.
+    """
+    bad: list[dict[str, str]] = []
+    with open_store(settings, readonly=True, dot_names=False) as store:
+        spaces = store.namespaces() if all_namespaces else [store.namespace]
+        total = sum(_raw.count(store, ns) for ns in spaces)
+        with Job(settings, "check", total=total) as job:
+            for ns in spaces:
+                for key in _raw.keys(store, ns):
+                    rec = _raw.record(store, ns, key)
+                    if rec is None:  # deleted or expired since it was listed
+                        continue
+                    try:
+                        _raw.decode(store, ns, key, rec[0])
+                    except (CorruptValueError, IntegrityError, PasswordRequiredError) as exc:
+                        bad.append({"namespace": ns, "key": key, "error": str(exc)})
+                    job.add(1, len(rec[0]))
+            stats = job.summary("checked", f"{len(bad)} bad")
+    if settings.json:
+        echo_json({**stats, "ok": not bad, "bad": bad}, settings)
+    else:
+        for item in bad:
+            where = f"[{show_key(item['namespace'])}] " if all_namespaces else ""
+            click.echo(f"BAD {where}{show_key(item['key'])}: {item['error']}")
+    if bad:
+        raise click.exceptions.Exit(1)
+
+
+@click.command("purge")
+@_all_namespaces
+@store_options
+def purge_cmd(settings: Settings, all_namespaces: bool) -> None:
+    """Physically remove expired items (they are already invisible) to reclaim space."""
+    with open_store(settings, readonly=False, values=False) as store:
+        spaces = store.namespaces() if all_namespaces else [store.namespace]
+        with Job(settings, "purge", total=len(spaces), unit="namespace") as job:
+            for ns in spaces:
+                job.add(_raw.purge(store, ns), progress=1)
+            stats = job.summary("purged", what="expired item", show_bytes=False)
+    if settings.json:
+        echo_json(stats, settings)
+
+
+def _new_password(settings: Settings, path: str | None) -> str:
+    secret = read_secret(settings, path, NEW_PASSWORD_ENV)
+    if secret is not None:
+        return secret
+    if not _app._interactive():
+        raise UsageFailure(f"give the new password with --new-password-file or ${NEW_PASSWORD_ENV}")
+    secret = click.prompt(
+        "New password", hide_input=True, confirmation_prompt="Repeat the new password", err=True
+    )
+    settings.secrets.append(secret)
+    return secret
+
+
+@click.command("passwd")
+@click.option(
+    "--new-password-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    default=None,
+    help=f"Read the new password from this file (else ${NEW_PASSWORD_ENV}, else prompt twice).",
+)
+@store_options
+def passwd_cmd(settings: Settings, new_password_file: str | None) -> None:
+    """Change the store's password (O(1): one key is re-wrapped, no value is rewritten).
+
+    The current password comes from --password-file, $MAPPINGSTORE_PASSWORD or a
+    prompt. --security sets the argon2id cost of the new password. On a store without
+    encryption this sets a first password: new values are encrypted from then on, and
+    existing values stay readable as they are (copy them to re-encrypt everything).
+    The password protects every namespace of the store.
+    """
+    with open_store(settings, readonly=True, values=False) as probe:
+        crypto = probe.info().get("encryption")
+    if crypto is None:
+        new = _new_password(settings, new_password_file)
+        # Opening a writable store with a password is what creates its key slot.
+        with open_store(settings, readonly=False, dot_names=False, password=new) as store:
+            where = redact(store.url)
+        if not settings.quiet:
+            click.echo(f"encryption enabled for {where}: new values will be encrypted", err=True)
+        return
+    with open_store(settings, readonly=False, dot_names=False) as store:
+        new = _new_password(settings, new_password_file)
+        # Keep the current argon2id cost unless --security asks for another one.
+        store.change_password(new, security=settings.security or crypto.get("security"))
+    if not settings.quiet:
+        click.echo("password changed", err=True)
+
+
+COMMANDS = [info_cmd, namespaces_cmd, check_cmd, purge_cmd, passwd_cmd]

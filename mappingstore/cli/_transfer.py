@@ -1,0 +1,513 @@
+"""Moving data: ``export``, ``import`` and ``copy``.
+
+All three work on raw key names (``--dot-names`` does not apply), carry each item's
+expiry, and keep every value type exact through typed JSON or a decode/re-encode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import IO, Any
+
+import click
+
+from .._codec import is_encrypted
+from .._jsonio import from_typed, load, to_plain, to_typed
+from .._keys import check_key, check_namespace
+from .._store import Record, Store
+from .._url import redact
+from ..errors import (
+    CorruptValueError,
+    IntegrityError,
+    MappingStoreError,
+    PasswordRequiredError,
+    StoreNotFoundError,
+)
+from . import _raw
+from ._app import (
+    CLIError,
+    Settings,
+    UsageFailure,
+    binary_stdout,
+    dumps,
+    echo_json,
+    iter_chunks,
+    open_store,
+    show_key,
+    store_options,
+    store_options_no_url,
+)
+from ._progress import Job
+
+__all__ = ["COMMANDS", "same_value"]
+
+DST_PASSWORD_ENV = "MAPPINGSTORE_DST_PASSWORD"
+_EXPORT_BATCH = 1000  # records read per round (see _raw.RecordReader)
+_BATCH = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    metavar="N",
+    default=1000,
+    show_default=True,
+    help="Items written per transaction.",
+)
+_all_namespaces = click.option(
+    "--all-namespaces",
+    "-A",
+    is_flag=True,
+    help="Every namespace of the store, not only --namespace.",
+)
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[IO[bytes]]:
+    """stdout for '-'; else a temporary file renamed over *path* only when complete."""
+    if path == "-":
+        yield binary_stdout()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".mappingstore-export-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            yield fp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _line(obj: Any) -> bytes:
+    return dumps(obj).encode("utf-8") + b"\n"
+
+
+@click.command("export")
+@click.argument(
+    "output", default="-", type=click.Path(dir_okay=False, allow_dash=True), metavar="[FILE]"
+)
+@click.option("--prefix", default="", metavar="PREFIX", help="Only keys starting with PREFIX.")
+@click.option(
+    "--plain",
+    is_flag=True,
+    help="Plain JSON any tool reads (lossy: bytes, tuples, datetimes... do not come back exactly).",
+)
+@_all_namespaces
+@store_options
+def export_cmd(
+    settings: Settings, output: str, prefix: str, plain: bool, all_namespaces: bool
+) -> None:
+    """Write the items to FILE (default '-': stdout) as JSON Lines, sorted by key.
+
+    Each line is {"key": ..., "value": <typed JSON>}, plus "expires" (epoch seconds)
+    for an item with a TTL and "namespace" with --all-namespaces. With --json the
+    output is one object {key: value}, the format of Store.export_json(). Typed JSON
+    restores every value exactly with 'import'. A file is created readable by its owner
+    only (it holds decrypted values), under a temporary name renamed when complete.
+    """
+    if settings.json and all_namespaces:
+        raise UsageFailure("--json writes one namespace; use JSON Lines for --all-namespaces")
+    convert = to_plain if plain else to_typed
+    with open_store(settings, readonly=True, dot_names=False) as store:
+        spaces = store.namespaces() if all_namespaces else [store.namespace]
+        plan = [(ns, sorted(_raw.keys(store, ns, prefix))) for ns in spaces]
+        with (
+            Job(settings, "export", total=sum(len(names) for _, names in plan)) as job,
+            _raw.RecordReader(store) as reader,
+            _output(output) as out,
+        ):
+            first = True
+            if settings.json:
+                out.write(b"{")
+            for ns, names in plan:
+                for batch in iter_chunks(iter(names), _EXPORT_BATCH):
+                    for name, rec in zip(batch, reader.read(ns, batch), strict=True):
+                        if rec is None:  # deleted or expired since it was listed
+                            job.add(0, progress=1)
+                            continue
+                        value = convert(_raw.decode(store, ns, name, rec[0]))
+                        if settings.json:
+                            text = f"{dumps(name)}: {dumps(value)}".encode()
+                            chunk = text if first else b", " + text
+                            first = False
+                        else:
+                            obj: dict[str, Any] = {"key": name, "value": value}
+                            if rec[1] is not None:
+                                obj["expires"] = rec[1]
+                            if all_namespaces:
+                                obj["namespace"] = ns
+                            chunk = _line(obj)
+                        out.write(chunk)
+                        job.add(1, len(chunk))
+            if settings.json:
+                out.write(b"}\n")
+            out.flush()
+    job.summary("exported")
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _parse_line(line: bytes, default_ns: str) -> tuple[str, str, Any, float | None]:
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _BadInput(f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _BadInput('expected an object {"key": ..., "value": ...}')
+    unknown = set(obj) - {"key", "value", "expires", "namespace"}
+    if unknown or "key" not in obj or "value" not in obj:
+        raise _BadInput(
+            'expected an object with "key" and "value" (and optionally "expires", "namespace"); '
+            f"got fields {sorted(obj)}"
+        )
+    try:
+        key = check_key(obj["key"])
+        ns = check_namespace(obj["namespace"]) if "namespace" in obj else default_ns
+        value = from_typed(obj["value"])
+    except (MappingStoreError, ValueError, TypeError, KeyError, IndexError, ArithmeticError) as exc:
+        raise _BadInput(str(exc)) from None
+    expires = obj.get("expires")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
+        raise _BadInput('"expires" must be a number (epoch seconds) or null')
+    return ns, key, value, None if expires is None else float(expires)
+
+
+def _input_size(fp: IO[bytes]) -> int | None:
+    try:
+        st = os.fstat(fp.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+_Row = tuple[int, "bytes | None", tuple[str, str, Any, "float | None"]]
+
+
+@click.command("import")
+@click.argument("source", default="-", type=click.File("rb"), metavar="[FILE]")
+@_BATCH
+@store_options
+def import_cmd(settings: Settings, source: IO[bytes], batch_size: int) -> None:
+    """Read items from FILE (default '-': stdin) written by 'export' and store them.
+
+    JSON Lines by default; with --json one object {key: value}. Existing keys are
+    overwritten. Items whose "expires" has passed are skipped; items without one get
+    the store's default TTL, if any. Writes commit in batches: if a line is bad, the
+    batches before it stay imported and the error names the line.
+    """
+    with open_store(settings, readonly=False, dot_names=False) as store:
+        default_ns = store.namespace
+        rows: Iterator[_Row]
+        total: int | None
+        if settings.json:
+            items = load(source)
+            rows = ((0, None, (default_ns, check_key(k), v, None)) for k, v in items.items())
+            total, unit = len(items), "item"
+        else:
+            rows = _lines(source, default_ns)
+            total, unit = _input_size(source), "B"
+        with Job(settings, "import", total=total, unit=unit) as job:
+            try:
+                expired = _import_rows(store, job, rows, batch_size, by_bytes=unit == "B")
+            except CorruptValueError as exc:
+                raise CorruptValueError(f"{exc} ({job.items:,} items imported before it)") from None
+            job.summary("imported", f"{expired:,} expired skipped" if expired else "")
+
+
+def _import_rows(
+    store: Store, job: Job, rows: Iterator[_Row], batch_size: int, *, by_bytes: bool
+) -> int:
+    expired = 0
+    for chunk in iter_chunks(rows, batch_size):
+        now = _raw.now(store)
+        ops = []
+        for _, raw_line, (ns, key, value, expires) in chunk:
+            step = (len(raw_line) if raw_line is not None else 0) if by_bytes else 1
+            if expires is not None and expires <= now:
+                expired += 1
+                job.add(0, progress=step)
+                continue
+            data = _raw.encode(store, ns, key, value)
+            ops.append(
+                (ns, key, data, expires if expires is not None else _raw.default_expires(store))
+            )
+            job.add(1, len(data), progress=step)
+        _raw.write(store, ops)
+    return expired
+
+
+def _lines(fp: IO[bytes], default_ns: str) -> Iterator[_Row]:
+    for number, line in enumerate(fp, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, line, _parse_line(line, default_ns)
+        except _BadInput as exc:
+            raise CorruptValueError(f"line {number}: {exc}") from None
+
+
+# -- copy -----------------------------------------------------------------------------------
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """True when two decoded values are the same value *and* the same types.
+
+    Stricter than ``==`` (``1 == 1.0 == True``, ``{1} == frozenset({1})``, and
+    ``Decimal("1.0") == Decimal("1.00")`` are all equal there), and NaN equals NaN, so
+    a resumed copy recognises exactly the items it already wrote.
+    """
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a):
+            return math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, complex):
+        return same_value(a.real, b.real) and same_value(a.imag, b.imag)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return (
+            len(a) == len(b)
+            and {(type(k), k) for k in a} == {(type(k), k) for k in b}
+            and all(same_value(v, b[k]) for k, v in a.items())
+        )
+    if isinstance(a, (set, frozenset)):
+        return {(type(x), x) for x in a} == {(type(x), x) for x in b}
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    if isinstance(a, (_dt.datetime, _dt.time)):
+        # Same instant in another zone compares equal; the stored value is not the same.
+        return a == b and repr(a) == repr(b)
+    return bool(a == b)
+
+
+def _open_destination(
+    settings: Settings, url: str, namespace: str | None, password_file: str | None, dry_run: bool
+) -> Store | None:
+    kwargs: dict[str, Any] = {
+        "url": url,
+        "namespace": namespace,
+        "dot_names": False,
+        "password_file": password_file,
+        "password_env": DST_PASSWORD_ENV,
+        "file_option": "--dst-password-file",
+        "label": "the destination ",
+    }
+    if not dry_run:
+        return open_store(settings, readonly=False, **kwargs)
+    try:
+        return open_store(settings, readonly=True, **kwargs)
+    except StoreNotFoundError:
+        return None  # a dry run creates nothing; a missing destination is empty
+
+
+@click.command("copy")
+@click.argument("src_url", metavar="SRC_URL")
+@click.argument("dst_url", metavar="DST_URL")
+@click.option(
+    "--src-namespace",
+    metavar="NAME",
+    default=None,
+    help="Namespace to read (default: --namespace, else default).",
+)
+@click.option(
+    "--dst-namespace",
+    metavar="NAME",
+    default=None,
+    help="Namespace to write (default: --namespace, else default).",
+)
+@_all_namespaces
+@click.option("--prefix", default="", metavar="PREFIX", help="Only keys starting with PREFIX.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace destination items that hold a different value."
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be copied; write nothing.")
+@click.option(
+    "--dst-password-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    default=None,
+    help=f"Destination password (else ${DST_PASSWORD_ENV}, else a prompt if it is encrypted).",
+)
+@click.option(
+    "--allow-plaintext",
+    is_flag=True,
+    help="Let items encrypted in the source be stored unencrypted (destination without password).",
+)
+@_BATCH
+@store_options_no_url
+def copy_cmd(
+    settings: Settings,
+    src_url: str,
+    dst_url: str,
+    src_namespace: str | None,
+    dst_namespace: str | None,
+    all_namespaces: bool,
+    prefix: str,
+    overwrite: bool,
+    dry_run: bool,
+    dst_password_file: str | None,
+    allow_plaintext: bool,
+    batch_size: int,
+) -> None:
+    """Copy every item from SRC_URL to DST_URL (any two backends), with its expiry.
+
+    \b
+      mappingstore copy sqlite:///old.db redis://localhost/0
+      MAPPINGSTORE_DST_PASSWORD=... mappingstore copy sqlite:///plain.db sqlite:///secret.db
+      mappingstore copy --src-namespace a --dst-namespace b sqlite:///x.db sqlite:///x.db
+
+    The source's password comes from --password-file or $MAPPINGSTORE_PASSWORD, the
+    destination's from --dst-password-file or $MAPPINGSTORE_DST_PASSWORD: copying
+    from a plain store to an encrypted one, or between two passwords, re-encrypts every
+    value. --security sets the cost of a new destination password.
+
+    Resumable: an item already present in the destination with an equal value is
+    skipped. An item present with a different value is never overwritten without
+    --overwrite: it is reported, the rest is copied, and the exit status is 1. Writes
+    commit in batches of --batch-size.
+    """
+    if all_namespaces and (src_namespace or dst_namespace):
+        raise UsageFailure(
+            "--all-namespaces copies each namespace to itself; drop --src/--dst-namespace"
+        )
+    src = open_store(
+        settings,
+        url=src_url,
+        namespace=src_namespace,
+        readonly=True,
+        dot_names=False,
+        label="the source ",
+    )
+    with src:
+        dst = _open_destination(settings, dst_url, dst_namespace, dst_password_file, dry_run)
+        with dst if dst is not None else contextlib.nullcontext():
+            spaces = src.namespaces() if all_namespaces else [src.namespace]
+            if dst is not None:
+                target = dst.namespace
+            else:
+                target = dst_namespace or settings.namespace or "default"
+            pairs = [(ns, ns if all_namespaces else target) for ns in spaces]
+            if dst is not None and dst.url == src.url and src.url != "memory://":
+                clash = [s for s, d in pairs if s == d]
+                if clash:
+                    raise UsageFailure(
+                        "source and destination are the same store and namespace "
+                        f"({show_key(clash[0])})"
+                    )
+            options = {
+                "overwrite": overwrite,
+                "dry_run": dry_run,
+                "allow_plaintext": allow_plaintext,
+                "batch_size": batch_size,
+            }
+            result = _copy(settings, src, dst, pairs, prefix, options)
+    conflicts: list[str] = result.pop("conflicts")
+    if settings.json:
+        echo_json({**result, "conflicts": conflicts}, settings)
+    if conflicts:
+        shown = ", ".join(repr(k) for k in conflicts[:10]) + (
+            ", ..." if len(conflicts) > 10 else ""
+        )
+        raise CLIError(
+            f"{len(conflicts)} item(s) already hold a different value in {redact(dst_url)} "
+            f"and were not overwritten ({shown}); rerun with --overwrite to replace them"
+        )
+
+
+class _Copier:
+    """Decides, item by item, what ``copy`` writes; counts what it skips."""
+
+    def __init__(
+        self, src: Store, dst: Store | None, *, overwrite: bool, allow_plaintext: bool
+    ) -> None:
+        self.src, self.dst = src, dst
+        self.overwrite, self.allow_plaintext = overwrite, allow_plaintext
+        self.present = 0
+        self.conflicts: list[str] = []
+
+    def op(
+        self, sns: str, dns: str, name: str, rec: Record, old: bytes | None
+    ) -> tuple[str, str, bytes, float | None] | None:
+        """The write that copies *rec* to ``(dns, name)``, or ``None`` to skip it."""
+        src, dst = self.src, self.dst
+        data, expires = rec
+        value = _raw.decode(src, sns, name, data)
+        if old is not None and dst is not None:
+            try:
+                equal = same_value(value, _raw.decode(dst, dns, name, old))
+            except (CorruptValueError, IntegrityError):
+                equal = False  # a damaged destination item is a different value
+            if equal:
+                self.present += 1
+                return None
+            if not self.overwrite:
+                self.conflicts.append(name)
+                return None
+        if dst is None:  # a dry run whose destination does not exist: all would be copied
+            return (dns, name, data, expires)
+        encrypt = None
+        if is_encrypted(data) and not dst.encrypted and not self.allow_plaintext:
+            encrypt = True  # never decrypt an encrypted item into plaintext silently
+        try:
+            return (dns, name, _raw.encode(dst, dns, name, value, encrypt), expires)
+        except PasswordRequiredError:
+            raise PasswordRequiredError(
+                f"{name!r} is encrypted in the source but the destination has no "
+                f"password: set ${DST_PASSWORD_ENV} or --dst-password-file, "
+                "or pass --allow-plaintext"
+            ) from None
+
+
+def _copy(
+    settings: Settings,
+    src: Store,
+    dst: Store | None,
+    pairs: list[tuple[str, str]],
+    prefix: str,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    dry_run = bool(options["dry_run"])
+    copier = _Copier(
+        src, dst, overwrite=options["overwrite"], allow_plaintext=options["allow_plaintext"]
+    )
+    plan = [(s, d, list(_raw.keys(src, s, prefix))) for s, d in pairs]
+    total = sum(len(names) for _, _, names in plan)
+    with Job(settings, "copy", total=total) as job, _raw.RecordReader(src) as reader:
+        for sns, dns, names in plan:
+            for chunk in iter_chunks(iter(names), options["batch_size"]):
+                existing = _raw.datas(dst, dns, chunk) if dst is not None else [None] * len(chunk)
+                records = reader.read(sns, chunk)
+                now = _raw.now(src)
+                ops = []
+                for name, rec, old in zip(chunk, records, existing, strict=True):
+                    if rec is None or (rec[1] is not None and rec[1] <= now):
+                        continue  # deleted or expired since it was listed
+                    op = copier.op(sns, dns, name, rec, old)
+                    if op is not None:
+                        ops.append(op)
+                if not dry_run and dst is not None:
+                    _raw.write(dst, ops)
+                job.add(len(ops), sum(len(op[2]) for op in ops), progress=len(chunk))
+    details = f"{copier.present:,} already present, {len(copier.conflicts):,} conflicting"
+    stats = job.summary("would copy" if dry_run else "copied", details)
+    return {**stats, "present": copier.present, "conflicts": copier.conflicts, "dry_run": dry_run}
+
+
+COMMANDS = [export_cmd, import_cmd, copy_cmd]
