@@ -77,7 +77,7 @@ def test_two_processes_lose_no_point_and_no_event(backend: str, tmp_path: Path) 
     finally:
         setup.series("shared").remove()
         setup.events("shared").remove()
-        if hasattr(setup, "unlink"):
-            setup.close()
-            setup.unlink()  # shared memory: leave nothing in /dev/shm
+        unlink = getattr(setup, "unlink", None)
+        if unlink is not None:
+            unlink()  # shared memory: leave nothing in /dev/shm (unlink also closes)
         setup.close()
