@@ -303,14 +303,13 @@ def series_rm_cmd(
     """
     whole = start is None and end is None
     with open_store(settings, readonly=False) as store:
-        exists = name in store.series_names()
+        if whole and not force and name not in store.series_names():
+            raise CLIError(f"not found: series {name!r}")
         removed = store.series(name).remove(start, end)
     if settings.json:
         echo_json({"series": name, "removed": removed}, settings)
     else:
         _echo_summary(settings, f"{removed} point(s) removed from series {name!r}")
-    if whole and not exists and not force:
-        raise CLIError(f"not found: series {name!r}")
 
 
 # -- events ---------------------------------------------------------------------------------
