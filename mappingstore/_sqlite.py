@@ -1,0 +1,847 @@
+"""SQLite backend (``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``sqlite://:memory:``).
+
+One table holds every namespace::
+
+    mappingstore_kv(ns TEXT, key TEXT, expires REAL, value BLOB, PRIMARY KEY (ns, key))
+    WITHOUT ROWID
+
+``expires`` comes before ``value`` on purpose: SQLite reads a row's columns in order, so a
+TTL check never has to walk a large value's overflow pages. Keys are stored as TEXT and
+compared with the BINARY collation (``memcmp`` of UTF-8, which orders like code points),
+so NUL and any other character round-trip, and a prefix scan is the indexed range
+``key >= prefix AND key < successor(prefix)``; ``LIKE``/``GLOB`` are never used on keys
+(they stop at NUL and treat ``%``, ``_``, ``*`` as wildcards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sqlite3
+import stat
+import threading
+import types
+import urllib.parse
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, ClassVar
+
+from ._store import Op, Record, Store
+from ._url import file_path, parse_url
+from .errors import (
+    BackendError,
+    InvalidOptionError,
+    InvalidURLError,
+    LockTimeoutError,
+    MappingStoreError,
+    OptionTypeError,
+    ReadOnlyError,
+    StoreClosedError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
+
+__all__ = ["SQLiteStore"]
+
+TABLE = "mappingstore_kv"
+_COLUMNS = ["ns", "key", "expires", "value"]
+#: ``PRAGMA application_id`` of a database file created by mappingstore ("mSto").
+APPLICATION_ID = 0x6D53746F
+_MAGIC = b"SQLite format 3\x00"
+
+_LIVE = "(expires IS NULL OR expires > ?3)"
+# Point reads check the expiry in Python: no clock call and one parameter less for the
+# common item without a TTL.
+_GET = f"SELECT value, expires FROM {TABLE} WHERE ns = ? AND key = ?"
+_CONTAINS = f"SELECT expires FROM {TABLE} WHERE ns = ? AND key = ?"
+# Columns in the order of an Op (ns, key, data, expires): executemany() takes Ops as they
+# are, without building a tuple per row.
+_PUT = f"INSERT OR REPLACE INTO {TABLE} (ns, key, value, expires) VALUES (?, ?, ?, ?)"
+# Deletes only a live record, so the row count says whether one existed; an expired row
+# stays (invisible) until it is overwritten or purge_expired() runs.
+_DELETE_LIVE = f"DELETE FROM {TABLE} WHERE ns = ?1 AND key = ?2 AND {_LIVE}"
+_DELETE = f"DELETE FROM {TABLE} WHERE ns = ? AND key = ?"
+_CLEAR = f"DELETE FROM {TABLE} WHERE ns = ?"
+# len(): the live rows of ns = its rows minus its expired ones (the partial index finds
+# those without a scan), in one statement so both counts come from one snapshot. When
+# nearly every row of the file is in ns (one namespace per file is the common case), the
+# rows of ns are counted as "all rows minus the few others": a bare count(*) uses SQLite's
+# b-tree count, which reads page headers instead of stepping through every row (about
+# 30x faster). Checking that the others are few costs at most 2 * _FEW index steps.
+_FEW = 1000
+_COUNT = f"""SELECT CASE WHEN others < {_FEW} THEN (SELECT count(*) FROM {TABLE}) - others
+ELSE (SELECT count(*) FROM {TABLE} WHERE ns = ?1) END
+- (SELECT count(*) FROM {TABLE} WHERE ns = ?1 AND expires IS NOT NULL AND expires <= ?2)
+FROM (SELECT (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns < ?1 LIMIT {_FEW}))
+    + (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns > ?1 LIMIT {_FEW})) AS others)"""
+_PURGE = f"DELETE FROM {TABLE} WHERE ns = ? AND expires IS NOT NULL AND expires <= ?"
+# SQLite has no loose index scan for DISTINCT: hop from one namespace to the next with
+# one index seek each instead of reading every row.
+_NAMESPACES = (
+    f"WITH RECURSIVE n(ns) AS (SELECT min(ns) FROM {TABLE} UNION ALL "
+    f"SELECT (SELECT min(ns) FROM {TABLE} WHERE ns > n.ns) FROM n WHERE n.ns IS NOT NULL) "
+    "SELECT ns FROM n WHERE ns IS NOT NULL"
+)
+_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS {TABLE} (ns TEXT NOT NULL, key TEXT NOT NULL, expires REAL, "
+    "value BLOB NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_expires ON {TABLE} (ns, expires) "
+    "WHERE expires IS NOT NULL",
+)
+_IN_CHUNK = 500  # well under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
+_FETCH = 512  # rows per fetchmany() while streaming
+_MAX_IDLE_READERS = 4
+_SYNC_MODES = ("normal", "full")
+
+# SQLite primary result codes (the low byte of an extended code).
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _CANTOPEN, _NOTADB = 5, 6, 8, 11, 14, 26
+
+# -- fork detection -------------------------------------------------------------------------
+# A connection must never be used (nor closed: closing could checkpoint and delete the WAL
+# under the parent) in a child process. The generation changes in every child; stores
+# compare it on each call (cheaper than os.getpid(), which is a system call) and abandon
+# the inherited connections, keeping them referenced here forever so they are never closed.
+_fork_gen = 0
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _forked() -> None:
+    global _fork_gen
+    _fork_gen += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+# (st_dev, st_ino) -> number of open SQLiteStore instances on that file in this process.
+# Closing *any* descriptor of a file drops every POSIX lock the process holds on it,
+# including SQLite's own: the header check only reads a file no instance here has open.
+_OPEN_FILES: dict[tuple[int, int], int] = {}
+_OPEN_FILES_LOCK = threading.Lock()
+
+
+def _unregister_file(file_id: tuple[int, int]) -> None:
+    with _OPEN_FILES_LOCK:
+        left = _OPEN_FILES.get(file_id, 1) - 1
+        if left > 0:
+            _OPEN_FILES[file_id] = left
+        else:
+            _OPEN_FILES.pop(file_id, None)
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with *prefix* (or None).
+
+    UTF-8 byte order (SQLite's BINARY collation) is code point order, so incrementing the
+    last code point that can be incremented gives the exclusive upper bound. Surrogates
+    never occur in keys (they are not valid UTF-8), so U+D7FF steps to U+E000.
+    """
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if code == 0xD800:
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return "".join(chars) + chr(code)
+    return None
+
+
+def _float_option(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise InvalidOptionError(f"expected a number of seconds, got {text!r}") from exc
+
+
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {"synchronous": str, "timeout": _float_option}
+
+
+class _Conn:
+    """One connection, and the depth of its open ``_exclusive()`` transaction."""
+
+    __slots__ = ("__weakref__", "conn", "cursor", "depth", "finalizer")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        # Reused for single-row statements (a point read reaches SQLITE_DONE at once, so
+        # it never holds a read snapshot open): saves a Cursor object per call.
+        self.cursor = conn.cursor()
+        self.depth = 0
+        # Closes the connection when its owner (a thread's local storage, or the reader
+        # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
+        self.finalizer = weakref.finalize(self, conn.close)
+
+
+def _read_header(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(100)
+
+
+class SQLiteStore(Store):
+    """A store in one SQLite database file (or in memory with ``":memory:"``).
+
+    ``SQLiteStore("data.db")`` or ``open("sqlite:///data.db")`` (relative) /
+    ``open("sqlite:////srv/data.db")`` (absolute). Extra options: ``synchronous``
+    (``"normal"``, the default, or ``"full"``) and ``timeout`` (seconds a writer waits
+    for another one, default 30, then :class:`~mappingstore.errors.LockTimeoutError`).
+
+    Durability: WAL journal. With ``synchronous="normal"`` a crashed or killed process
+    loses no acknowledged write; a power cut or OS crash may lose the last commits but
+    never corrupts the file. ``synchronous="full"`` also survives power loss.
+
+    Thread safety: safe; each thread gets its own connection (closed when the thread
+    ends), and iteration streams from a separate pooled reader connection, so a thread
+    may write while it iterates. Multi-process: safe; several processes may read and
+    write the same file at once (WAL readers never block the writer; writers wait up to
+    ``timeout``). :meth:`modify`, :meth:`pop`, :meth:`setdefault`, :meth:`batch` and
+    every other read-modify-write run in one ``BEGIN IMMEDIATE`` transaction. After
+    ``fork()`` the child opens fresh connections by itself.
+
+    ``":memory:"`` keeps the data in this process only, shared by the threads through one
+    connection guarded by a lock (iteration then reads in pages and is not a snapshot).
+
+    Limits: do not put the file on a network file system (NFS, SMB): SQLite's locking is
+    unreliable there and the file can be corrupted. Never copy the file while it is in
+    use. A value is limited to SQLite's maximum blob size (1 GB by default).
+    """
+
+    scheme: ClassVar[str] = "sqlite"
+    durability: ClassVar[str] = (
+        "WAL, synchronous=NORMAL by default: a killed or crashed process loses no "
+        "acknowledged write; a power cut may lose the last commits but never corrupts "
+        "the file (synchronous=FULL: survives power loss too)"
+    )
+    shared_across_processes: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "normal",
+        timeout: float = 30.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        # Set before anything can fail: close() must work on a half-opened store.
+        self._holders: weakref.WeakSet[_Conn] = weakref.WeakSet()
+        self._readers: list[_Conn] = []
+        self._conn_lock = threading.Lock()
+        self._file_id: tuple[int, int] | None = None
+        self._file_unregister: weakref.finalize[[tuple[int, int]], SQLiteStore] | None = None
+        self._gen = _fork_gen
+        self._memlock: threading.RLock | None = None
+        self._local: Any = threading.local()
+        try:
+            self._configure(path, synchronous, timeout)
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        self._start()
+
+    # -- opening ------------------------------------------------------------------------
+
+    def _configure(self, path: str | os.PathLike[str], synchronous: str, timeout: float) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise OptionTypeError(f"path must be str or os.PathLike, not {type(path).__qualname__}")
+        path = os.fspath(path)
+        if not isinstance(path, str):
+            raise OptionTypeError("path must be text, not bytes")
+        if not path:
+            raise InvalidOptionError("empty database path (use ':memory:' for an in-memory store)")
+        if not isinstance(synchronous, str) or synchronous.lower() not in _SYNC_MODES:
+            raise InvalidOptionError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise OptionTypeError("timeout must be a number of seconds")
+        if not timeout >= 0:
+            raise InvalidOptionError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        self._sync = synchronous.lower()
+        self._timeout = float(timeout)
+        self._memory = path == ":memory:"
+        self._path = path if self._memory else os.path.abspath(path)
+        if self._memory:
+            # One private database per instance. A shared-cache URI would let each thread
+            # have its own connection, but shared-cache table locks fail at once with
+            # SQLITE_LOCKED instead of waiting: one connection and a lock are simpler.
+            self._uri = f"file:mappingstore-{uuid.uuid4().hex}?mode=memory"
+        else:
+            mode = "ro" if self._readonly else "rwc"
+            self._uri = f"file:{urllib.parse.quote(self._path)}?mode={mode}"
+
+    def _open(self) -> None:
+        if self._memory:
+            holder = self._make_conn()
+            self._memlock = threading.RLock()
+            self._local = types.SimpleNamespace(holder=holder)
+            try:
+                self._create_schema(holder.conn)
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            return
+        self._check_file()
+        holder = self._thread_conn()
+        conn = holder.conn
+        try:
+            if not self._readonly:
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            self._check_schema(conn)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        if self._file_id is None:  # SQLite created the file: later opens must not read it
+            try:
+                st = os.stat(self._path)
+            except OSError as exc:
+                raise BackendError(f"cannot stat {self._path!r}: {exc}") from exc
+            with _OPEN_FILES_LOCK:
+                self._register_file(st)
+
+    def _check_file(self) -> None:
+        """Reject a file that is not a SQLite database before SQLite sees it (never hang)."""
+        path = self._path
+        parent = os.path.dirname(path) or "."
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if self._readonly:
+                raise StoreNotFoundError(
+                    f"no SQLite store at {path!r} (opened read-only)"
+                ) from None
+            if not os.path.isdir(parent):
+                raise StoreNotFoundError(
+                    f"cannot create {path!r}: directory {parent!r} does not exist"
+                ) from None
+            return
+        except OSError as exc:
+            raise BackendError(f"cannot open {path!r}: {exc}") from exc
+        if stat.S_ISDIR(st.st_mode):
+            raise BackendError(f"{path!r} is a directory, not a SQLite database file")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device could block the read forever
+            raise StoreCorruptError(f"{path!r} is not a regular file")
+        with _OPEN_FILES_LOCK:
+            if _OPEN_FILES.get((st.st_dev, st.st_ino)):
+                # Already open (and checked) here; reading it ourselves could drop its locks.
+                self._register_file(st)
+                return
+            try:
+                header = _read_header(path) if st.st_size else b""
+            except OSError as exc:
+                raise BackendError(f"cannot read {path!r}: {exc}") from exc
+            if header:
+                self._check_header(header, st.st_size)
+            self._register_file(st)
+
+    def _register_file(self, st: os.stat_result) -> None:
+        """Count this instance as having the file open (caller holds _OPEN_FILES_LOCK)."""
+        file_id = (st.st_dev, st.st_ino)
+        _OPEN_FILES[file_id] = _OPEN_FILES.get(file_id, 0) + 1
+        self._file_id = file_id
+        # Runs once: at close(), or when a store nobody closed is garbage-collected.
+        self._file_unregister = weakref.finalize(self, _unregister_file, file_id)
+
+    def _check_header(self, header: bytes, size: int) -> None:
+        path = self._path
+        if len(header) < 100 or header[:16] != _MAGIC:
+            raise StoreCorruptError(f"{path!r} is not a SQLite database (bad or truncated header)")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        if page_size < 512 or page_size & (page_size - 1):
+            raise StoreCorruptError(f"{path!r} is damaged: invalid page size {page_size}")
+        pages = int.from_bytes(header[28:32], "big")
+        # The in-header page count is valid when "version-valid-for" equals the change
+        # counter. A database with a hot -wal or -journal may legitimately differ.
+        hot = any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal"))
+        if pages and header[92:96] == header[24:28] and size < pages * page_size and not hot:
+            raise StoreCorruptError(
+                f"{path!r} is truncated: {size} bytes, its header says {pages * page_size}"
+            )
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID):
+            raise StoreCorruptError(
+                f"{self._path!r} belongs to another application (application_id {app_id:#x})"
+            )
+        if TABLE not in tables:
+            if self._readonly:
+                raise StoreCorruptError(
+                    f"{self._path!r} is not a mappingstore database (no {TABLE} table)"
+                )
+            self._create_schema(conn)
+            return
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({TABLE})")]
+        if columns != _COLUMNS:
+            raise StoreCorruptError(
+                f"{self._path!r}: table {TABLE} has columns {columns}, expected {_COLUMNS}"
+            )
+        # Touch the table's root page: a damaged file fails here, at open.
+        conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 1").fetchall()
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")  # two processes creating the file at once: one wins
+        try:
+            fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            if fresh:  # mark only a file we created; never relabel another app's database
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
+        """``sqlite:///relative.db``, ``sqlite:////absolute.db`` or ``sqlite://:memory:``.
+
+        Query options: the common ones plus ``synchronous`` and ``timeout``.
+        """
+        parsed = parse_url(url, cls.scheme, _URL_OPTIONS)
+        if parsed.netloc == ":memory:" and parsed.path in ("", "/"):
+            path = ":memory:"
+        else:
+            path = file_path(parsed)
+            if not path:
+                raise InvalidURLError("sqlite:// URL has no path")
+        return cls(path, **{**parsed.options, **options})
+
+    @property
+    def url(self) -> str:
+        """docstring inherited"""
+        if self._memory:
+            base = "sqlite://:memory:"
+        else:
+            base = "sqlite:///" + urllib.parse.quote(self._path)
+        query = []
+        if self._sync != "normal":
+            query.append(f"synchronous={self._sync}")
+        if self._timeout != 30.0:
+            query.append(f"timeout={self._timeout:g}")
+        return base + ("?" + "&".join(query) if query else "")
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the database file, or ``":memory:"``."""
+        return self._path
+
+    # -- connections --------------------------------------------------------------------
+
+    def _make_conn(self) -> _Conn:
+        if self._closed:
+            raise StoreClosedError("SQLiteStore is closed")
+        try:
+            conn = sqlite3.connect(
+                self._uri,
+                uri=True,
+                timeout=self._timeout,
+                isolation_level=None,  # autocommit; transactions are explicit
+                check_same_thread=False,  # close() may run in another thread
+                cached_statements=64,
+            )
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        try:
+            conn.execute(f"PRAGMA synchronous={self._sync}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc) from exc
+        holder = _Conn(conn)
+        with self._conn_lock:
+            self._holders.add(holder)
+        return holder
+
+    def _after_fork(self) -> None:
+        with self._conn_lock:
+            for holder in list(self._holders):
+                holder.finalizer.detach()
+                _INHERITED.append(holder.conn)
+            self._holders = weakref.WeakSet()
+            self._readers = []
+            if self._memlock is not None:
+                # The child owns a private copy of the memory database and keeps using
+                # it through the inherited connection (its only copy); a lock held by a
+                # parent thread at fork time would never be released here.
+                self._memlock = threading.RLock()
+                holder = _Conn(self._local.holder.conn)
+                holder.finalizer.detach()
+                self._holders.add(holder)
+                self._local = types.SimpleNamespace(holder=holder)
+            else:
+                self._local = threading.local()
+            self._gen = _fork_gen
+
+    def _thread_conn(self) -> _Conn:
+        if self._gen != _fork_gen:
+            self._after_fork()
+        try:
+            holder: _Conn = self._local.holder
+        except AttributeError:
+            holder = self._local.holder = self._make_conn()
+        return holder
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._gen != _fork_gen:
+            self._after_fork()
+        try:
+            return self._local.holder.conn  # type: ignore[no-any-return]
+        except AttributeError:
+            return self._thread_conn().conn
+
+    def _error(self, exc: sqlite3.Error) -> MappingStoreError:
+        """Convert a sqlite3 error (the caller chains it with ``raise ... from``)."""
+        msg = str(exc)
+        code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+        primary = code & 0xFF if isinstance(code, int) else None
+        where = self._path
+        if self._closed and isinstance(exc, sqlite3.ProgrammingError):
+            return StoreClosedError("SQLiteStore is closed")
+        if primary in (_BUSY, _LOCKED) or "database is locked" in msg or "table is locked" in msg:
+            return LockTimeoutError(
+                f"{where}: database is locked (waited {self._timeout:g} s for another "
+                f"writer): {msg}"
+            )
+        if primary == _READONLY or "readonly database" in msg:
+            return ReadOnlyError(f"{where}: {msg}")
+        if primary in (_CORRUPT, _NOTADB) or "malformed" in msg or "not a database" in msg:
+            return StoreCorruptError(f"{where} is damaged or not a mappingstore database: {msg}")
+        if primary == _CANTOPEN or "unable to open" in msg:
+            return BackendError(f"cannot open {where}: {msg}")
+        return BackendError(f"{where}: {msg}")
+
+    # -- statement helpers --------------------------------------------------------------
+
+    def _one(self, sql: str, params: Sequence[Any]) -> Any:
+        lock = self._memlock
+        try:
+            if lock is None:
+                return self._cursor().execute(sql, params).fetchone()
+            with lock:
+                return self._cursor().execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    def _write(self, sql: str, params: Sequence[Any]) -> int:
+        lock = self._memlock
+        try:
+            if lock is None:
+                return self._cursor().execute(sql, params).rowcount
+            with lock:
+                return self._cursor().execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction per thread; nested calls join it.
+
+        It takes the database's write lock at once (waiting up to ``timeout`` for another
+        writer, in any process), so reads inside see data no other writer can change
+        before the commit: read-modify-write is atomic across processes.
+        """
+        lock = self._memlock
+        if lock is not None:
+            lock.acquire()  # before looking at depth: the memory connection is shared
+        try:
+            holder = self._thread_conn()
+            if holder.depth:
+                holder.depth += 1
+                try:
+                    yield
+                finally:
+                    holder.depth -= 1
+                return
+            conn = holder.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            holder.depth = 1
+            try:
+                yield
+            except BaseException as exc:
+                holder.depth = 0
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error(exc) from exc
+                raise
+            holder.depth = 0
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise self._error(exc) from exc
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """The thread's connection inside one read transaction (several statements, one view)."""
+        lock = self._memlock
+        if lock is not None:
+            with lock:
+                yield self._conn()
+            return
+        holder = self._thread_conn()
+        if holder.depth:  # already inside this thread's write transaction
+            yield holder.conn
+            return
+        conn = holder.conn
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: tuple[Any, ...], column: int | None) -> Iterator[Any]:
+        """Stream the rows of one SELECT ordered by key (only column *column* if given).
+
+        A file store reads from a pooled reader connection: one statement, one consistent
+        snapshot, and the thread's own connection stays free for writes made while it
+        iterates (upgrading a reader's stale snapshot to a writer would fail with
+        SQLITE_BUSY_SNAPSHOT instead of waiting). Inside this thread's transaction the
+        rows come from the transaction itself, fetched at once (they must see its writes,
+        and a ROLLBACK would abort a pending statement). The memory store reads pages of
+        rows under its lock, continuing after the last key (parameter ?2).
+        """
+        lock = self._memlock
+        if lock is not None:
+            rows: Iterator[Any] = self._paged_rows(lock, sql, params)
+            return rows if column is None else map(itemgetter(column), rows)
+        holder = self._thread_conn()
+        if holder.depth:
+            try:
+                fetched = holder.conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            return iter(fetched if column is None else [row[column] for row in fetched])
+        return self._stream(sql, params, column)
+
+    def _stream(self, sql: str, params: tuple[Any, ...], column: int | None) -> Iterator[Any]:
+        reader = self._take_reader()
+        cursor: sqlite3.Cursor | None = None
+        try:
+            try:
+                cursor = reader.conn.execute(sql, params)
+                # C-level iteration: no Python frame per row.
+                yield from cursor if column is None else map(itemgetter(column), cursor)
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        finally:
+            if cursor is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    cursor.close()
+            self._return_reader(reader)
+
+    def _paged_rows(self, lock: Any, sql: str, params: tuple[Any, ...]) -> Iterator[Any]:
+        sql_first = f"{sql} ORDER BY key LIMIT {_FETCH}"
+        sql_next = sql.replace("key >= ?", "key > ?") + f" ORDER BY key LIMIT {_FETCH}"
+        current, args = sql_first, params
+        while True:
+            try:
+                with lock:
+                    rows = self._conn().execute(current, args).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            yield from rows
+            if len(rows) < _FETCH:
+                return
+            current = sql_next
+            args = (params[0], rows[-1][0], *params[2:])
+
+    def _take_reader(self) -> _Conn:
+        if self._gen != _fork_gen:
+            self._after_fork()
+        with self._conn_lock:
+            if self._readers:
+                return self._readers.pop()
+        return self._make_conn()
+
+    def _return_reader(self, reader: _Conn) -> None:
+        with self._conn_lock:
+            if (
+                not self._closed
+                and len(self._readers) < _MAX_IDLE_READERS
+                and reader in self._holders
+            ):
+                self._readers.append(reader)
+                return
+        reader.finalizer()
+
+    # -- backend contract ---------------------------------------------------------------
+
+    def _cursor(self) -> sqlite3.Cursor:
+        if self._gen != _fork_gen:
+            self._after_fork()
+        try:
+            return self._local.holder.cursor  # type: ignore[no-any-return]
+        except AttributeError:
+            return self._thread_conn().cursor
+
+    def _point(self, sql: str, ns: str, key: str) -> Any:
+        """The row of a primary-key lookup (hot path: kept flat on purpose)."""
+        lock = self._memlock
+        try:
+            if lock is None:
+                return self._cursor().execute(sql, (ns, key)).fetchone()
+            with lock:
+                return self._cursor().execute(sql, (ns, key)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        row = self._point(_GET, ns, key)
+        if row is None or (row[1] is not None and row[1] <= self._clock()):
+            return None
+        return row[0], row[1]
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        # The hottest path: _point() and _cursor() inlined for the common case.
+        try:
+            if self._memlock is None and self._gen == _fork_gen:
+                try:
+                    cursor = self._local.holder.cursor
+                except AttributeError:
+                    cursor = self._thread_conn().cursor
+                row = cursor.execute(_GET, (ns, key)).fetchone()
+            else:
+                row = self._point(_GET, ns, key)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        if row is None or (row[1] is not None and row[1] <= self._clock()):
+            return None
+        return row[0]  # type: ignore[no-any-return]
+
+    def _contains(self, ns: str, key: str) -> bool:
+        row = self._point(_CONTAINS, ns, key)
+        return row is not None and (row[0] is None or row[0] > self._clock())
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        lock = self._memlock
+        try:
+            if lock is None:
+                self._cursor().execute(_PUT, (ns, key, data, expires))
+            else:
+                with lock:
+                    self._cursor().execute(_PUT, (ns, key, data, expires))
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    def _delete(self, ns: str, key: str) -> bool:
+        return self._write(_DELETE_LIVE, (ns, key, self._clock())) > 0
+
+    def _select(self, columns: str, ns: str, prefix: str) -> tuple[str, tuple[Any, ...]]:
+        # Parameters: ?1 ns, ?2 lower bound, ?3 now, ?4 upper bound.
+        if not prefix:
+            sql = f"SELECT {columns} FROM {TABLE} WHERE ns = ?1 AND key >= ?2 AND {_LIVE}"
+            return sql, (ns, "", self._clock())
+        end = _prefix_end(prefix)
+        if end is None:
+            sql = f"SELECT {columns} FROM {TABLE} WHERE ns = ?1 AND key >= ?2 AND {_LIVE}"
+            return sql, (ns, prefix, self._clock())
+        sql = f"SELECT {columns} FROM {TABLE} WHERE ns = ?1 AND key >= ?2 AND key < ?4 AND {_LIVE}"
+        return sql, (ns, prefix, self._clock(), end)
+
+    def __len__(self) -> int:
+        # docstring inherited. Outside a batch, straight to the one counting query.
+        if self._nbatch or self._dot or self._closed:
+            return super().__len__()
+        return self._count(self._ns)
+
+    def __iter__(self) -> Iterator[str]:
+        # docstring inherited. Outside a batch, hand out the stream itself: one generator
+        # layer less per key (iteration speed is measured in bench/bench_core.py).
+        if self._nbatch or self._dot or self._closed:
+            return super().__iter__()
+        return self._iter_keys(self._ns, "")
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        sql, params = self._select("key", ns, prefix)
+        return self._rows(sql, params, 0)
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        sql, params = self._select("key, value", ns, prefix)
+        return self._rows(sql, params, None)
+
+    def _count(self, ns: str) -> int:
+        return int(self._one(_COUNT, (ns, self._clock()))[0])
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, bytes] = {}
+        now = self._clock()
+
+        def run(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(unique), _IN_CHUNK):
+                chunk = unique[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = (
+                    f"SELECT key, value FROM {TABLE} WHERE ns = ? AND key IN ({marks}) "
+                    "AND (expires IS NULL OR expires > ?)"
+                )
+                found.update(conn.execute(sql, (ns, *chunk, now)).fetchall())
+
+        try:
+            if len(unique) <= _IN_CHUNK and self._memlock is None:
+                run(self._conn())
+            else:
+                with self._snapshot() as conn:
+                    run(conn)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        return [found.get(k) for k in keys]
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        """docstring inherited"""
+        if not ops:
+            return
+        with self._exclusive():
+            conn = self._conn()
+            if not [op for op in ops if op.data is None]:  # the common batch: only writes
+                conn.executemany(_PUT, ops)
+                return
+            # Consecutive puts and deletes go in one executemany each, in order.
+            for is_put, group in itertools.groupby(ops, key=lambda op: op.data is not None):
+                if is_put:
+                    conn.executemany(_PUT, group)
+                else:
+                    conn.executemany(_DELETE, [(op.ns, op.key) for op in group])
+
+    def _clear(self, ns: str) -> None:
+        self._write(_CLEAR, (ns,))
+
+    def _purge_expired(self, ns: str) -> int:
+        return self._write(_PURGE, (ns, self._clock()))
+
+    def _namespaces(self) -> Iterable[str]:
+        lock = self._memlock
+        try:
+            with lock if lock is not None else contextlib.nullcontext():
+                return [r[0] for r in self._conn().execute(_NAMESPACES).fetchall()]
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    def _close(self) -> None:
+        with self._conn_lock:
+            forked = self._gen != _fork_gen
+            holders = list(self._holders)
+            self._holders = weakref.WeakSet()
+            self._readers = []
+        for holder in holders:
+            if forked:  # never close a connection inherited from the parent
+                holder.finalizer.detach()
+                _INHERITED.append(holder.conn)
+            else:
+                holder.finalizer()
+        self._local = threading.local()
+        if self._file_unregister is not None:
+            self._file_unregister()
