@@ -523,16 +523,18 @@ def test_instances_and_a_forked_child_see_each_others_writes(tmp_path: Path) -> 
         assert two["x"] == 1
         two.modify("x", lambda v: v + 1)
         assert one["x"] == 2
-        pid = os.fork()
-        if pid == 0:  # the inherited instance must take its own lock, not the parent's
-            try:
-                one.modify("x", lambda v: v * 10)
-                os._exit(0)
-            except BaseException:
-                os._exit(1)
-        with one._flock.exclusive():  # held by the parent while the child waits for it
-            time.sleep(0.1)
-            assert two["x"] == 2
+        # The parent holds the lock *before* forking: a child that reused the inherited
+        # open file description would share that lock and not wait; it must take its own.
+        with one._flock.exclusive():
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    one.modify("x", lambda v: v * 10)
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            time.sleep(0.2)
+            assert two["x"] == 2  # the child is still waiting for the lock
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert one["x"] == two["x"] == 20
