@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from . import _crypto
+from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._store import Op, Record, Store
 from ._url import parse_url
 from .errors import InvalidURLError
@@ -17,10 +18,13 @@ __all__ = ["MemoryStore"]
 class _Space:
     """The data behind one memory store, shared by every instance opened on the same NAME."""
 
-    __slots__ = ("expiring", "key", "lock", "spaces")
+    __slots__ = ("expiring", "key", "lock", "seq", "spaces")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        # Odd while a multi-key _apply is half done: lock-free readers that see an odd or
+        # changed value retry under the lock, so a batch is seen all or nothing.
+        self.seq = 0
         self.spaces: dict[str, dict[str, Record]] = {}
         self.expiring: dict[str, int] = {}  # records ever written with an expiry, per ns
         self.key = _crypto.random_key()  # for encrypt=True without a password
@@ -58,6 +62,52 @@ class MemoryStore(Store):
             with _NAMED_LOCK:
                 self._space = _NAMED.setdefault(self._name, _Space())
         self._start()
+        # The common case (plain values, no dot names, no default TTL, writable) takes an
+        # inlined path in __getitem__/__setitem__: a memory store's cost is all Python
+        # call overhead, so every layer skipped shows. Batches, closed stores, non-ASCII
+        # keys (they need the Unicode check) and everything else take the general path.
+        self._fast = not (
+            self._dot or self._readonly or self._encrypt_default or self._default_ttl is not None
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        # docstring inherited
+        if self._fast and type(key) is str and key and key.isascii() and not self._nbatch:
+            space = self._space
+            seq = space.seq
+            # A dict lookup is atomic; the sequence check replaces the lock.
+            rec = space.spaces.get(self._ns, _EMPTY).get(key)
+            if seq & 1 or space.seq != seq:
+                with space.lock:
+                    rec = space.spaces.get(self._ns, _EMPTY).get(key)
+            if rec is not None and not self._closed:
+                expires = rec[1]
+                if expires is None or expires > self._clock():
+                    data = rec[0]
+                    if data[:2] == PLAIN_HEADER:
+                        return decode_plain(data)
+                    return self._decode(self._ns, key, data)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        # docstring inherited
+        if (
+            self._fast
+            and type(key) is str
+            and key
+            and key.isascii()
+            and not self._nbatch
+            and not self._closed
+        ):
+            data = wrap_plain(pack(value))
+            space = self._space
+            with space.lock:
+                bucket = space.spaces.get(self._ns)
+                if bucket is None:
+                    bucket = space.spaces[self._ns] = {}
+                bucket[key] = (data, None)
+            return
+        self.set(key, value)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
@@ -156,12 +206,17 @@ class MemoryStore(Store):
         return [self._get(ns, k) for k in keys]
 
     def _apply(self, ops: Sequence[Op]) -> None:
-        with self._space.lock:  # readers take the same lock: they see all or nothing
-            for op in ops:
-                if op.data is None:
-                    self._delete(op.ns, op.key)
-                else:
-                    self._put(op.ns, op.key, op.data, op.expires)
+        space = self._space
+        with space.lock:  # readers take the same lock (or check seq): all or nothing
+            space.seq += 1
+            try:
+                for op in ops:
+                    if op.data is None:
+                        self._delete(op.ns, op.key)
+                    else:
+                        self._put(op.ns, op.key, op.data, op.expires)
+            finally:
+                space.seq += 1
 
     def _exclusive(self) -> Any:
         return self._space.lock
