@@ -13,9 +13,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from ._adapters import Cached, Prefixed, ReadOnly, Sharded, Tiered
 from ._events import Event, EventLog
 from ._memory import MemoryStore
-from ._registry import known_schemes, open, register_scheme
+from ._registry import known_schemes, open, open_sharded, open_tiered, register_scheme
 from ._series import Series
 from ._store import FOREVER, Store
 from ._tree import View
@@ -28,17 +29,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FOREVER",
+    "Cached",
     "Event",
     "EventLog",
     "MemoryStore",
+    "Prefixed",
+    "ReadOnly",
     "SQLiteStore",
     "Series",
+    "Sharded",
     "Store",
+    "Tiered",
     "View",
     "__version__",
     "errors",
     "known_schemes",
     "open",
+    "open_sharded",
+    "open_tiered",
     "register_scheme",
     *errors.__all__,
 ]

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import importlib
 import threading
-from importlib.metadata import entry_points
 from collections.abc import Callable, Iterable, Sequence
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from ._url import redact
 from .errors import InvalidURLError, UnknownSchemeError
 
 if TYPE_CHECKING:
+    from ._adapters import Sharded, Tiered
     from ._store import Store
 
 __all__ = [
@@ -110,7 +111,7 @@ def open(url: str = "memory://", **options: Any) -> Store:
     and every scheme in :func:`known_schemes`. Keyword options (``namespace=``,
     ``password=``, ``dot_names=``, ``ttl=``...) override options in the URL query.
 
-    Adapters compose from options, in the URL query or as keywords: ``prefix="p:"`` wraps
+    Adapters compose from options, in the URL query or as keywords: ``key_prefix="p:"`` wraps
     the store in :class:`~mappingstore.Prefixed`, ``cache=N`` (with ``cache_ttl=S``) in
     :class:`~mappingstore.Cached`; e.g. ``open("sqlite:///a.db?cache=1000")``. Closing the
     result closes the store it wraps.
@@ -129,12 +130,13 @@ def open(url: str = "memory://", **options: Any) -> Store:
 # -- adapter composition (docs/guides/adapters.md) ---------------------------------------
 
 #: Options open() handles itself by wrapping the store in adapters; they never reach the
-#: backend, whose URL parser rejects unknown query options.
-_ADAPTER_OPTIONS = ("cache", "cache_ttl", "prefix")
+#: backend, whose URL parser rejects unknown query options. "key_prefix", not "prefix":
+#: RedisStore has its own native ``prefix`` option, which must keep working.
+_ADAPTER_OPTIONS = ("cache", "cache_ttl", "key_prefix")
 
 
 def _adapter_options(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Take ``cache``, ``cache_ttl`` and ``prefix`` out of *url*'s query and *options*
+    """Take ``cache``, ``cache_ttl`` and ``key_prefix`` out of *url*'s query and *options*
     (a keyword wins over the URL); return the URL without them and their values."""
     import urllib.parse
 
@@ -153,7 +155,9 @@ def _adapter_options(url: str, options: dict[str, Any]) -> tuple[str, dict[str, 
             raise InvalidURLError(f"URL option {name!r} given twice")
         text = urllib.parse.unquote_plus(part.partition("=")[2])
         try:
-            layers[name] = text if name == "prefix" else (int if name == "cache" else float)(text)
+            layers[name] = (
+                text if name == "key_prefix" else (int if name == "cache" else float)(text)
+            )
         except ValueError as exc:
             raise InvalidOptionError(f"URL option {name}={text!r} is not a number") from exc
     if layers:
@@ -166,8 +170,8 @@ def _adapter_options(url: str, options: dict[str, Any]) -> tuple[str, dict[str, 
             raise InvalidOptionError("cache_ttl= needs cache=N (the number of cached items)")
         layers.pop("cache", None)
         layers.pop("cache_ttl", None)
-    if layers.get("prefix") is None:
-        layers.pop("prefix", None)
+    if layers.get("key_prefix") is None:
+        layers.pop("key_prefix", None)
     return url, layers
 
 
@@ -176,8 +180,8 @@ def _wrap(store: Store, layers: dict[str, Any]) -> Store:
     from ._adapters import Cached, Prefixed
 
     try:
-        if "prefix" in layers:
-            store = Prefixed(store, layers["prefix"], close_inner=True)
+        if "key_prefix" in layers:
+            store = Prefixed(store, layers["key_prefix"], close_inner=True)
         if "cache" in layers:
             store = Cached(store, layers["cache"], layers.get("cache_ttl"), close_inner=True)
     except BaseException:
@@ -202,7 +206,7 @@ def _open_all(urls: Any, options: dict[str, Any]) -> list[Store]:
     return stores
 
 
-def open_tiered(urls: Iterable[str], **options: Any) -> Store:
+def open_tiered(urls: Iterable[str], **options: Any) -> Tiered:
     """Open each URL (fastest first) with *options* and stack them in a
     :class:`~mappingstore.Tiered`; closing it closes every tier."""
     from ._adapters import Tiered
@@ -222,7 +226,7 @@ def open_sharded(
     *,
     names: Sequence[str] | None = None,
     **options: Any,
-) -> Store:
+) -> Sharded:
     """Open each URL with *options* and spread keys over them with a
     :class:`~mappingstore.Sharded`; closing it closes every shard."""
     from ._adapters import Sharded

@@ -1,0 +1,331 @@
+"""``Cached(store, maxsize=1024, ttl=None)``: an LRU read cache in front of a store."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+from .._store import KEEP, Op, Record, Store
+from ..errors import InvalidOptionError, OptionTypeError
+from ._base import META_NS, Adapter, add_query
+
+__all__ = ["CacheInfo", "Cached"]
+
+_STRIPES = 64  # generation counters: a write bumps one stripe, not the whole cache
+
+
+class CacheInfo(NamedTuple):
+    """Counters of a :class:`Cached` store, like :func:`functools.lru_cache`'s."""
+
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class _Write:
+    """One key's write in flight (see :meth:`Cached._begin`)."""
+
+    __slots__ = ("epoch", "key", "solo", "starts")
+
+    def __init__(self, key: tuple[str, str], solo: bool, starts: int, epoch: int) -> None:
+        self.key, self.solo, self.starts, self.epoch = key, solo, starts, epoch
+
+
+class Cached(Adapter):
+    """An LRU cache of raw records in front of *store*.
+
+    Reads fill the cache (misses too: a key known to be missing is not asked again);
+    writes, deletes, ``modify`` and batches go to the store first and then update the
+    cache. Records whose own expiry has passed are never served. ``len``, iteration,
+    ``items()`` and ``names()`` always come from the store (they are not cached).
+
+    **Staleness.** The cache only sees writes made through *this* ``Cached`` object.
+    Writes by another process, or through another store object, show up only once the
+    cached entry is gone: evicted by LRU, dropped by :meth:`invalidate`, or older than
+    ``ttl`` seconds (``ttl=None``: trusted until evicted). Use ``ttl=`` when the store is
+    shared; ``modify``, ``pop`` and ``setdefault`` are never stale (they run on the store
+    atomically).
+
+    ``maxsize`` counts entries, not bytes. Thread-safe: no lock is held while the store
+    is called, and a read that raced a write never puts an old record back in the cache.
+    """
+
+    scheme: ClassVar[str] = "cached"
+
+    def __init__(
+        self,
+        store: Store,
+        maxsize: int = 1024,
+        ttl: float | None = None,
+        *,
+        close_inner: bool = False,
+    ) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise OptionTypeError(f"maxsize must be an int, not {type(maxsize).__qualname__}")
+        if maxsize < 1:
+            raise InvalidOptionError(f"maxsize must be >= 1, got {maxsize}")
+        if ttl is not None:
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+                raise OptionTypeError(f"ttl must be a number of seconds, not {ttl!r}")
+            if math.isnan(ttl) or ttl <= 0:
+                raise InvalidOptionError(f"ttl must be > 0 seconds, got {ttl!r}")
+        self._maxsize = maxsize
+        self._trust = None if ttl is None else float(ttl)
+        super().__init__([store], store, close_inner=close_inner)
+        self._cache_lock = threading.Lock()
+        # (ns, key) -> (record or None for "missing", time it was filled)
+        self._entries: OrderedDict[tuple[str, str], tuple[Record | None, float]] = OrderedDict()
+        self._gens = [0] * _STRIPES
+        self._writing: dict[tuple[str, str], list[int]] = {}  # key -> [in flight, starts]
+        self._epoch = 0  # bumped by clear() and invalidate(): no older read may fill
+        self._hits = 0
+        self._misses = 0
+
+    @property
+    def maxsize(self) -> int:
+        """The most entries the cache holds."""
+        return self._maxsize
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        """How long a cached entry is trusted (``None``: until evicted)."""
+        return self._trust
+
+    @property
+    def url(self) -> str:
+        params = {"cache": str(self._maxsize)}
+        if self._trust is not None:
+            params["cache_ttl"] = repr(self._trust)
+        return add_query(self._inner.url, **params)
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<Cached maxsize={self._maxsize} ttl={self._trust!r}{state} of {self._inner!r}>"
+
+    # -- public cache control -----------------------------------------------------------
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, maxsize and current size of the cache."""
+        with self._cache_lock:
+            return CacheInfo(self._hits, self._misses, self._maxsize, len(self._entries))
+
+    def invalidate(self, key: str | None = None) -> None:
+        """Forget the cached entry of *key* (in this store's namespace), or everything.
+
+        Use it after another process wrote, when ``ttl`` is too long to wait for.
+        """
+        with self._cache_lock:
+            if key is None:
+                self._epoch += 1
+                self._entries.clear()
+            else:
+                self._gens[hash((self._ns, key)) % _STRIPES] += 1
+                self._entries.pop((self._ns, key), None)
+
+    def _release(self) -> None:
+        with self._cache_lock:
+            self._epoch += 1
+            self._entries.clear()
+
+    # -- cache internals ----------------------------------------------------------------
+
+    def _lookup(self, ck: tuple[str, str]) -> tuple[bool, Record | None, tuple[int, int]]:
+        """``(hit, record, token)``; *token* lets a miss fill the cache only if no write
+        (or clear) happened to the key meanwhile."""
+        stripe = hash(ck) % _STRIPES
+        with self._cache_lock:
+            entry = self._entries.get(ck)
+            if entry is not None:
+                rec, filled = entry
+                now = self._clock()
+                fresh = self._trust is None or now - filled < self._trust
+                alive = rec is None or rec[1] is None or rec[1] > now
+                if fresh and alive:
+                    self._entries.move_to_end(ck)
+                    self._hits += 1
+                    return True, rec, (0, 0)
+                del self._entries[ck]
+            self._misses += 1
+            return False, None, (self._gens[stripe], self._epoch)
+
+    def _store_entry(self, ck: tuple[str, str], rec: Record | None) -> None:
+        # Caller holds _cache_lock.
+        self._entries[ck] = (rec, self._clock())
+        self._entries.move_to_end(ck)
+        while len(self._entries) > self._maxsize:
+            self._entries.popitem(last=False)
+
+    def _fill(self, ck: tuple[str, str], rec: Record | None, token: tuple[int, int]) -> None:
+        with self._cache_lock:
+            if token == (self._gens[hash(ck) % _STRIPES], self._epoch):
+                self._store_entry(ck, rec)
+
+    def _begin(self, keys: Iterable[tuple[str, str]]) -> list[_Write]:
+        """Register writes in flight. A write may update the cache at its end only if no
+        other write to the same key overlapped it: then its result is the store's state.
+        Overlapping writes evict instead (their order in the store is unknown)."""
+        writes = []
+        with self._cache_lock:
+            for ck in dict.fromkeys(keys):
+                self._gens[hash(ck) % _STRIPES] += 1
+                state = self._writing.get(ck)
+                if state is None:
+                    state = self._writing[ck] = [0, 0]
+                solo = state[0] == 0
+                state[0] += 1
+                state[1] += 1
+                writes.append(_Write(ck, solo, state[1], self._epoch))
+        return writes
+
+    def _finish(self, writes: list[_Write], results: dict[tuple[str, str], Any]) -> None:
+        """End writes: cache each key's new record (``None``: now missing), or evict it
+        when the write overlapped another, failed, or its result is unknown."""
+        with self._cache_lock:
+            for w in writes:
+                ck = w.key
+                self._gens[hash(ck) % _STRIPES] += 1
+                state = self._writing[ck]
+                state[0] -= 1
+                alone = w.solo and state[1] == w.starts and w.epoch == self._epoch
+                if state[0] == 0:
+                    del self._writing[ck]
+                rec = results.get(ck, KEEP)
+                if alone and rec is not KEEP:
+                    self._store_entry(ck, rec)
+                else:
+                    self._entries.pop(ck, None)
+
+    # -- reads (docstrings inherited) ---------------------------------------------------
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        if ns == META_NS:
+            return self._inner._get_record(ns, key)
+        ck = (ns, key)
+        hit, rec, token = self._lookup(ck)
+        if hit:
+            return rec
+        rec = self._inner._get_record(ns, key)
+        self._fill(ck, rec, token)
+        return rec
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        rec = self._get_record(ns, key)
+        return None if rec is None else rec[0]
+
+    def _contains(self, ns: str, key: str) -> bool:
+        return self._get_record(ns, key) is not None
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            hit, rec, _ = self._lookup((ns, key)) if ns != META_NS else (False, None, (0, 0))
+            if hit:
+                out[i] = None if rec is None else rec[0]
+            else:
+                missing.append(i)
+        if missing:
+            # One round trip for the misses; _get_many returns no expiry, so these
+            # results cannot be cached (a later single read fills the entry).
+            found = self._inner._get_many(ns, [keys[i] for i in missing])
+            for i, data in zip(missing, found, strict=True):
+                out[i] = data
+        return out
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        return self._inner._iter_keys(ns, prefix)
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        return self._inner._iter_items(ns, prefix)
+
+    def _count(self, ns: str) -> int:
+        return self._inner._count(ns)
+
+    def _namespaces(self) -> Iterable[str]:
+        return self._inner._namespaces()
+
+    # -- writes: the store first, then the cache ----------------------------------------
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        if ns == META_NS:
+            self._inner._put(ns, key, data, expires)
+            return
+        ck = (ns, key)
+        writes = self._begin([ck])
+        results: dict[tuple[str, str], Any] = {}
+        try:
+            self._inner._put(ns, key, data, expires)
+            results[ck] = (data, expires)
+        finally:
+            self._finish(writes, results)
+
+    def _delete(self, ns: str, key: str) -> bool:
+        if ns == META_NS:
+            return self._inner._delete(ns, key)
+        ck = (ns, key)
+        writes = self._begin([ck])
+        results: dict[tuple[str, str], Any] = {}
+        try:
+            existed = self._inner._delete(ns, key)
+            results[ck] = None
+        finally:
+            self._finish(writes, results)
+        return existed
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        writes = self._begin((op.ns, op.key) for op in ops if op.ns != META_NS)
+        results: dict[tuple[str, str], Any] = {}
+        try:
+            self._inner._apply(ops)
+            for op in ops:
+                if op.ns != META_NS:
+                    results[(op.ns, op.key)] = None if op.data is None else (op.data, op.expires)
+        finally:
+            self._finish(writes, results)
+
+    def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        if ns == META_NS:
+            self._inner._update(ns, key, fn)
+            return
+        ck = (ns, key)
+        seen: list[Any] = []
+
+        def step(rec: Record | None) -> Any:
+            seen.clear()
+            new = fn(rec)
+            seen.extend((rec, new))
+            return new
+
+        writes = self._begin([ck])
+        results: dict[tuple[str, str], Any] = {}
+        try:
+            self._inner._update(ns, key, step)
+            if seen:
+                current, new = seen
+                # KEEP: nothing written, the record read inside the update is current.
+                results[ck] = current if new is KEEP else new
+        finally:
+            self._finish(writes, results)
+
+    def _clear(self, ns: str) -> None:
+        self._drop_namespace(ns)
+        try:
+            self._inner._clear(ns)
+        finally:
+            self._drop_namespace(ns)
+
+    def _drop_namespace(self, ns: str) -> None:
+        with self._cache_lock:
+            self._epoch += 1
+            for ck in [ck for ck in self._entries if ck[0] == ns]:
+                del self._entries[ck]
+
+    def _purge_expired(self, ns: str) -> int:
+        return self._inner._purge_expired(ns)
+
+    def _exclusive(self) -> Any:
+        return self._inner._exclusive()

@@ -1,0 +1,241 @@
+"""``Sharded([s1, s2, ...])``: keys spread over several stores by rendezvous hashing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from .._keys import INTERNAL_PREFIX
+from .._store import KEEP, Op, Record, Store
+from ..errors import InvalidOptionError, OptionTypeError
+from ._base import META_NS, Adapter
+
+__all__ = ["Sharded"]
+
+
+def _text_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+class Sharded(Adapter):
+    """Keys spread over *shards*; ``len``, iteration and ``clear`` cover every shard.
+
+    **Placement.** A key lives on the shard with the highest score
+    ``blake2b(shard name, key)`` (rendezvous / highest-random-weight hashing). It is
+    stable across processes, machines and Python versions (never the salted builtin
+    ``hash()``), and adding a shard moves only the keys the new shard wins, about
+    ``1/n`` of them; removing one moves only its own keys. Shard names default to
+    ``"0"``, ``"1"``...: add new shards at the end, or pass stable ``names=`` when shards
+    may be removed or reordered. After changing the shard list of existing data, call
+    :meth:`rebalance` before anything else (until then a moved key reads as missing).
+
+    ``placement(key) -> int`` replaces the hash for user keys (it must be deterministic
+    across processes). The store's own records (time series, event logs) are placed per
+    namespace: every series and event log of one namespace lives on one shard, so their
+    multi-record writes are atomic. Metadata (key slot) stays on each shard.
+
+    **Atomicity.** Single-key writes, ``modify``, ``pop`` and ``setdefault`` are atomic
+    on the owning shard (across processes where that backend is). A batch or
+    ``update()`` touching several shards takes every involved shard's exclusive section
+    (in shard order) and writes each shard atomically, but the shards commit one after
+    the other: a crash in between can apply a batch on some shards only. The same holds
+    for dot-name branch writes whose leaves sit on different shards. ``clear`` empties
+    the shards one by one.
+
+    **Encryption.** Options and encryption are those of the first shard: every shard
+    holds records in its format. With encryption, open all shards with one password and
+    always read them through this adapter. Thread-safe as the shards are.
+    """
+
+    scheme: ClassVar[str] = "sharded"
+
+    def __init__(
+        self,
+        shards: Sequence[Store],
+        placement: Callable[[str], int] | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        close_inner: bool = False,
+    ) -> None:
+        if not isinstance(shards, Sequence):  # a Store is a Mapping, not a Sequence
+            raise OptionTypeError("Sharded takes a list of stores")
+        stores = tuple(shards)
+        if not stores:
+            raise InvalidOptionError("Sharded needs at least one store")
+        if placement is not None and not callable(placement):
+            raise OptionTypeError("placement must be a callable key -> shard index")
+        if names is None:
+            labels = [str(i) for i in range(len(stores))]
+        else:
+            labels = list(names)
+            if not all(isinstance(n, str) for n in labels):
+                raise OptionTypeError("shard names must be str")
+            if len(labels) != len(stores) or len(set(labels)) != len(labels):
+                raise InvalidOptionError("give one distinct name per shard")
+        super().__init__(stores, stores[0], close_inner=close_inner)
+        self._shards = stores
+        self._names = tuple(labels)
+        self._placement = placement
+        # Hash the shard name once; each lookup copies the state and feeds the key.
+        self._seeds = [
+            hashlib.blake2b(b"mappingstore-shard\x00" + _text_bytes(n) + b"\x00", digest_size=8)
+            for n in labels
+        ]
+
+    @property
+    def shard_names(self) -> tuple[str, ...]:
+        """The shard names used for hashing."""
+        return self._names
+
+    @property
+    def url(self) -> str:
+        """The URLs of the shards, for display: not one URL (reopen with ``open_sharded``)."""
+        return "sharded:[" + ", ".join(s.url for s in self._shards) + "]"
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<Sharded{state} [{self._inner_reprs()}]>"
+
+    # -- placement ----------------------------------------------------------------------
+
+    def _rendezvous(self, data: bytes) -> int:
+        best, best_score = 0, -1
+        for i, seed in enumerate(self._seeds):
+            h = seed.copy()
+            h.update(data)
+            score = int.from_bytes(h.digest(), "big")
+            if score > best_score:
+                best, best_score = i, score
+        return best
+
+    def _owner(self, ns: str, key: str) -> int:
+        if ns == META_NS:
+            return 0
+        if ns.startswith(INTERNAL_PREFIX):
+            # A series/event log writes several records at once: keep a namespace's
+            # records together so that each such write is atomic on one shard.
+            return self._rendezvous(b"\x00ns\x00" + _text_bytes(ns))
+        if self._placement is None:
+            return self._rendezvous(_text_bytes(key))
+        index = self._placement(key)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise OptionTypeError(f"placement({key!r}) returned {index!r}, not an int")
+        if not 0 <= index < len(self._shards):
+            last = len(self._shards) - 1
+            raise InvalidOptionError(
+                f"placement({key!r}) returned {index}, not a shard index in 0..{last}"
+            )
+        return index
+
+    def shard_of(self, key: str) -> int:
+        """The index of the shard that holds (or would hold) *key*."""
+        return self._owner(self._ns, key)
+
+    def rebalance(self) -> int:
+        """Move every record that is not on its owning shard; return how many moved.
+
+        Run it after adding, removing or reordering shards, before other use. A record
+        already present on the owning shard (written since) is kept, and the misplaced
+        copy dropped. Safe to rerun after an interruption.
+        """
+        self._check_writable()
+        moved = 0
+        for i, shard in enumerate(self._shards):
+            for ns in list(shard._namespaces()):
+                if ns == META_NS:
+                    continue
+                for key in list(shard._iter_keys(ns, "")):
+                    j = self._owner(ns, key)
+                    if j == i:
+                        continue
+                    rec = shard._get_record(ns, key)
+                    if rec is None:
+                        continue
+
+                    def place(current: Record | None, rec: Record = rec) -> Any:
+                        return KEEP if current is not None else rec
+
+                    # Copy first, then delete: an interruption leaves a duplicate that
+                    # a rerun removes, never a lost record.
+                    self._shards[j]._update(ns, key, place)
+                    shard._delete(ns, key)
+                    moved += 1
+        return moved
+
+    # -- reads (docstrings inherited) ---------------------------------------------------
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        return self._shards[self._owner(ns, key)]._get_record(ns, key)
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        return self._shards[self._owner(ns, key)]._get(ns, key)
+
+    def _contains(self, ns: str, key: str) -> bool:
+        return self._shards[self._owner(ns, key)]._contains(ns, key)
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            groups[self._owner(ns, key)].append(i)
+        out: list[bytes | None] = [None] * len(keys)
+        for shard, indexes in groups.items():
+            found = self._shards[shard]._get_many(ns, [keys[i] for i in indexes])
+            for i, data in zip(indexes, found, strict=True):
+                out[i] = data
+        return out
+
+    def _listed(self, ns: str) -> tuple[Store, ...]:
+        return (self._shards[0],) if ns == META_NS else self._shards
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        for shard in self._listed(ns):
+            yield from shard._iter_keys(ns, prefix)
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        for shard in self._listed(ns):
+            yield from shard._iter_items(ns, prefix)
+
+    def _count(self, ns: str) -> int:
+        return sum(shard._count(ns) for shard in self._listed(ns))
+
+    def _namespaces(self) -> Iterable[str]:
+        found: dict[str, None] = {}
+        for shard in self._shards:
+            found.update(dict.fromkeys(shard._namespaces()))
+        return list(found)
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        self._shards[self._owner(ns, key)]._put(ns, key, data, expires)
+
+    def _delete(self, ns: str, key: str) -> bool:
+        return self._shards[self._owner(ns, key)]._delete(ns, key)
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        groups: dict[int, list[Op]] = defaultdict(list)
+        for op in ops:
+            groups[self._owner(op.ns, op.key)].append(op)
+        if len(groups) <= 1:
+            for shard, shard_ops in groups.items():
+                self._shards[shard]._apply(shard_ops)
+            return
+        order = sorted(groups)
+        with self._all_exclusive([self._shards[i] for i in order]):
+            for shard in order:
+                self._shards[shard]._apply(groups[shard])
+
+    def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        self._shards[self._owner(ns, key)]._update(ns, key, fn)
+
+    def _clear(self, ns: str) -> None:
+        for shard in self._listed(ns):
+            shard._clear(ns)
+
+    def _purge_expired(self, ns: str) -> int:
+        return sum(shard._purge_expired(ns) for shard in self._listed(ns))
+
+    def _exclusive(self) -> Any:
+        return self._all_exclusive(self._shards)

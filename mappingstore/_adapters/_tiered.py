@@ -1,0 +1,252 @@
+"""``Tiered([fast, ..., slow])``: reads try the fast tiers first; writes go to all."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from .._store import KEEP, Op, Record, Store
+from ..errors import InvalidOptionError, OptionTypeError
+from ._base import META_NS, Adapter
+
+__all__ = ["Tiered"]
+
+_STRIPES = 64
+_LOCKS = 16
+
+
+class Tiered(Adapter):
+    """A stack of stores, fastest first; the last (slowest) tier is the authoritative one.
+
+    * **Reads** try each tier in order. A hit in a slower tier is copied, as the raw
+      record with its expiry, into every faster tier (promotion); a miss everywhere
+      raises a plain ``KeyError`` (:class:`~mappingstore.errors.MissingKeyError`).
+    * **Writes** (set, delete, ``modify``, batches) go to every tier in an order that a
+      crash cannot turn into a wrong read: the key is first removed from the faster
+      tiers, then written to the slowest tier, then to the faster tiers from slow to
+      fast. Deletes go from the fastest tier to the slowest. A crash in between leaves
+      at worst a faster tier *without* the key, and the next read promotes it again.
+    * ``modify``, ``pop`` and ``setdefault`` run atomically on the slowest tier (across
+      processes if that backend is shared), then update the faster tiers.
+    * **Listing**, ``len``, ``items()`` and ``namespaces()`` come from the slowest tier;
+      ``clear`` empties every tier.
+
+    Options and encryption are those of the slowest tier; every tier holds records in
+    its format (with encryption, open the tiers with the same password and always read
+    them through this adapter). The store's metadata stays in each tier.
+
+    Thread-safe: writes of one key through this object are serialised (striped
+    locks), and a promotion never copies a record over a newer write or delete.
+    Processes: a faster tier only learns about writes made through a ``Tiered`` over
+    it. If another process writes the slowest tier directly, or through its own
+    private fast tier, this process's private fast tier keeps serving its old copy
+    (use :class:`~mappingstore.Cached` with ``ttl=`` for that case); writes of one key
+    by several processes through a *shared* fast tier are not serialised with each
+    other. Atomicity: each tier's write is atomic; the tiers are not written in one
+    transaction.
+    """
+
+    scheme: ClassVar[str] = "tiered"
+
+    def __init__(self, stores: Sequence[Store], *, close_inner: bool = False) -> None:
+        if not isinstance(stores, Sequence):  # a Store is a Mapping, not a Sequence
+            raise OptionTypeError("Tiered takes a list of stores, fastest first")
+        tiers = tuple(stores)
+        if not tiers:
+            raise InvalidOptionError("Tiered needs at least one store")
+        super().__init__(tiers, tiers[-1], close_inner=close_inner)
+        self._tiers = tiers
+        self._slow = tiers[-1]
+        self._fast = tiers[:-1]
+        self._gen_lock = threading.Lock()
+        self._gens = [0] * _STRIPES
+        # Two writes of one key through this adapter must not interleave across tiers
+        # (A to slow, B to slow, B to fast, A to fast would leave A in the fast tier).
+        # Striped locks, always taken before any tier's own lock: never a deadlock.
+        self._key_locks = [threading.RLock() for _ in range(_LOCKS)]
+
+    @property
+    def url(self) -> str:
+        """The URLs of the tiers, for display: not one URL (reopen with ``open_tiered``)."""
+        return "tiered:[" + ", ".join(t.url for t in self._tiers) + "]"
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<Tiered{state} [{self._inner_reprs()}]>"
+
+    # -- write serialisation and promotion guard ---------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, keys: Iterable[tuple[str, str]]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for i in sorted({hash(ck) % _LOCKS for ck in keys}):
+                stack.enter_context(self._key_locks[i])
+            yield
+
+    # A read never copies an old record over a newer write:
+
+    def _bump(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._gen_lock:
+            for ck in keys:
+                self._gens[hash(ck) % _STRIPES] += 1
+
+    def _promote(self, ns: str, key: str, rec: Record, upto: int, gen: int) -> None:
+        stripe = hash((ns, key)) % _STRIPES
+
+        def fill(current: Record | None) -> Any:
+            # Runs inside the tier's own atomic section: a write through this adapter
+            # that began after our read bumped the generation, and then wins.
+            if current is not None or self._gens[stripe] != gen:
+                return KEEP
+            return rec
+
+        for tier in reversed(self._fast[:upto]):
+            tier._update(ns, key, fill)
+
+    # -- reads (docstrings inherited) ---------------------------------------------------
+
+    def _get_record(self, ns: str, key: str) -> Record | None:
+        if ns == META_NS:
+            return self._slow._get_record(ns, key)
+        gen = self._gens[hash((ns, key)) % _STRIPES]
+        for i, tier in enumerate(self._tiers):
+            rec = tier._get_record(ns, key)
+            if rec is not None:
+                if i:
+                    self._promote(ns, key, rec, i, gen)
+                return rec
+        return None
+
+    def _get(self, ns: str, key: str) -> bytes | None:
+        rec = self._get_record(ns, key)
+        return None if rec is None else rec[0]
+
+    def _contains(self, ns: str, key: str) -> bool:
+        return self._get_record(ns, key) is not None
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        if ns == META_NS:
+            return self._slow._get_many(ns, keys)
+        out: list[bytes | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for tier in self._fast:  # one round trip per fast tier for what is still missing
+            found = tier._get_many(ns, [keys[i] for i in todo])
+            rest = []
+            for i, data in zip(todo, found, strict=True):
+                if data is None:
+                    rest.append(i)
+                else:
+                    out[i] = data
+            todo = rest
+            if not todo:
+                return out
+        for i in todo:  # misses of every fast tier: read (and promote) the record
+            out[i] = self._get(ns, keys[i])
+        return out
+
+    def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
+        return self._slow._iter_keys(ns, prefix)
+
+    def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        return self._slow._iter_items(ns, prefix)
+
+    def _count(self, ns: str) -> int:
+        return self._slow._count(ns)
+
+    def _namespaces(self) -> Iterable[str]:
+        return self._slow._namespaces()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        if ns == META_NS:
+            self._slow._put(ns, key, data, expires)
+            return
+        self._apply([Op(ns, key, data, expires)])
+
+    def _delete(self, ns: str, key: str) -> bool:
+        if ns == META_NS:
+            return self._slow._delete(ns, key)
+        with self._locked([(ns, key)]):
+            self._bump([(ns, key)])
+            existed = False
+            try:
+                for tier in self._tiers:  # fastest first: a crash leaves it in the slow tier
+                    existed = tier._delete(ns, key) or existed
+            finally:
+                self._bump([(ns, key)])
+        return existed
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        if not ops:
+            return
+        meta = [op for op in ops if op.ns == META_NS]
+        ops = [op for op in ops if op.ns != META_NS]
+        if meta:
+            self._slow._apply(meta)
+        keys = [(op.ns, op.key) for op in ops]
+        with self._locked(keys):
+            self._bump(keys)
+            try:
+                drop = [Op(ns, key, None, None) for ns, key in dict.fromkeys(keys)]
+                for tier in self._fast:  # no fast tier may keep an old value if we crash
+                    tier._apply(drop)
+                self._slow._apply(ops)
+                for tier in reversed(self._fast):
+                    tier._apply(ops)
+            finally:
+                self._bump(keys)
+
+    def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        if ns == META_NS:
+            self._slow._update(ns, key, fn)
+            return
+        seen: list[Any] = []
+
+        def step(rec: Record | None) -> Any:
+            seen.clear()
+            new = fn(rec)
+            seen.extend((rec, new))
+            return new
+
+        with self._locked([(ns, key)]):
+            self._bump([(ns, key)])
+            try:
+                for tier in self._fast:
+                    tier._delete(ns, key)
+                self._slow._update(ns, key, step)
+                if seen:
+                    current, new = seen
+                    result = current if new is KEEP else new
+                    if result is not None:
+                        for tier in reversed(self._fast):
+                            tier._put(ns, key, result[0], result[1])
+            finally:
+                self._bump([(ns, key)])
+
+    def _clear(self, ns: str) -> None:
+        with self._locked_all():
+            with self._gen_lock:
+                self._gens = [g + 1 for g in self._gens]
+            for tier in self._tiers:  # fastest first, as deletes
+                tier._clear(ns)
+
+    def _purge_expired(self, ns: str) -> int:
+        counts = [tier._purge_expired(ns) for tier in self._tiers]
+        return counts[-1]
+
+    @contextlib.contextmanager
+    def _locked_all(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for lock in self._key_locks:
+                stack.enter_context(lock)
+            yield
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        # Our key locks first (as every write), then the tiers slowest first: the tier
+        # other writers contend on; a fixed order avoids deadlocks.
+        with self._locked_all(), self._all_exclusive(tuple(reversed(self._tiers))):
+            yield
