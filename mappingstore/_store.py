@@ -532,10 +532,14 @@ class Store(MutableMapping[str, Any]):
             from . import _tree
 
             return _tree.get_item(self, "", key)
-        k = check_key(key)
+        # Every read passes here: the common key (ASCII text) skips the full check, and a
+        # plain record skips the decode dispatch. Both fall back to the general path.
+        k = key if type(key) is str and key and key.isascii() else check_key(key)
         data = self._rget(self._ns, k) if self._nbatch else self._get(self._ns, k)
         if data is None:
             raise MissingKeyError(key)
+        if data[:2] == PLAIN_HEADER:
+            return decode_plain(data)
         return self._decode(self._ns, k, data)
 
     def get(self, key: str, default: Any = None) -> Any:
