@@ -43,6 +43,14 @@ _SCHEMES: dict[str, str | type[Store]] = {
     "postgresql": "mappingstore._postgres:PostgresStore",
     "postgres": "mappingstore._postgres:PostgresStore",
 }
+# Optional-dependency extra of each built-in scheme whose driver is not a core dependency.
+_EXTRAS: dict[str, str] = {
+    "redis": "redis",
+    "rediss": "redis",
+    "redis+cluster": "redis",
+    "postgresql": "postgres",
+    "postgres": "postgres",
+}
 _LOCK = threading.Lock()
 _ENTRY_POINTS_LOADED = False
 
@@ -95,9 +103,15 @@ def resolve_scheme(scheme: str) -> type[Store]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        extra = _EXTRAS.get(scheme.lower())
+        hint = (
+            f"pip install 'mappingstore[{extra}]'"
+            if extra
+            else "pip install the package that provides this backend"
+        )
         raise UnknownSchemeError(
-            f"the backend for {scheme}:// cannot be imported ({exc}); is its optional "
-            f"dependency installed? e.g. pip install 'mappingstore[{scheme.split('+')[0]}]'"
+            f"the backend for {scheme}:// cannot be imported ({exc}); "
+            f"is its dependency installed? ({hint})"
         ) from exc
     cls: type[Store] = getattr(module, attr)
     return cls
