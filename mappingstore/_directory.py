@@ -37,7 +37,6 @@ import re
 import shutil
 import struct
 import threading
-import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -46,7 +45,7 @@ import msgpack
 
 from ._filelock import FileLock, current_pid, lock_timeout_option
 from ._store import Op, Record, Store
-from ._url import file_path, parse_bool, parse_url
+from ._url import file_path, file_url, parse_bool, parse_url
 from .errors import (
     BackendError,
     CorruptValueError,
@@ -304,14 +303,12 @@ class DirectoryStore(Store):
     @property
     def url(self) -> str:
         """docstring inherited"""
-        # Quoted: parse_url() unquotes, and "?", "#" or "%" in a path must survive.
-        base = f"dir:///{urllib.parse.quote(self._root)}"
         query = []
         if not self._durable:
             query.append("durable=false")
         if self._lock_timeout is not None:
             query.append(f"lock_timeout={self._lock_timeout:g}")
-        return base + ("?" + "&".join(query) if query else "")
+        return file_url(self.scheme, self._root, query)
 
     @property
     def path(self) -> str:

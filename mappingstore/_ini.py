@@ -35,7 +35,7 @@ from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._filelock import FileLock, lock_timeout_option
 from ._keys import INTERNAL_PREFIX, internal_ns
 from ._store import Op, Record, Store
-from ._url import file_path, parse_bool, parse_url
+from ._url import file_path, file_url, parse_bool, parse_url
 from .errors import (
     BackendError,
     CorruptValueError,
@@ -514,14 +514,12 @@ class IniStore(Store):
     @property
     def url(self) -> str:
         """docstring inherited"""
-        # Quoted: parse_url() unquotes, and "?", "#" or "%" in a path must survive.
-        base = f"ini:///{urllib.parse.quote(self._file)}"
         query = []
         if not self._durable:
             query.append("durable=false")
         if self._lock_timeout is not None:
             query.append(f"lock_timeout={self._lock_timeout:g}")
-        return base + ("?" + "&".join(query) if query else "")
+        return file_url(self.scheme, self._file, query)
 
     @property
     def path(self) -> str:

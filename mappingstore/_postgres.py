@@ -42,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from ._store import KEEP, Op, Record, Store
-from ._url import parse_url, redact
+from ._url import parse_float, parse_int, parse_url, redact
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -88,27 +88,13 @@ _LIBPQ_OPTIONS = (
 )
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError as exc:
-        raise InvalidOptionError(f"expected an integer, got {text!r}") from exc
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise InvalidOptionError(f"expected a number, got {text!r}") from exc
-
-
 _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "table": str,
     "schema": str,
-    "pool_min_size": _int,
-    "pool_max_size": _int,
-    "pool_timeout": _float,
-    "connect_timeout": _float,
+    "pool_min_size": parse_int,
+    "pool_max_size": parse_int,
+    "pool_timeout": parse_float,
+    "connect_timeout": parse_float,
     **dict.fromkeys(_LIBPQ_OPTIONS, str),
 }
 

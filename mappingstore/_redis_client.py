@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from ._url import ParsedURL, parse_bool, parse_url, redact
+from ._url import ParsedURL, parse_bool, parse_float, parse_int, parse_url, redact
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -48,28 +48,14 @@ __all__ = [
 SCHEMES = ("redis", "rediss", "redis+cluster")
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError as exc:
-        raise InvalidOptionError(f"expected an integer, got {text!r}") from exc
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise InvalidOptionError(f"expected a number, got {text!r}") from exc
-
-
 #: Redis options accepted in the URL query (and as keyword arguments).
 URL_OPTIONS: dict[str, Callable[[str], Any]] = {
-    "db": _int,
-    "socket_timeout": _float,
-    "socket_connect_timeout": _float,
-    "health_check_interval": _float,
-    "max_connections": _int,
-    "retries": _int,
+    "db": parse_int,
+    "socket_timeout": parse_float,
+    "socket_connect_timeout": parse_float,
+    "health_check_interval": parse_float,
+    "max_connections": parse_int,
+    "retries": parse_int,
     "client_name": str,
     "ssl": parse_bool,
     "ssl_cert_reqs": str,

@@ -30,7 +30,7 @@ from operator import itemgetter
 from typing import Any, ClassVar
 
 from ._store import Op, Record, Store
-from ._url import file_path, parse_url
+from ._url import file_path, file_url, parse_url
 from .errors import (
     BackendError,
     InvalidOptionError,
@@ -411,16 +411,14 @@ class SQLiteStore(Store):
     @property
     def url(self) -> str:
         """docstring inherited"""
-        if self._memory:
-            base = "sqlite://:memory:"
-        else:
-            base = "sqlite:///" + urllib.parse.quote(self._path)
         query = []
         if self._sync != "normal":
             query.append(f"synchronous={self._sync}")
         if self._timeout != 30.0:
             query.append(f"timeout={self._timeout:g}")
-        return base + ("?" + "&".join(query) if query else "")
+        if self._memory:
+            return "sqlite://:memory:" + ("?" + "&".join(query) if query else "")
+        return file_url(self.scheme, self._path, query)
 
     @property
     def path(self) -> str:

@@ -15,7 +15,17 @@ from typing import Any
 
 from .errors import InvalidOptionError, InvalidURLError
 
-__all__ = ["OPTION_TYPES", "ParsedURL", "file_path", "parse_bool", "parse_url", "redact"]
+__all__ = [
+    "OPTION_TYPES",
+    "ParsedURL",
+    "file_path",
+    "file_url",
+    "parse_bool",
+    "parse_float",
+    "parse_int",
+    "parse_url",
+    "redact",
+]
 
 
 def parse_bool(text: str) -> bool:
@@ -28,11 +38,20 @@ def parse_bool(text: str) -> bool:
     raise InvalidOptionError(f"expected a boolean, got {text!r}")
 
 
-def _float(text: str) -> float:
+def parse_float(text: str) -> float:
+    """Parse a numeric URL option."""
     try:
         return float(text)
     except ValueError as exc:
         raise InvalidOptionError(f"expected a number, got {text!r}") from exc
+
+
+def parse_int(text: str) -> int:
+    """Parse an integer URL option."""
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise InvalidOptionError(f"expected an integer, got {text!r}") from exc
 
 
 def _optional_bool(text: str) -> bool | None:
@@ -47,7 +66,7 @@ OPTION_TYPES: dict[str, Callable[[str], Any]] = {
     "encrypt": _optional_bool,
     "dot_names": parse_bool,
     "readonly": parse_bool,
-    "ttl": _float,
+    "ttl": parse_float,
 }
 
 _SECRET_QUERY = re.compile(r"(?i)^(password|passwd|pwd|secret|token|key|salt)$")
@@ -128,6 +147,16 @@ def file_path(parsed: ParsedURL) -> str:
 
 # The password runs to the LAST "@" before the path (as urllib splits it), so an unescaped
 # "@" or ":" inside it is hidden too; whitespace ends a URL inside a longer message.
+def file_url(scheme: str, path: str, query: list[str]) -> str:
+    """The inverse of :func:`file_path` for an absolute *path*: ``scheme:////abs/path?q``.
+
+    The path is quoted: :func:`parse_url` unquotes, and ``?``, ``#`` or ``%`` in a path
+    must survive the round trip. *query* holds ``name=value`` items (already formatted).
+    """
+    base = f"{scheme}:///{urllib.parse.quote(path)}"
+    return base + ("?" + "&".join(query) if query else "")
+
+
 _USERINFO = re.compile(r"(?P<pre>://[^/@:\s]*:)(?P<pw>[^/\s]*)(?P<post>@)")
 
 
