@@ -224,18 +224,7 @@ class SharedMemoryStore(Store):
         seg.init(16)
 
     def _map(self, gen: int) -> Segment:
-        for _ in range(100):
-            self._h.check_not_deleted(gen)
-            try:
-                return Segment(gen, self._h.open_data(gen))
-            except FileNotFoundError:
-                newer = self._h.generation
-                if newer == gen:
-                    raise StoreCorruptError(
-                        f"the data segment of shm://{self._name} ({SHM_DIR}) is missing"
-                    ) from None
-                gen = newer  # replaced while we opened it: follow
-        raise StoreCorruptError(f"shm://{self._name} keeps changing generation")  # pragma: no cover
+        return self._h.map_current(gen, Segment, f"shm://{self._name} ({SHM_DIR})")
 
     def _current(self) -> Segment:
         """The published segment, remapped if a writer replaced it (cheap when not)."""

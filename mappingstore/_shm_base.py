@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import TypeVar
 
 from .errors import (
     BackendError,
@@ -61,6 +62,8 @@ __all__ = [
     "Handle",
     "check_name",
 ]
+
+T = TypeVar("T")
 
 SHM_DIR = "/dev/shm"
 #: Names are one path component of safe characters; "." separates the generation.
@@ -426,6 +429,24 @@ class Handle:
         """Raise :class:`StoreNotFoundError` if *gen* says the object was unlinked."""
         if gen == DELETED:
             raise StoreNotFoundError(f"shared memory {self.base} was unlinked")
+
+    def map_current(self, gen: int, wrap: Callable[[int, mmap.mmap], T], what: str) -> T:
+        """Map data generation *gen*, following newer generations published meanwhile.
+
+        A writer may replace the segment between reading the generation and opening its
+        file; the missing file then means "look again", unless the generation did not
+        move, which means the segment is really gone. *what* names the object in errors.
+        """
+        for _ in range(100):
+            self.check_not_deleted(gen)
+            try:
+                return wrap(gen, self.open_data(gen))
+            except FileNotFoundError:
+                newer = self.generation
+                if newer == gen:
+                    raise StoreCorruptError(f"the data segment of {what} is missing") from None
+                gen = newer  # replaced while we opened it: follow
+        raise StoreCorruptError(f"{what} keeps changing generation")  # pragma: no cover
 
     def open_data(self, gen: int) -> mmap.mmap:
         """Map data generation *gen* (``FileNotFoundError`` if it was replaced meanwhile)."""

@@ -137,20 +137,7 @@ class SharedBytes:
         _BSeg(1, handle.create_data(1, _seg_size(2 * (_REC_SIZE + self._initial))), fresh=True)
 
     def _map(self, gen: int) -> _BSeg:
-        for _ in range(100):
-            self._h.check_not_deleted(gen)
-            try:
-                return _BSeg(gen, self._h.open_data(gen))
-            except FileNotFoundError:
-                newer = self._h.generation
-                if newer == gen:
-                    raise StoreCorruptError(
-                        f"the data segment of SharedBytes {self._name!r} is missing"
-                    ) from None
-                gen = newer
-        raise StoreCorruptError(
-            f"SharedBytes {self._name!r} keeps changing generation"
-        )  # pragma: no cover
+        return self._h.map_current(gen, _BSeg, f"SharedBytes {self._name!r}")
 
     def _current(self) -> _BSeg:
         if self._closed:
