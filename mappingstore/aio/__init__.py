@@ -1,0 +1,13 @@
+"""``mappingstore.aio``: the async API, for use from ``asyncio`` code.
+
+``store = await mappingstore.aio.open(url, **options)`` gives an :class:`AsyncStore` whose
+methods are coroutines with exactly the semantics and the errors of the sync
+:class:`~mappingstore.Store` (the same codec, encryption, key checks and URL parsing: it
+*is* the sync store, driven from a worker thread). See ``docs/guides/async.md``.
+"""
+
+from __future__ import annotations
+
+from ._store import AsyncEventLog, AsyncSeries, AsyncStore, open
+
+__all__ = ["AsyncEventLog", "AsyncSeries", "AsyncStore", "open"]

@@ -1,0 +1,639 @@
+"""The async wrappers: every call runs the sync store's method on a worker thread.
+
+Why threads and not native async drivers (yet): the sync store already holds every rule
+(codec, encryption, key checks, TTL, batches, atomic read-modify-write); driving it from a
+worker thread reuses all of it unchanged, so the async API cannot drift from the sync one.
+
+Why ONE worker thread per store: some backends keep per-thread state (SQLite has one
+connection per thread), and a sync :meth:`~mappingstore.Store.batch` is thread-local. A
+``ThreadPoolExecutor(max_workers=1)`` runs the calls of one :class:`AsyncStore` on one
+thread, in the order they were made. A batch gets a thread of its own for its lifetime
+(see :class:`_AsyncBatch`), so the writes of other tasks are never captured by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import itertools
+import types
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from .._keys import MISSING
+from .._store import Store
+from ..errors import OptionTypeError, StoreClosedError
+
+if TYPE_CHECKING:
+    from .._events import Event, EventLog
+    from .._series import Series
+
+__all__ = ["AsyncEventLog", "AsyncSeries", "AsyncStore", "open"]
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+#: How many keys (or items) one trip to the worker thread fetches while iterating.
+CHUNK_SIZE = 256
+
+
+class _Lane:
+    """The dedicated thread of one open :meth:`AsyncStore.batch`."""
+
+    __slots__ = ("executor", "open", "owner")
+
+    def __init__(self, owner: AsyncStore, executor: ThreadPoolExecutor) -> None:
+        self.owner = owner
+        self.executor = executor
+        self.open = True
+
+
+#: The batches open in the current context, by ``id(AsyncStore)``. A context variable:
+#: the task that entered ``async with store.batch()`` (and the tasks it creates inside,
+#: which copy its context) route their calls to the batch's thread; every other task
+#: keeps using the store's main worker thread and is not part of the batch.
+_LANES: contextvars.ContextVar[Mapping[int, _Lane]] = contextvars.ContextVar(
+    "mappingstore_aio_lanes", default=types.MappingProxyType({})
+)
+
+
+def _take(it: Iterator[T], n: int) -> list[T]:
+    return list(itertools.islice(it, n))
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise OptionTypeError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _new_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mappingstore-aio")
+
+
+async def open(url: str = "memory://", **options: Any) -> AsyncStore:
+    """Open the store named by *url* (exactly as :func:`mappingstore.open`) in a worker
+    thread and return it as an :class:`AsyncStore`."""
+    from .._registry import open as open_sync
+
+    executor = _new_executor()
+    opening: Future[Store] = executor.submit(functools.partial(open_sync, url, **options))
+    try:
+        store = await asyncio.wrap_future(opening)
+    except asyncio.CancelledError:
+        # The open may be running already and cannot be stopped: close what it returns.
+        executor.submit(_close_opened, opening)
+        executor.shutdown(wait=False)
+        raise
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    return AsyncStore(store, _executor=executor)
+
+
+def _close_opened(opening: Future[Store]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
+class AsyncStore:
+    """An ``asyncio`` front end to a sync :class:`~mappingstore.Store`.
+
+    Get one with ``await mappingstore.aio.open(url, **options)`` or wrap an open store with
+    ``AsyncStore(store)`` (closing the :class:`AsyncStore` then closes *store*). Every
+    method is a coroutine with exactly the semantics and errors of the sync method of the
+    same name; ``store[k]`` becomes ``await store.getitem(k)``, ``k in store`` becomes
+    ``await store.contains(k)``, ``len(store)`` becomes ``await store.len()``.
+
+    Thread and task safety: the calls run on one worker thread of this store, one at a
+    time, in the order they were made, so the event loop never blocks on I/O. Any number
+    of tasks may share one :class:`AsyncStore`. A cancelled call that already started
+    still completes in the worker (a thread cannot be interrupted); one that had not
+    started is dropped. Multi-process behaviour is the backend's (see its docs).
+
+    Limits: this release drives the sync backends from a thread: Redis and PostgreSQL do
+    not use their drivers' native async I/O yet, so each store uses one thread (plus one
+    per open :meth:`batch`) rather than none. Callables passed in (``modify``'s *fn*) run
+    in the worker thread, not in the event loop.
+    """
+
+    __slots__ = ("_closed", "_executor", "_store")
+
+    def __init__(self, store: Store, *, _executor: ThreadPoolExecutor | None = None) -> None:
+        if not isinstance(store, Store):
+            raise OptionTypeError(f"AsyncStore wraps a Store, not {type(store).__qualname__}")
+        self._store = store
+        self._executor = _executor if _executor is not None else _new_executor()
+        self._closed = False
+
+    # -- running calls ------------------------------------------------------------------
+
+    def _executor_for_caller(self) -> ThreadPoolExecutor:
+        lane = _LANES.get().get(id(self))
+        if lane is not None and lane.open and lane.owner is self:
+            return lane.executor
+        return self._executor
+
+    async def _run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        if self._closed:
+            raise StoreClosedError(f"{type(self._store).__name__} is closed")
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs) if (args or kwargs) else fn
+        return await loop.run_in_executor(self._executor_for_caller(), call)
+
+    async def _chunks(self, make: Callable[[], Iterator[T]], chunk_size: int) -> AsyncIterator[T]:
+        """Yield what ``make()`` yields, fetching *chunk_size* at a time in the worker."""
+        n = _check_chunk_size(chunk_size)
+        it = await self._run(make)
+        try:
+            while True:
+                chunk = await self._run(_take, it, n)
+                for x in chunk:
+                    yield x
+                if len(chunk) < n:
+                    return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None and not self._closed:
+                # Releases what the sync iterator holds (e.g. a pooled SQLite reader).
+                await self._run(close)
+
+    # -- the mapping --------------------------------------------------------------------
+
+    async def getitem(self, key: str) -> Any:
+        """``store[key]``: the value, or :class:`~mappingstore.errors.MissingKeyError`
+        (a ``KeyError``)."""
+        return await self._run(self._store.__getitem__, key)
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The value of *key*, or *default* when it is missing."""
+        return await self._run(self._store.get, key, default)
+
+    async def set(
+        self, key: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None
+    ) -> None:
+        """Store *value* at *key* (see :meth:`mappingstore.Store.set`)."""
+        await self._run(self._store.set, key, value, ttl=ttl, encrypt=encrypt)
+
+    async def delete(self, key: str) -> None:
+        """``del store[key]``; ``KeyError`` if it is missing."""
+        await self._run(self._store.__delitem__, key)
+
+    async def contains(self, key: str) -> bool:
+        """``key in store``."""
+        return await self._run(self._store.__contains__, key)
+
+    async def len(self) -> int:
+        """``len(store)``."""
+        return await self._run(self._store.__len__)
+
+    def keys(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[str]:
+        """``async for key in store.keys()``: the keys, fetched *chunk_size* at a time.
+
+        The worker thread advances the sync iterator, so a big store is never read at
+        once. Leaving the loop early keeps the iterator until it is garbage collected;
+        wrap it in :func:`contextlib.aclosing` to release it at once.
+        """
+        return self._chunks(self._store.__iter__, chunk_size)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.keys()
+
+    def items(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[tuple[str, Any]]:
+        """``async for key, value in store.items()``, fetched *chunk_size* pairs at a time."""
+        return self._chunks(lambda: iter(self._store.items()), chunk_size)
+
+    def values(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[Any]:
+        """``async for value in store.values()``, fetched *chunk_size* at a time."""
+        return self._chunks(lambda: iter(self._store.values()), chunk_size)
+
+    def names(self, prefix: str = "", *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[str]:
+        """Every full key name starting with *prefix* (see :meth:`mappingstore.Store.names`)."""
+        return self._chunks(lambda: self._store.names(prefix), chunk_size)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Values of the *keys* that exist, in one round trip."""
+        return await self._run(self._store.get_many, list(keys))
+
+    async def set_many(
+        self,
+        items: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        ttl: float | None = None,
+        encrypt: bool | None = None,
+    ) -> None:
+        """Store many items atomically."""
+        pairs = dict(items) if isinstance(items, Mapping) else list(items)
+        await self._run(self._store.set_many, pairs, ttl=ttl, encrypt=encrypt)
+
+    async def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like ``dict.update``; every write commits together."""
+        await self._run(self._store.update, other, **kwargs)
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete the *keys* that exist, atomically; return how many existed."""
+        return await self._run(self._store.delete_many, list(keys))
+
+    async def pop(self, key: str, default: Any = MISSING) -> Any:
+        """Remove *key* and return its value; *default* or ``KeyError`` if missing."""
+        return await self._run(self._store.pop, key, default)
+
+    async def popitem(self) -> tuple[str, Any]:
+        """Remove and return some ``(key, value)``; ``KeyError`` when empty."""
+        return await self._run(self._store.popitem)
+
+    async def setdefault(self, key: str, default: Any = None) -> Any:
+        """Atomically insert *default* if *key* is missing; return the stored value."""
+        return await self._run(self._store.setdefault, key, default)
+
+    async def clear(self) -> None:
+        """Remove every item of this namespace."""
+        await self._run(self._store.clear)
+
+    async def modify(self, key: str, fn: Callable[[Any], Any], default: Any = MISSING) -> Any:
+        """Atomically replace the value of *key* with ``fn(value)``; return the new value.
+
+        *fn* is a plain (not async) callable and runs in the worker thread; it may run
+        more than once on backends with optimistic concurrency (Redis).
+        """
+        return await self._run(self._store.modify, key, fn, default)
+
+    async def to_dict(self) -> dict[str, Any]:
+        """A plain ``dict`` copy."""
+        return await self._run(self._store.to_dict)
+
+    # -- TTL ----------------------------------------------------------------------------
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds until *key* expires, ``None`` if never; ``KeyError`` if missing."""
+        return await self._run(self._store.ttl, key)
+
+    async def expire(self, key: str, ttl: float | None) -> None:
+        """Set *key* to expire in *ttl* seconds (``None`` or ``FOREVER``: never)."""
+        await self._run(self._store.expire, key, ttl)
+
+    async def purge_expired(self) -> int:
+        """Physically remove expired items of this namespace; return how many."""
+        return await self._run(self._store.purge_expired)
+
+    # -- batches ------------------------------------------------------------------------
+
+    def batch(self) -> _AsyncBatch:
+        """``async with store.batch():`` group writes; they commit together at the end of
+        the block, or not at all if it raises (or is cancelled).
+
+        Inside the block, this task's reads see its buffered writes. Other tasks are not
+        part of the batch: their calls neither join it nor wait for it. Tasks created
+        inside the block copy its context and do join it. Nested batches join the outer.
+        """
+        return _AsyncBatch(self)
+
+    # -- names, export, encryption, info ------------------------------------------------
+
+    async def namespaces(self) -> list[str]:
+        """The namespaces of this backend that hold data (sorted)."""
+        return await self._run(self._store.namespaces)
+
+    async def export_json(self, fp: IO[str] | None = None, *, typed: bool = True) -> str | None:
+        """Export as one JSON object; the text when *fp* is None (*fp* is written in the
+        worker thread)."""
+        return await self._run(self._store.export_json, fp, typed=typed)
+
+    async def import_json(self, src: str | bytes | IO[str] | IO[bytes]) -> int:
+        """Import JSON written by :meth:`export_json`, atomically; return the item count."""
+        return await self._run(self._store.import_json, src)
+
+    async def change_password(
+        self,
+        new: str | bytes | None = None,
+        *,
+        key: bytes | None = None,
+        security: str | None = None,
+    ) -> None:
+        """Re-wrap the store's data key under a new password (or raw ``key=``)."""
+        await self._run(self._store.change_password, new, key=key, security=security)
+
+    async def info(self) -> dict[str, Any]:
+        """A description without secrets (see :meth:`mappingstore.Store.info`)."""
+        return await self._run(self._store.info)
+
+    # -- time series and event logs -----------------------------------------------------
+
+    def series(self, name: str, *, freq: int | None = None) -> AsyncSeries:
+        """The time series *name* as an :class:`AsyncSeries` (no I/O until used)."""
+        self._check_open()
+        return AsyncSeries(self, self._store.series(name, freq=freq))
+
+    def events(self, name: str) -> AsyncEventLog:
+        """The event log *name* as an :class:`AsyncEventLog` (no I/O until used)."""
+        self._check_open()
+        return AsyncEventLog(self, self._store.events(name))
+
+    async def series_names(self) -> list[str]:
+        """Names of the non-empty time series of this namespace, sorted."""
+        return await self._run(self._store.series_names)
+
+    async def event_names(self) -> list[str]:
+        """Names of the event logs of this namespace, sorted."""
+        return await self._run(self._store.event_names)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def sync(self) -> Store:
+        """The wrapped sync store. Calling it from the event loop blocks the loop."""
+        return self._store
+
+    @property
+    def url(self) -> str:
+        """A URL that reopens this store (never with a password)."""
+        return self._store.url
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this store reads and writes."""
+        return self._store.namespace
+
+    @property
+    def readonly(self) -> bool:
+        """True if the store was opened read-only."""
+        return self._store.readonly
+
+    @property
+    def dot_names(self) -> bool:
+        """True if dot names are on."""
+        return self._store.dot_names
+
+    @property
+    def encrypted(self) -> bool:
+        """True if new values are encrypted by default."""
+        return self._store.encrypted
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called (or the sync store was closed)."""
+        return self._closed or self._store.closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{type(self._store).__name__} is closed")
+
+    async def close(self) -> None:
+        """Close the store (after the calls already made) and stop its worker thread.
+
+        Idempotent; any later call raises :class:`~mappingstore.errors.StoreClosedError`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._store.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncStore of {self._store!r}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"AsyncStore cannot be pickled; reopen it from its URL: {self.url!r}")
+
+
+class _AsyncBatch:
+    """``async with store.batch():`` the sync batch, entered and left on a thread of its own.
+
+    A sync batch is thread-local, and the store's main worker thread is shared by every
+    task, so the batch cannot live there (other tasks' writes would join it). A fresh
+    single-thread executor (a "lane") runs the batch's enter, every call this task makes
+    inside the block, and the exit (commit, or discard on an exception).
+    """
+
+    __slots__ = ("_cm", "_lane", "_store", "_token")
+
+    def __init__(self, store: AsyncStore) -> None:
+        self._store = store
+        self._cm: Any = None
+        self._lane: _Lane | None = None
+        self._token: contextvars.Token[Mapping[int, _Lane]] | None = None
+
+    async def __aenter__(self) -> AsyncStore:
+        store = self._store
+        store._check_open()
+        lanes = _LANES.get()
+        outer = lanes.get(id(store))
+        if outer is not None and outer.open and outer.owner is store:
+            # Nested: the sync batch on the same lane joins the outer one.
+            executor = outer.executor
+        else:
+            executor = _new_executor()
+            self._lane = _Lane(store, executor)
+        cm = store._store.batch()
+        entering: Future[Any] = executor.submit(cm.__enter__)
+        try:
+            # Shielded: a cancelled task must not leave a sync batch entered but never
+            # left (the store would count it open forever).
+            await asyncio.shield(asyncio.wrap_future(entering))
+        except asyncio.CancelledError as cancelled:
+            executor.submit(_leave_if_entered, cm, entering, cancelled)
+            if self._lane is not None:
+                self._lane.open = False
+                executor.shutdown(wait=False)
+            raise
+        except BaseException:
+            if self._lane is not None:
+                self._lane.open = False
+                executor.shutdown(wait=False)
+            raise
+        self._cm = cm
+        if self._lane is not None:
+            self._token = _LANES.set(types.MappingProxyType({**lanes, id(store): self._lane}))
+        return store
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> bool:
+        lane = self._lane
+        executor = lane.executor if lane is not None else self._store._executor_for_caller()
+        leaving = executor.submit(self._cm.__exit__, exc_type, exc, tb)
+        try:
+            # Shielded: once the block is over the batch is always left (committed or
+            # discarded), even if this task is cancelled while waiting for it.
+            return bool(await asyncio.shield(asyncio.wrap_future(leaving)))
+        finally:
+            if lane is not None:
+                lane.open = False
+                if self._token is not None:
+                    _LANES.reset(self._token)
+                executor.shutdown(wait=False)
+
+
+def _leave_if_entered(cm: Any, entering: Future[Any], exc: BaseException) -> None:
+    """Leave (and so discard) a sync batch whose entry was cancelled, if it was entered."""
+    if not entering.cancelled() and entering.exception() is None:
+        cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+class AsyncSeries:
+    """A time series of an :class:`AsyncStore` (see :class:`mappingstore.Series`).
+
+    Every method is a coroutine running the sync method in the store's worker thread:
+    ``series[t]`` becomes ``await series.getitem(t)``, ``series[t] = v`` becomes
+    ``await series.setitem(t, v)``, ``del series[t]`` becomes ``await series.delete(t)``.
+    Task safety as :class:`AsyncStore`.
+    """
+
+    __slots__ = ("_series", "_store")
+
+    def __init__(self, store: AsyncStore, series: Series) -> None:
+        self._store = store
+        self._series = series
+
+    @property
+    def name(self) -> str:
+        """The series name."""
+        return self._series.name
+
+    @property
+    def freq(self) -> int | None:
+        """The default frequency of :meth:`missing` and :meth:`iscomplete`."""
+        return self._series.freq
+
+    async def extend(self, points: Iterable[tuple[int, Any]]) -> None:
+        """Add ``(timestamp, value)`` pairs in any order; a repeated timestamp keeps the last."""
+        await self._store._run(self._series.extend, list(points))
+
+    async def getitem(self, t: int) -> Any:
+        """The value at *t*; ``KeyError`` if there is none."""
+        return await self._store._run(self._series.__getitem__, t)
+
+    async def get(self, t: int, default: Any = None) -> Any:
+        """The value at *t*, or *default*."""
+        return await self._store._run(self._series.get, t, default)
+
+    async def setitem(self, t: int, value: Any) -> None:
+        """``series[t] = value``."""
+        await self._store._run(self._series.__setitem__, t, value)
+
+    async def delete(self, t: int) -> None:
+        """``del series[t]``; ``KeyError`` if there is no point at *t*."""
+        await self._store._run(self._series.__delitem__, t)
+
+    async def contains(self, t: int) -> bool:
+        """``t in series``."""
+        return await self._store._run(self._series.__contains__, t)
+
+    async def len(self) -> int:
+        """The number of points."""
+        return await self._store._run(self._series.__len__)
+
+    async def remove(self, start: int | None = None, end: int | None = None) -> int:
+        """Delete the points with ``start <= t <= end``; return how many."""
+        return await self._store._run(self._series.remove, start, end)
+
+    async def first(self) -> tuple[int, Any] | None:
+        """The earliest ``(timestamp, value)``, or ``None``."""
+        return await self._store._run(self._series.first)
+
+    async def last(self) -> tuple[int, Any] | None:
+        """The latest ``(timestamp, value)``, or ``None``."""
+        return await self._store._run(self._series.last)
+
+    async def range(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        n: int | None = None,
+        freq: int | None = None,
+    ) -> list[tuple[int, Any]]:
+        """Points with ``start <= t <= end`` (inclusive), ascending."""
+        return await self._store._run(self._series.range, start, end, n=n, freq=freq)
+
+    async def missing(
+        self, start: int, end: int | None = None, *, freq: int | None = None
+    ) -> list[int]:
+        """Grid timestamps from *start* to *end* that have no value."""
+        return await self._store._run(self._series.missing, start, end, freq=freq)
+
+    async def iscomplete(
+        self, start: int, end: int | None = None, *, freq: int | None = None
+    ) -> bool:
+        """``not await missing(start, end, freq=freq)``."""
+        return await self._store._run(self._series.iscomplete, start, end, freq=freq)
+
+    def items(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[tuple[int, Any]]:
+        """``async for t, value in series.items()``, ascending, *chunk_size* at a time."""
+        return self._store._chunks(lambda: iter(self._series.items()), chunk_size)
+
+    def __repr__(self) -> str:
+        return f"<AsyncSeries {self.name!r} of {self._store!r}>"
+
+
+class AsyncEventLog:
+    """An event log of an :class:`AsyncStore` (see :class:`mappingstore.EventLog`).
+
+    Every method is a coroutine running the sync method in the store's worker thread.
+    Task safety as :class:`AsyncStore`.
+    """
+
+    __slots__ = ("_log", "_store")
+
+    def __init__(self, store: AsyncStore, log: EventLog) -> None:
+        self._store = store
+        self._log = log
+
+    @property
+    def name(self) -> str:
+        """The log name."""
+        return self._log.name
+
+    async def apply(
+        self, changes: Mapping[str, Any], timestamp: int | None = None
+    ) -> dict[str, Any]:
+        """Record one change set; return the new current state."""
+        return await self._store._run(self._log.apply, changes, timestamp)
+
+    async def current(self, *, with_timestamp: bool = False) -> Any:
+        """The current state (``{}`` for an unknown log)."""
+        return await self._store._run(self._log.current, with_timestamp=with_timestamp)
+
+    async def past(self, t: int, *, with_timestamp: bool = False) -> Any:
+        """The state after every event at or before *t*."""
+        return await self._store._run(self._log.past, t, with_timestamp=with_timestamp)
+
+    async def events(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        ops: str | Callable[..., Any] | Collection[str | Callable[..., Any]] | None = None,
+    ) -> list[Event]:
+        """Events with ``start <= timestamp <= end``, in replay order."""
+        return await self._store._run(self._log.events, start, end, ops=ops)
+
+    async def prune(self, before: int) -> int:
+        """Compact every event at or before *before* into one snapshot; return how many
+        events were removed."""
+        return await self._store._run(self._log.prune, before)
+
+    async def remove(self) -> None:
+        """Delete the whole log."""
+        await self._store._run(self._log.remove)
+
+    async def len(self) -> int:
+        """The number of events."""
+        return await self._store._run(self._log.__len__)
+
+    def __repr__(self) -> str:
+        return f"<AsyncEventLog {self.name!r} of {self._store!r}>"
