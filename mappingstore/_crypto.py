@@ -45,8 +45,45 @@ _WRAP_AAD = b"mappingstore/key-wrap/v1\x00"
 # that cost about 0.5 us a value (bench/bench_core.py); the result is byte-identical.
 _NONCE_SIZE = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24
 _TAG_SIZE = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES  # 16
-_aead_encrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt
-_aead_decrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt
+
+try:
+    # PyNaCl's own cffi module: the same libsodium functions nacl.bindings calls, without
+    # the binding layer's per-call argument checks (they format their messages eagerly:
+    # about 7 µs of a 9 µs decrypt, measured). Our arguments are checked once, here.
+    from nacl._sodium import ffi as _ffi
+    from nacl._sodium import lib as _lib
+except ImportError:  # pragma: no cover - a PyNaCl that moved its cffi module
+    _ffi = _lib = None
+
+
+def _aead_encrypt(plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+    if _lib is None:  # pragma: no cover
+        return bytes(
+            nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
+        )
+    out = _ffi.new("unsigned char[]", len(plaintext) + _TAG_SIZE)
+    out_len = _ffi.new("unsigned long long *")
+    rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        out, out_len, plaintext, len(plaintext), aad, len(aad), _ffi.NULL, nonce, key
+    )
+    if rc != 0:  # pragma: no cover - libsodium does not fail here for valid sizes
+        raise nacl.exceptions.CryptoError("encryption failed")
+    return bytes(_ffi.buffer(out, out_len[0]))
+
+
+def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+    if _lib is None:  # pragma: no cover
+        return bytes(
+            nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
+        )
+    out = _ffi.new("unsigned char[]", max(len(ciphertext) - _TAG_SIZE, 1))
+    out_len = _ffi.new("unsigned long long *")
+    rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        out, out_len, _ffi.NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key
+    )
+    if rc != 0:
+        raise nacl.exceptions.CryptoError("authentication failed")
+    return bytes(_ffi.buffer(out, out_len[0]))
 
 
 class Cipher:
