@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import (
@@ -62,6 +63,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from ._blobs import BlobReader
     from ._events import EventLog
     from ._series import Series
 
@@ -989,9 +991,10 @@ class Store(MutableMapping[str, Any]):
         found = set()
         for ns in self._namespaces():
             if ns.startswith(INTERNAL_PREFIX):
-                # Series and event logs of namespace N live in "\0ts\0N" / "\0ev\0N".
+                # Series, event logs and blobs of namespace N live in "\0ts\0N",
+                # "\0ev\0N" and "\0blob\0N".
                 kind, _, user = ns[1:].partition(INTERNAL_PREFIX)
-                if kind not in ("ts", "ev") or not user:
+                if kind not in ("ts", "ev", "blob") or not user:
                     continue
                 ns = user
             found.add(ns)
@@ -1027,6 +1030,62 @@ class Store(MutableMapping[str, Any]):
         from ._events import event_names
 
         return event_names(self)
+
+    # -- large values as streams --------------------------------------------------------
+
+    def put_file(
+        self,
+        key: str,
+        source: str | os.PathLike[str] | IO[bytes],
+        *,
+        encrypt: bool | None = None,
+        chunk_size: int | None = None,
+    ) -> int:
+        """Stream *source* (a path or a binary file object) into the blob *key*, in chunks,
+        without loading it into memory; return the number of bytes stored.
+
+        Blobs live apart from plain keys (``store[key]`` and the blob *key* are
+        independent). Replacing a blob is atomic: readers see the old or the new content,
+        never a part. The source file is never moved or deleted. ``chunk_size`` (bytes,
+        default 1 MiB) is fixed per blob. Not allowed inside :meth:`batch`.
+        """
+        from . import _blobs
+
+        size = _blobs.CHUNK_SIZE if chunk_size is None else chunk_size
+        return _blobs.put_file(self, key, source, encrypt=encrypt, chunk_size=size)
+
+    def get_file(self, key: str, target: str | os.PathLike[str] | IO[bytes]) -> int:
+        """Write the blob *key* to *target*: a path (replaced atomically) or a writable
+        binary file object; return the number of bytes written. ``KeyError`` if missing."""
+        from . import _blobs
+
+        return _blobs.get_file(self, key, target)
+
+    def open(self, key: str) -> BlobReader:
+        """A readable, seekable binary file object over the blob *key* (``KeyError`` if
+        missing); it fetches only the chunks it needs. Use it as a context manager."""
+        from . import _blobs
+
+        return _blobs.open_blob(self, key)
+
+    def delete_file(self, key: str) -> None:
+        """Delete the blob *key* and its chunks (``KeyError`` if missing)."""
+        from . import _blobs
+
+        _blobs.delete(self, key)
+
+    def blob_names(self) -> list[str]:
+        """Names of the blobs of this namespace, sorted."""
+        from . import _blobs
+
+        return _blobs.blob_names(self)
+
+    def purge_blobs(self, older_than: float = 24 * 3600.0) -> int:
+        """Delete the chunks of uploads that never completed (a crash mid-``put_file``)
+        started more than *older_than* seconds ago; return how many chunk records."""
+        from . import _blobs
+
+        return _blobs.cleanup(self, older_than)
 
     # -- encryption management ----------------------------------------------------------
 

@@ -1,0 +1,512 @@
+"""Large values as streams: ``put_file``, ``get_file`` and ``open`` on every backend.
+
+Layer 3 of the architecture: built only on the backend contract (like ``_series``), so a
+multi-GB value never has to fit in memory, whatever the backend.
+
+Storage (in the internal namespace ``"\\0blob\\0" + namespace``, so a blob and a plain key
+of the same name are independent, like series):
+
+* a **manifest** record ``M:<len(name)>:<name>`` holding the size, the chunk size, the
+  chunk count, a version id and the SHA-256 of the content;
+* **chunk** records ``C:<len(name)>:<name>:<version>:<index>`` of :data:`CHUNK_SIZE` bytes
+  each (the last one shorter).
+
+Why versions: :func:`put_file` writes every chunk of a *new* version first, then swaps
+the manifest with one atomic read-modify-write, then deletes the chunks of the version it
+replaced. A crash (or an exception from the source) mid-upload therefore never exposes a
+half blob: readers see the old version or the new one. The chunks of an upload that never
+committed are orphans, invisible to every read; :func:`cleanup` (``Store.purge_blobs``)
+removes them once they are older than a grace period. The version id starts with the
+upload's start time so that cleanup can tell an abandoned upload from one in progress.
+
+Every chunk goes through the store's codec with ``(version, index, final)`` as extra
+associated data: with encryption each chunk is authenticated and bound to its blob,
+version and position, so a chunk moved to another position or blob fails with
+:class:`~mappingstore.errors.IntegrityError`, and a dropped last chunk is detected (the
+manifest, itself authenticated, gives the count, and only the last chunk carries the final
+flag). Without encryption each chunk's CRC catches damage, the manifest's size and count
+catch truncation, and full sequential reads check the SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+from ._keys import check_key, internal_ns
+from .errors import (
+    CorruptValueError,
+    InvalidOptionError,
+    MissingKeyError,
+    OptionTypeError,
+)
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["CHUNK_SIZE", "BlobReader", "blob_names", "cleanup", "delete", "get_file", "open_blob"]
+
+#: Bytes per chunk record. 1 MiB keeps every backend's record small (Redis strings,
+#: PostgreSQL TOAST, SQLite overflow pages) while a 1 GiB blob is only 1024 records.
+CHUNK_SIZE = 1 << 20
+#: Largest accepted ``chunk_size=``: one chunk is held in memory (a few times, while encoded).
+MAX_CHUNK_SIZE = 64 << 20
+#: Orphaned chunks younger than this are left alone by :func:`cleanup`: they may belong
+#: to an upload still in progress.
+DEFAULT_GRACE = 24 * 3600.0
+#: Chunk deletions are committed in groups of this many records.
+_DELETE_GROUP = 256
+
+Source = str | os.PathLike[str] | IO[bytes]
+
+
+def _ns(store: Store) -> str:
+    return internal_ns("blob", store._ns)
+
+
+def _manifest_key(name: str) -> str:
+    return f"M:{len(name)}:{name}"
+
+
+def _chunk_prefix(name: str) -> str:
+    return f"C:{len(name)}:{name}:"
+
+
+def _chunk_key(name: str, version: str, index: int) -> str:
+    return f"{_chunk_prefix(name)}{version}:{index:x}"
+
+
+def _context(version: str, index: int, final: bool) -> bytes:
+    return b"blob\x00" + version.encode("ascii") + struct.pack(">QB", index, final)
+
+
+def _new_version() -> str:
+    # Start time (for cleanup's grace period) + 64 random bits (uniqueness).
+    return f"{int(time.time()):x}-{os.urandom(8).hex()}"
+
+
+def _version_time(version: str) -> float | None:
+    try:
+        return float(int(version.partition("-")[0], 16))
+    except ValueError:
+        return None
+
+
+class _Manifest:
+    __slots__ = ("chunk_size", "count", "digest", "size", "version")
+
+    def __init__(self, version: str, size: int, chunk_size: int, count: int, digest: bytes):
+        self.version = version
+        self.size = size
+        self.chunk_size = chunk_size
+        self.count = count
+        self.digest = digest
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "s": self.size,
+            "cs": self.chunk_size,
+            "n": self.count,
+            "h": self.digest,
+        }
+
+    @classmethod
+    def from_value(cls, name: str, value: Any) -> _Manifest:
+        try:
+            m = cls(value["v"], value["s"], value["cs"], value["n"], value["h"])
+            ok = (
+                type(m.version) is str
+                and all(type(x) is int for x in (m.size, m.chunk_size, m.count))
+                and type(m.digest) is bytes
+                and m.size >= 0
+                and m.chunk_size > 0
+                and m.count == -(-m.size // m.chunk_size)
+            )
+        except (KeyError, TypeError) as exc:
+            raise CorruptValueError(f"blob {name!r}: damaged manifest") from exc
+        if not ok:
+            raise CorruptValueError(f"blob {name!r}: damaged manifest")
+        return m
+
+
+def _read_manifest(store: Store, name: str) -> _Manifest | None:
+    ns, key = _ns(store), _manifest_key(name)
+    data = store._rget(ns, key)
+    if data is None:
+        return None
+    return _Manifest.from_value(name, store._decode(ns, key, data))
+
+
+def _check_chunk_size(chunk_size: Any) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise OptionTypeError(f"chunk_size must be an int, not {type(chunk_size).__qualname__}")
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidOptionError(f"chunk_size must be 1..{MAX_CHUNK_SIZE} bytes, got {chunk_size}")
+    return chunk_size
+
+
+def _read_full(src: IO[bytes], n: int) -> bytes:
+    """Up to *n* bytes; fewer only at end of stream (raw files may return short reads)."""
+    data = src.read(n)
+    if data is None:
+        raise InvalidOptionError("the source is a non-blocking file with no data ready")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise OptionTypeError("the source must be a binary file (opened with 'rb')")
+    if len(data) == n or not data:
+        return bytes(data)
+    parts = [bytes(data)]
+    got = len(data)
+    while got < n:
+        more = src.read(n - got)
+        if not more:
+            break
+        parts.append(bytes(more))
+        got += len(more)
+    return b"".join(parts)
+
+
+@contextlib.contextmanager
+def _opened(target: Source, mode: str) -> Iterator[IO[bytes]]:
+    if isinstance(target, str | os.PathLike):
+        with open(target, mode) as f:
+            yield f
+    elif callable(getattr(target, "read" if mode == "rb" else "write", None)):
+        yield target
+    else:
+        raise OptionTypeError(
+            f"expected a path or a binary file object, not {type(target).__qualname__}"
+        )
+
+
+def _delete_chunks(store: Store, keys: list[str]) -> None:
+    from ._store import Op
+
+    ns = _ns(store)
+    for i in range(0, len(keys), _DELETE_GROUP):
+        store._apply([Op(ns, k, None, None) for k in keys[i : i + _DELETE_GROUP]])
+
+
+def _check_no_batch(store: Store, what: str) -> None:
+    if store._batch() is not None:
+        # A batch buffers every write in memory until it ends: exactly what streaming avoids.
+        raise InvalidOptionError(f"{what}() cannot run inside a batch()")
+
+
+def put_file(
+    store: Store,
+    name: str,
+    source: Source,
+    *,
+    encrypt: bool | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> int:
+    """Stream *source* into blob *name*; return the number of bytes stored."""
+    store._check_writable()
+    name = check_key(name)
+    chunk_size = _check_chunk_size(chunk_size)
+    _check_no_batch(store, "put_file")
+    ns = _ns(store)
+    version = _new_version()
+    written: list[str] = []
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with _opened(source, "rb") as src:
+            data = _read_full(src, chunk_size)
+            index = 0
+            while data:
+                # Read one chunk ahead: the last chunk carries the final flag in its AAD.
+                following = _read_full(src, chunk_size) if len(data) == chunk_size else b""
+                key = _chunk_key(name, version, index)
+                record = store._encode(
+                    ns, key, data, encrypt, context=_context(version, index, not following)
+                )
+                store._check_open()
+                store._put(ns, key, record, None)
+                written.append(key)
+                digest.update(data)
+                size += len(data)
+                index += 1
+                data = following
+        manifest = _Manifest(version, size, chunk_size, index, digest.digest())
+        mkey = _manifest_key(name)
+        encoded = store._encode(ns, mkey, manifest.to_value(), encrypt)
+        replaced: list[_Manifest | None] = []
+
+        def swap(rec: Any) -> Any:
+            replaced.clear()
+            old = None
+            if rec is not None:
+                # A damaged old manifest must not block a new upload: its chunks are
+                # orphans for cleanup().
+                with contextlib.suppress(CorruptValueError):
+                    old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
+            replaced.append(old)
+            return (encoded, None)
+
+        store._check_open()
+        store._update(ns, mkey, swap)
+    except BaseException:
+        # Best effort: what cannot be removed now is an orphan for cleanup().
+        with contextlib.suppress(Exception):
+            if not store.closed:
+                _delete_chunks(store, written)
+        raise
+    old = replaced[0] if replaced else None
+    if old is not None and old.version != version:
+        _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
+    return size
+
+
+def open_blob(store: Store, name: str) -> BlobReader:
+    """A seekable binary reader of blob *name* (``MissingKeyError`` if there is none)."""
+    store._check_open()
+    name = check_key(name)
+    manifest = _read_manifest(store, name)
+    if manifest is None:
+        raise MissingKeyError(name)
+    return BlobReader(store, name, manifest)
+
+
+def get_file(store: Store, name: str, target: Source) -> int:
+    """Write blob *name* to *target* (a path, replaced atomically, or a binary file)."""
+    with open_blob(store, name) as reader:
+        if isinstance(target, str | os.PathLike):
+            path = os.fspath(target)
+            directory = os.path.dirname(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(prefix=".mappingstore-", suffix=".part", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    n = reader.copy_to(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            return n
+        with _opened(target, "wb") as f:
+            return reader.copy_to(f)
+
+
+def delete(store: Store, name: str) -> None:
+    """Delete blob *name* (``MissingKeyError`` if there is none)."""
+    store._check_writable()
+    name = check_key(name)
+    _check_no_batch(store, "delete_file")
+    ns, mkey = _ns(store), _manifest_key(name)
+    removed: list[_Manifest | None] = []
+
+    def drop(rec: Any) -> Any:
+        removed.clear()
+        if rec is None:
+            raise MissingKeyError(name)
+        old = None
+        with contextlib.suppress(CorruptValueError):
+            old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
+        removed.append(old)
+        return None
+
+    store._update(ns, mkey, drop)
+    old = removed[0] if removed else None
+    if old is not None:
+        _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
+
+
+def blob_names(store: Store) -> list[str]:
+    """Names of the blobs of the store's namespace, sorted."""
+    store._check_open()
+    names = []
+    for key in store._rkeys(_ns(store), "M:"):
+        _, _, rest = key.partition(":")
+        _, _, name = rest.partition(":")
+        names.append(name)
+    return sorted(names)
+
+
+def cleanup(store: Store, older_than: float = DEFAULT_GRACE) -> int:
+    """Delete orphaned chunks (of uploads that never committed, or of versions whose
+    deletion was interrupted) started more than *older_than* seconds ago; return how many.
+    """
+    store._check_writable()
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
+        raise InvalidOptionError(f"older_than must be >= 0 seconds, got {older_than!r}")
+    ns = _ns(store)
+    limit = time.time() - older_than
+    live: dict[str, str | None] = {}
+    doomed: list[str] = []
+    for key in list(store._rkeys(ns, "C:")):
+        length, _, rest = key[2:].partition(":")
+        try:
+            n = int(length)
+        except ValueError:
+            continue
+        name, tail = rest[:n], rest[n + 1 :]
+        version = tail.rpartition(":")[0]
+        if name not in live:
+            try:
+                m = _read_manifest(store, name)
+            except CorruptValueError:
+                continue  # never guess about a blob whose manifest cannot be read
+            live[name] = None if m is None else m.version
+        started = _version_time(version)
+        if version != live[name] and started is not None and started <= limit:
+            doomed.append(key)
+    _delete_chunks(store, doomed)
+    return len(doomed)
+
+
+class BlobReader(io.RawIOBase):
+    """A read-only, seekable binary file over one version of a blob.
+
+    Fetches only the chunks it needs and caches one. It reads the version that was current
+    when it was opened; if that version is replaced or deleted meanwhile, a later read of
+    an uncached chunk raises :class:`~mappingstore.errors.MissingKeyError`. Reading the
+    whole blob sequentially from the start also checks its SHA-256 (a mismatch raises
+    :class:`~mappingstore.errors.CorruptValueError`). Not thread-safe: use one reader per
+    thread (readers are cheap). Wrap it in :class:`io.BufferedReader` for small reads.
+    """
+
+    def __init__(self, store: Store, name: str, manifest: _Manifest) -> None:
+        super().__init__()
+        self._store = store
+        self._name = name
+        self._ns = _ns(store)
+        self._m = manifest
+        self._pos = 0
+        self._cached: tuple[int, bytes] | None = None
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+
+    @property
+    def name(self) -> str:
+        """The blob name."""
+        return self._name
+
+    @property
+    def size(self) -> int:
+        """The blob's size in bytes."""
+        return self._m.size
+
+    def readable(self) -> bool:
+        self._check()
+        return True
+
+    def seekable(self) -> bool:
+        self._check()
+        return True
+
+    def writable(self) -> bool:
+        self._check()
+        return False
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed blob reader")
+
+    def tell(self) -> int:
+        self._check()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._m.size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence!r}, should be 0, 1 or 2)")
+        if pos < 0:
+            raise OSError(22, f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def _chunk(self, index: int) -> bytes:
+        cached = self._cached
+        if cached is not None and cached[0] == index:
+            return cached[1]
+        m = self._m
+        key = _chunk_key(self._name, m.version, index)
+        store = self._store
+        store._check_open()
+        data = store._rget(self._ns, key)
+        if data is None:
+            current = _read_manifest(store, self._name)
+            if current is None or current.version != m.version:
+                raise MissingKeyError(
+                    f"blob {self._name!r} was replaced or deleted while this reader was open"
+                )
+            raise CorruptValueError(f"blob {self._name!r}: chunk {index} is missing")
+        final = index == m.count - 1
+        value = store._decode(self._ns, key, data, context=_context(m.version, index, final))
+        expected = m.size - index * m.chunk_size if final else m.chunk_size
+        if type(value) is not bytes or len(value) != expected:
+            raise CorruptValueError(f"blob {self._name!r}: damaged chunk {index}")
+        self._cached = (index, value)
+        return value
+
+    def readinto(self, buffer: Any) -> int:
+        self._check()
+        out = memoryview(buffer).cast("B")
+        want = len(out)
+        m = self._m
+        done = 0
+        while done < want and self._pos < m.size:
+            index, offset = divmod(self._pos, m.chunk_size)
+            chunk = self._chunk(index)
+            piece = chunk[offset : offset + want - done]
+            out[done : done + len(piece)] = piece
+            self._track(piece)
+            self._pos += len(piece)
+            done += len(piece)
+        return done
+
+    def _track(self, piece: bytes) -> None:
+        # Only bytes read in order from the start feed the hash; seeks never break it.
+        if self._pos != self._hashed:
+            return
+        self._hash.update(piece)
+        self._hashed += len(piece)
+        if self._hashed == self._m.size and self._hash.digest() != self._m.digest:
+            raise CorruptValueError(f"blob {self._name!r}: content does not match its SHA-256")
+
+    def readall(self) -> bytes:
+        self._check()
+        remaining = max(self._m.size - self._pos, 0)
+        buf = bytearray(remaining)
+        n = self.readinto(buf)
+        del buf[n:]
+        return bytes(buf)
+
+    def copy_to(self, target: IO[bytes]) -> int:
+        """Write the rest of the blob to *target* chunk by chunk; return the bytes written."""
+        self._check()
+        total = 0
+        m = self._m
+        while self._pos < m.size:
+            index, offset = divmod(self._pos, m.chunk_size)
+            piece = self._chunk(index)[offset:]
+            self._track(piece)
+            self._pos += len(piece)
+            target.write(piece)
+            total += len(piece)
+        return total
+
+    def close(self) -> None:
+        self._cached = None
+        super().close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return f"<BlobReader {self._name!r} size={self._m.size}{state}>"
