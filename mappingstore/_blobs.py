@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from ._keys import check_key, internal_ns
+from ._keys import check_key, internal_ns, tagged_key, tagged_names
 from .errors import (
     CorruptValueError,
     InvalidOptionError,
@@ -72,11 +72,11 @@ def _ns(store: Store) -> str:
 
 
 def _manifest_key(name: str) -> str:
-    return f"M:{len(name)}:{name}"
+    return tagged_key("M", name)
 
 
 def _chunk_prefix(name: str) -> str:
-    return f"C:{len(name)}:{name}:"
+    return tagged_key("C", name) + ":"
 
 
 def _chunk_key(name: str, version: str, index: int) -> str:
@@ -325,12 +325,7 @@ def delete(store: Store, name: str) -> None:
 def blob_names(store: Store) -> list[str]:
     """Names of the blobs of the store's namespace, sorted."""
     store._check_open()
-    names = []
-    for key in store._rkeys(_ns(store), "M:"):
-        _, _, rest = key.partition(":")
-        _, _, name = rest.partition(":")
-        names.append(name)
-    return sorted(names)
+    return tagged_names(store._rkeys(_ns(store), "M:"), "M")
 
 
 def cleanup(store: Store, older_than: float = DEFAULT_GRACE) -> int:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._codec import pack, unpack
-from ._keys import check_key, internal_ns
+from ._keys import check_key, internal_ns, tagged_key, tagged_names
 from .errors import (
     CorruptValueError,
     EventConflictError,
@@ -154,8 +154,8 @@ class EventLog:
         self._store = store
         self._name = check_key(name)
         self._ns = internal_ns("ev", store._ns)
-        self._head_key = f"H:{len(self._name)}:{self._name}"
-        self._dir_key = f"D:{len(self._name)}:{self._name}"
+        self._head_key = tagged_key("H", self._name)
+        self._dir_key = tagged_key("D", self._name)
 
     @property
     def name(self) -> str:
@@ -172,7 +172,7 @@ class EventLog:
     # with the history, so it stays out of the per-apply path.
 
     def _chunk_key(self, cid: int) -> str:
-        return f"C:{len(self._name)}:{self._name}:{cid:x}"
+        return f"{tagged_key('C', self._name)}:{cid:x}"
 
     def _head(self, *, directory: bool = True) -> dict[str, Any] | None:
         """The head; with *directory*, ``head["c"]`` holds the chunk directory (else None)."""
@@ -536,10 +536,4 @@ def _op_filter(ops: Any) -> set[str] | None:
 
 def event_names(store: Store) -> list[str]:
     """Names of the event sequences of *store*'s namespace, sorted."""
-    ns = internal_ns("ev", store._ns)
-    names = []
-    for key in store._rkeys(ns, "H:"):
-        length, _, rest = key[2:].partition(":")
-        if length.isdigit() and len(rest) == int(length):
-            names.append(rest)
-    return sorted(names)
+    return tagged_names(store._rkeys(internal_ns("ev", store._ns), "H:"), "H")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .errors import InvalidKeyError, KeyTypeError
@@ -70,3 +71,23 @@ def internal_ns(kind: str, namespace: str = "") -> str:
     ``kind`` never contains NUL, so ``"\\0" + kind + "\\0" + namespace`` is injective.
     """
     return f"{INTERNAL_PREFIX}{kind}{INTERNAL_PREFIX}{namespace}"
+
+
+def tagged_key(tag: str, name: str) -> str:
+    """``tag:<len(name)>:<name>``: the key of *name*'s record of kind *tag* inside an
+    internal namespace. The length prefix keeps ``tagged_key(...) + suffix`` injective
+    whatever a name holds (NUL and ``:`` included)."""
+    return f"{tag}:{len(name)}:{name}"
+
+
+def tagged_names(keys: Iterable[str], tag: str) -> list[str]:
+    """The sorted names of those *keys* that are exactly ``tagged_key(tag, name)``."""
+    head = tag + ":"
+    names = []
+    for key in keys:
+        if not key.startswith(head):
+            continue
+        length, _, rest = key[len(head) :].partition(":")
+        if length.isdigit() and len(rest) == int(length):
+            names.append(rest)
+    return sorted(names)

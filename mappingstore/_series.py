@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ._codec import pack, unpack_slice
-from ._keys import internal_ns
+from ._keys import internal_ns, tagged_key, tagged_names
 from .errors import (
     CorruptValueError,
     InvalidOptionError,
@@ -64,10 +64,6 @@ def _check_freq(freq: Any) -> int:
     return freq
 
 
-def _name_key(kind: str, name: str) -> str:
-    return f"{kind}:{len(name)}:{name}"
-
-
 class Series(MutableMapping[int, Any]):
     """A time series: integer timestamps (negative and zero included) to values.
 
@@ -85,7 +81,7 @@ class Series(MutableMapping[int, Any]):
         self._store = store
         self._name = check_key(name)
         self._ns = internal_ns("ts", store._ns)
-        self._head_key = _name_key("H", self._name)
+        self._head_key = tagged_key("H", self._name)
         self._freq = None if freq is None else _check_freq(freq)
         self._cache: tuple[bytes, dict[str, Any]] | None = None
 
@@ -102,7 +98,7 @@ class Series(MutableMapping[int, Any]):
         return self._freq
 
     def _chunk_key(self, cid: int) -> str:
-        return f"C:{len(self._name)}:{self._name}:{cid:x}"
+        return f"{tagged_key('C', self._name)}:{cid:x}"
 
     def _head_record(self) -> dict[str, Any] | None:
         data = self._store._rget(self._ns, self._head_key)
@@ -471,10 +467,4 @@ class _SeriesItems(ItemsView[int, Any]):
 
 def series_names(store: Store) -> list[str]:
     """Names of the non-empty series of *store*'s namespace, sorted."""
-    ns = internal_ns("ts", store._ns)
-    names = []
-    for key in store._rkeys(ns, "H:"):
-        length, _, rest = key[2:].partition(":")
-        if length.isdigit() and len(rest) == int(length):
-            names.append(rest)
-    return sorted(names)
+    return tagged_names(store._rkeys(internal_ns("ts", store._ns), "H:"), "H")
