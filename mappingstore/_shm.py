@@ -50,7 +50,7 @@ from ._shm_table import (
     write_record,
 )
 from ._store import Op, Record, Store
-from ._url import parse_bool, parse_url
+from ._url import parse_bool, parse_float, parse_int, parse_url
 from .errors import (
     CapacityError,
     InvalidOptionError,
@@ -178,8 +178,8 @@ class SharedMemoryStore(Store):
             cls.scheme,
             {
                 "delete_on_close": parse_bool,
-                "max_size": _parse_int,
-                "lock_timeout": _parse_float,
+                "max_size": parse_int,
+                "lock_timeout": parse_float,
                 "create": parse_bool,
             },
         )
@@ -597,17 +597,3 @@ class SharedMemoryStore(Store):
                 self._h.unlink()
         finally:
             self._h.close()
-
-
-def _parse_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise InvalidOptionError(f"expected a number, got {text!r}") from exc
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError as exc:
-        raise InvalidOptionError(f"expected an integer, got {text!r}") from exc
