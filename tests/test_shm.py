@@ -454,12 +454,10 @@ while True:
     "kills", [12, pytest.param(200, marks=pytest.mark.torture, id="torture-200")]
 )
 def test_sigkilled_writer_never_leaves_a_torn_value(
-    name: str, kills: int, request: pytest.FixtureRequest, spawn: Spawn
+    name: str, kills: int, spawn: Spawn
 ) -> None:
     import zlib
 
-    if kills > 12 and "torture" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the long tier: run with -m torture")
     rng = random.Random(kills)
     with SharedMemoryStore(name) as store, SharedBytes(name + "b") as shared:
         for _ in range(kills):
