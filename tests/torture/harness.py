@@ -66,7 +66,7 @@ class Target:
         for store in self.opened:
             try:
                 store.close()
-            except Exception:  # noqa: BLE001 - best effort: a test may have broken it on purpose
+            except Exception:  # best effort: a test may have broken it on purpose
                 pass
         if self.backend == "shm":
             for path in glob.glob(f"{SHM_DIR}/mappingstore*.{self.name}*"):
