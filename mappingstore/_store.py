@@ -573,10 +573,12 @@ class Store(MutableMapping[str, Any]):
         k = check_key(key)
         data = self._encode(self._ns, k, value, encrypt)
         expires = self._expires(ttl) if (ttl is not None or self._default_ttl is not None) else None
-        if self._nbatch:
-            self._rput(self._ns, k, data, expires)
-        else:
-            self._put(self._ns, k, data, expires)
+        if self._nbatch:  # _rput() inlined: a batch of many sets runs this per item
+            batch: _Batch | None = getattr(self._tls, "batch", None)
+            if batch is not None:
+                batch.ops[(self._ns, k)] = (data, expires)
+                return
+        self._put(self._ns, k, data, expires)
 
     def __delitem__(self, key: str) -> None:
         self._check_writable()
