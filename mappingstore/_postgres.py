@@ -64,6 +64,14 @@ _CHUNK = 2000
 _COPY_THRESHOLD = 1000
 #: Attempts for transactions that lose a race (unique violation, deadlock, serialization).
 _RACE_ATTEMPTS = 30
+#: psycopg_pool retries a failed connection with a doubling delay (1, 2, 4, 8... s) for
+#: five minutes by default, so after an outage of a few seconds the pool would wait
+#: about as long again before trying: the store stayed unusable for 7 s after an 8 s
+#: outage. Pools we own give up a reconnection after this long, and _getconn asks for a
+#: connection in slices of _WAIT_SLICE, each of which starts a fresh attempt: a returning
+#: server is found within about _WAIT_SLICE + 1 s.
+_RECONNECT_WINDOW = 2.0
+_WAIT_SLICE = 1.0
 _BYTEA, _FLOAT8 = 17, 701
 #: Names (keys, namespaces) longer than this many UTF-8 bytes are indexed by a digest.
 _SHORT = 1024
@@ -577,6 +585,7 @@ class PostgresStore(Store):
                     max_size=self._max_size,
                     timeout=self._pool_timeout,
                     name=f"mappingstore:{self.table}",
+                    reconnect_timeout=_RECONNECT_WINDOW,
                     open=False,
                 )
                 self._pool.open(wait=False)
@@ -608,10 +617,18 @@ class PostgresStore(Store):
             self._discard(parked)
         try:
             pool = self._get_pool()
+            deadline = time.monotonic() + pool.timeout
             while True:
                 try:
-                    conn = cast(Conn, pool.getconn())
-                except (PoolTimeout, TooManyRequests) as exc:
+                    # In slices: each new request lets a pool whose reconnection attempts
+                    # gave up (see _RECONNECT_WINDOW) start a fresh one at once.
+                    wait = min(_WAIT_SLICE, deadline - time.monotonic())
+                    conn = cast(Conn, pool.getconn(timeout=max(wait, 0.001)))
+                except PoolTimeout as exc:
+                    if time.monotonic() < deadline:
+                        continue
+                    raise self._unreachable(exc) from exc
+                except TooManyRequests as exc:
                     raise self._unreachable(exc) from exc
                 except psycopg.Error as exc:
                     raise self._convert(exc, None) from exc
@@ -721,26 +738,32 @@ class PostgresStore(Store):
     def _write(self, work: Callable[[Conn], T], *, idempotent: bool) -> T:
         """Run one autocommit statement. If the connection drops after it was sent, an
         *idempotent* statement (applying it twice is harmless) is retried once; any other
-        raises ``UnknownOutcomeError``."""
+        raises ``UnknownOutcomeError``. So does an idempotent one whose retry fails too:
+        the first try may have been applied, and a plain ``BackendUnavailableError``
+        would say that nothing was written."""
         conn = self._txn.conn
         if conn is not None:
             try:
                 return work(conn)
             except psycopg.Error as exc:
                 raise self._convert(exc, conn) from exc
+        sent: psycopg.Error | None = None  # a try lost after it was sent: maybe applied
         for attempt in (0, 1):
-            conn = self._getconn(live=not idempotent)
+            try:
+                conn = self._getconn(live=not idempotent)
+            except BackendError as exc:
+                if sent is None:
+                    raise
+                raise self._unknown_write(sent) from exc
             try:
                 return work(conn)
             except psycopg.Error as exc:
-                if not _lost(exc, conn):
-                    raise self._convert(exc, conn) from exc
-                if not idempotent and not isinstance(exc, _NotSent):
-                    raise UnknownOutcomeError(
-                        f"PostgreSQL ({self._url}): connection lost before the write was "
-                        f"acknowledged; it may or may not have been applied: {redact(str(exc))}"
-                    ) from exc
-                if attempt:
+                lost = _lost(exc, conn)
+                if lost and not isinstance(exc, _NotSent):
+                    sent = exc
+                if sent is not None and (attempt or not idempotent or not lost):
+                    raise self._unknown_write(sent) from exc
+                if attempt or not lost:
                     raise self._convert(exc, conn) from exc
                 self._log.warning(
                     "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
@@ -749,6 +772,12 @@ class PostgresStore(Store):
                 self._putconn(conn)
             self._sweep()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unknown_write(self, exc: BaseException) -> UnknownOutcomeError:
+        return UnknownOutcomeError(
+            f"PostgreSQL ({self._url}): connection lost before the write was "
+            f"acknowledged; it may or may not have been applied: {redact(str(exc))}"
+        )
 
     def _transact(self, body: Callable[[Conn, list[int], bool], None]) -> None:
         """Run ``body(conn, xid, nested)`` as one transaction; it may run again.
