@@ -744,6 +744,15 @@ class Store(MutableMapping[str, Any]):
                 for k, v in pairs:
                     self.set(k, v, ttl=ttl, encrypt=encrypt)
             return
+        self._rapply(self._encode_many(pairs, ttl, encrypt))
+
+    def _encode_many(
+        self, pairs: Iterable[Any], ttl: float | None, encrypt: bool | None
+    ) -> list[Op]:
+        """The records ``set_many(pairs)`` writes (not under dot names): keys checked, values
+        encoded (and encrypted), expiry computed, the last of repeated keys kept. Does no
+        I/O (unless encryption must read the metadata to choose its error), so the async
+        API's native drivers call it in the event loop."""
         expires = self._expires(ttl)
         ns = self._ns
         latest: dict[str, Op] = {}
@@ -760,7 +769,7 @@ class Store(MutableMapping[str, Any]):
                 ) from exc
             k = check_key(k)
             latest[k] = Op(ns, k, self._encode(ns, k, v, encrypt), expires)
-        self._rapply(list(latest.values()))
+        return list(latest.values())
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Values of the *keys* that exist (missing keys are left out), in one round trip."""

@@ -60,7 +60,12 @@ class Backend:
         return dict(self._options(name))
 
     async def open(self, name: str = "a", **options: Any) -> AsyncStore:
-        return await aio.open(self.url(name), **{**self.options(name), **options})
+        store = await aio.open(self.url(name), **{**self.options(name), **options})
+        # Redis and PostgreSQL run the hot operations natively (tests/test_aio_native.py
+        # proves the sync backend is then not called); dot names stay on the thread.
+        expected = {"redis": "redis", "postgres": "postgresql"}.get(self.kind)
+        assert store.native == (None if options.get("dot_names") else expected)
+        return store
 
     def open_sync(self, name: str = "a", **options: Any) -> mappingstore.Store:
         return mappingstore.open(self.url(name), **{**self.options(name), **options})

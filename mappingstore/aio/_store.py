@@ -1,8 +1,16 @@
-"""The async wrappers: every call runs the sync store's method on a worker thread.
+"""The async wrappers: native async I/O for Redis and PostgreSQL's hot operations, and
+the sync store's method on a worker thread for everything else.
 
-Why threads and not native async drivers (yet): the sync store already holds every rule
-(codec, encryption, key checks, TTL, batches, atomic read-modify-write); driving it from a
-worker thread reuses all of it unchanged, so the async API cannot drift from the sync one.
+The sync store holds every rule (codec, encryption, key checks, TTL, batches, atomic
+read-modify-write). Driving it from a worker thread reuses all of it unchanged, so the
+async API cannot drift from the sync one. For Redis and PostgreSQL the single-key and
+bulk operations (``get``/``getitem``, ``set``, ``delete``, ``contains``, ``len``,
+iteration, ``get_many``, ``set_many``/``update``, ``delete_many``) skip the thread: they
+validate, encode and decode with the sync store's own code (``check_key``,
+``Store._decode``, and ``Store._encode_many``, the half of ``set_many`` that turns
+items into records), and only the network exchange is
+native (``aio/_redis.py``, ``aio/_postgres.py``). Dot names, an open batch, series, event
+logs and the rest stay on the thread.
 
 Why ONE worker thread per store: some backends keep per-thread state (SQLite has one
 connection per thread), and a sync :meth:`~mappingstore.Store.batch` is thread-local. A
@@ -17,14 +25,24 @@ import asyncio
 import contextvars
 import functools
 import itertools
+import sys
 import types
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .._keys import MISSING
-from .._store import Store
-from ..errors import OptionTypeError, StoreClosedError
+from .._keys import MISSING, check_key
+from .._store import Op, Store, _require_str
+from ..errors import MissingKeyError, OptionTypeError, StoreClosedError
 
 if TYPE_CHECKING:
     from .._events import Event, EventLog
@@ -73,9 +91,56 @@ def _new_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mappingstore-aio")
 
 
+class _Native(Protocol):
+    """The raw operations a native async driver provides (``aio/_redis.py``,
+    ``aio/_postgres.py``): the backend contract's records, awaited."""
+
+    kind: str
+
+    async def get(self, ns: str, key: str) -> bytes | None: ...
+    async def contains(self, ns: str, key: str) -> bool: ...
+    async def count(self, ns: str) -> int: ...
+    async def get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]: ...
+    async def put(self, ns: str, key: str, data: bytes, expires: float | None) -> None: ...
+    async def apply(self, ops: Sequence[Op]) -> None: ...
+    async def delete(self, ns: str, key: str) -> bool: ...
+    async def delete_many(self, ns: str, keys: Sequence[str]) -> int: ...
+    def iter_keys(self, ns: str, prefix: str = "") -> AsyncIterator[str]: ...
+    def iter_items(self, ns: str, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]: ...
+    async def aclose(self) -> None: ...
+
+
+async def _native_for(store: Store) -> _Native | None:
+    """A native driver for *store*, or ``None`` when every call stays on the thread.
+
+    Only Redis (standalone, own client) and PostgreSQL (own pool) stores without dot
+    names qualify. The driver modules are imported only when such a store is open, so
+    their drivers (``redis.asyncio``, psycopg's async classes) load only when used.
+    """
+    if store._dot:
+        return None  # dot-name reads and writes are tree operations: the thread runs them
+    redis_mod = sys.modules.get("mappingstore._redis")
+    if redis_mod is not None and isinstance(store, redis_mod.RedisStore):
+        from . import _redis
+
+        return _redis.NativeRedis(store) if _redis.supports(store) else None
+    pg_mod = sys.modules.get("mappingstore._postgres")
+    if pg_mod is not None and isinstance(store, pg_mod.PostgresStore):
+        from . import _postgres
+
+        # psycopg's async connections cannot run on Windows' default ProactorEventLoop.
+        proactor = getattr(asyncio, "ProactorEventLoop", None)
+        if proactor is not None and isinstance(asyncio.get_running_loop(), proactor):
+            return None
+        if _postgres.supports(store):
+            return await _postgres.NativePostgres.connect(store)
+    return None
+
+
 async def open(url: str = "memory://", **options: Any) -> AsyncStore:
     """Open the store named by *url* (exactly as :func:`mappingstore.open`) in a worker
-    thread and return it as an :class:`AsyncStore`."""
+    thread and return it as an :class:`AsyncStore` (with native async I/O for Redis and
+    PostgreSQL)."""
     from .._registry import open as open_sync
 
     executor = _new_executor()
@@ -90,7 +155,13 @@ async def open(url: str = "memory://", **options: Any) -> AsyncStore:
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    return AsyncStore(store, _executor=executor)
+    try:
+        native = await _native_for(store)
+    except BaseException:
+        executor.submit(store.close)
+        executor.shutdown(wait=False)
+        raise
+    return AsyncStore(store, _executor=executor, _native=native)
 
 
 def _close_opened(opening: Future[Store]) -> None:
@@ -107,25 +178,42 @@ class AsyncStore:
     same name; ``store[k]`` becomes ``await store.getitem(k)``, ``k in store`` becomes
     ``await store.contains(k)``, ``len(store)`` becomes ``await store.len()``.
 
-    Thread and task safety: the calls run on one worker thread of this store, one at a
-    time, in the order they were made, so the event loop never blocks on I/O. Any number
-    of tasks may share one :class:`AsyncStore`. A cancelled call that already started
-    still completes in the worker (a thread cannot be interrupted); one that had not
-    started is dropped. Multi-process behaviour is the backend's (see its docs).
+    How calls run: a Redis (standalone) or PostgreSQL store opened with
+    :func:`mappingstore.aio.open` without dot names runs ``get``, ``getitem``, ``set``,
+    ``delete``, ``contains``, ``len``, ``keys``/``items``/``values``/``names``,
+    ``to_dict``, ``get_many``, ``set_many``, ``update`` and ``delete_many`` with its
+    driver's native async I/O (:attr:`native` names the driver); those calls run
+    concurrently, like any coroutines. Every other call (and every call of a task inside
+    :meth:`batch`, and every call of other backends) runs on one worker thread of this
+    store, one at a time, in the order the calls were made. The event loop never blocks
+    on I/O either way.
 
-    Limits: this release drives the sync backends from a thread: Redis and PostgreSQL do
-    not use their drivers' native async I/O yet, so each store uses one thread (plus one
-    per open :meth:`batch`) rather than none. Callables passed in (``modify``'s *fn*) run
-    in the worker thread, not in the event loop.
+    Task safety: any number of tasks of the event loop that opened it may share one
+    :class:`AsyncStore`. A cancelled call that already started on the thread still
+    completes there (a thread cannot be interrupted); one that had not started is
+    dropped; a cancelled native call stops where it is (a write may or may not have been
+    applied, as when a connection drops). Multi-process behaviour is the backend's.
+
+    Limits: callables passed in (``modify``'s *fn*) run in the worker thread, not in the
+    event loop. A native store is bound to the event loop that opened it.
     """
 
-    __slots__ = ("_closed", "_executor", "_store")
+    __slots__ = ("_busy", "_closed", "_drained", "_executor", "_native", "_store")
 
-    def __init__(self, store: Store, *, _executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        _executor: ThreadPoolExecutor | None = None,
+        _native: _Native | None = None,
+    ) -> None:
         if not isinstance(store, Store):
             raise OptionTypeError(f"AsyncStore wraps a Store, not {type(store).__qualname__}")
         self._store = store
         self._executor = _executor if _executor is not None else _new_executor()
+        self._native = _native
+        self._busy = 0  # native calls in progress (close() waits for them)
+        self._drained: asyncio.Event | None = None
         self._closed = False
 
     # -- running calls ------------------------------------------------------------------
@@ -135,6 +223,48 @@ class AsyncStore:
         if lane is not None and lane.open and lane.owner is self:
             return lane.executor
         return self._executor
+
+    def _native_call(self) -> _Native | None:
+        """The native driver for a call of the current task, or ``None`` for the thread
+        (no driver, or this task is inside a batch, whose lane thread must see it)."""
+        native = self._native
+        if native is None:
+            return None
+        if self._closed or self._store._closed:
+            raise StoreClosedError(f"{type(self._store).__name__} is closed")
+        lane = _LANES.get().get(id(self))
+        if lane is not None and lane.open and lane.owner is self:
+            return None
+        return native
+
+    def _native_done(self) -> None:
+        self._busy -= 1
+        if not self._busy and self._drained is not None:
+            self._drained.set()
+
+    async def _native_run(self, call: Callable[[], Awaitable[R]]) -> R:
+        """Await one native call, counted so that :meth:`close` waits for it."""
+        self._busy += 1
+        try:
+            return await call()
+        finally:
+            self._native_done()
+
+    def _can_capture(self, encrypt: bool | None) -> bool:
+        """True when ``Store._encode_many`` may run here, in the event loop; False when
+        encoding would need I/O (encryption asked of a store without a cipher: the sync
+        store then reads its metadata to choose the error)."""
+        store = self._store
+        wanted = store._encrypt_default if encrypt is None else encrypt
+        return not wanted or store._cipher is not None
+
+    async def _write_ops(self, native: _Native, ops: list[Op]) -> None:
+        data = ops[0].data if len(ops) == 1 else None
+        if data is not None:
+            ns, key, _, expires = ops[0]
+            await self._native_run(lambda: native.put(ns, key, data, expires))
+        elif ops:
+            await self._native_run(lambda: native.apply(ops))
 
     async def _run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         if self._closed:
@@ -160,62 +290,162 @@ class AsyncStore:
                 # Releases what the sync iterator holds (e.g. a pooled SQLite reader).
                 await self._run(close)
 
+    async def _iterate(
+        self,
+        make: Callable[[], Iterator[T]],
+        chunk_size: int,
+        native_make: Callable[[_Native], AsyncIterator[T]],
+    ) -> AsyncIterator[T]:
+        """``native_make(driver)`` on the native path, else :meth:`_chunks` of *make*."""
+        n = _check_chunk_size(chunk_size)
+        native = self._native_call()
+        if native is None:
+            async for x in self._chunks(make, n):
+                yield x
+            return
+        it = native_make(native)
+        try:
+            # The driver fetches in chunks of its own (Redis: 128 growing to 4,096 keys;
+            # PostgreSQL: pages of 2,000 rows); *chunk_size* only applies on the thread.
+            # Each step counts as a native call: close() waits for a fetch in progress,
+            # and once closed no further step starts.
+            while True:
+                if self._closed:
+                    raise StoreClosedError(f"{type(self._store).__name__} is closed")
+                self._busy += 1
+                try:
+                    x = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self._native_done()
+                yield x
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _native_items(
+        self, native: _Native, prefix: str = ""
+    ) -> AsyncIterator[tuple[str, Any]]:
+        store = self._store
+        ns = store._ns
+        async for key, data in native.iter_items(ns, prefix):
+            yield key, store._decode(ns, key, data)
+
+    async def _native_names(self, native: _Native, prefix: str) -> AsyncIterator[str]:
+        _require_str(prefix, "prefix")
+        async for key in native.iter_keys(self._store._ns, prefix):
+            yield key
+
+    async def _native_values(self, native: _Native) -> AsyncIterator[Any]:
+        async for _, value in self._native_items(native):
+            yield value
+
     # -- the mapping --------------------------------------------------------------------
 
     async def getitem(self, key: str) -> Any:
         """``store[key]``: the value, or :class:`~mappingstore.errors.MissingKeyError`
         (a ``KeyError``)."""
-        return await self._run(self._store.__getitem__, key)
+        native = self._native_call()
+        if native is None:
+            return await self._run(self._store.__getitem__, key)
+        store = self._store
+        ns, k = store._ns, check_key(key)
+        data = await self._native_run(lambda: native.get(ns, k))
+        if data is None:
+            raise MissingKeyError(key)
+        return store._decode(ns, k, data)
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value of *key*, or *default* when it is missing."""
-        return await self._run(self._store.get, key, default)
+        if self._native_call() is None:
+            return await self._run(self._store.get, key, default)
+        try:
+            return await self.getitem(key)
+        except KeyError:
+            return default
 
     async def set(
         self, key: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None
     ) -> None:
         """Store *value* at *key* (see :meth:`mappingstore.Store.set`)."""
-        await self._run(self._store.set, key, value, ttl=ttl, encrypt=encrypt)
+        native = self._native_call()
+        if native is None or not self._can_capture(encrypt):
+            await self._run(self._store.set, key, value, ttl=ttl, encrypt=encrypt)
+            return
+        store = self._store
+        store._check_writable()
+        await self._write_ops(native, store._encode_many([(key, value)], ttl, encrypt))
 
     async def delete(self, key: str) -> None:
         """``del store[key]``; ``KeyError`` if it is missing."""
-        await self._run(self._store.__delitem__, key)
+        native = self._native_call()
+        if native is None:
+            await self._run(self._store.__delitem__, key)
+            return
+        store = self._store
+        store._check_writable()
+        ns, k = store._ns, check_key(key)
+        if not await self._native_run(lambda: native.delete(ns, k)):
+            raise MissingKeyError(key)
 
     async def contains(self, key: str) -> bool:
         """``key in store``."""
-        return await self._run(self._store.__contains__, key)
+        native = self._native_call()
+        if native is None:
+            return await self._run(self._store.__contains__, key)
+        ns, k = self._store._ns, check_key(key)
+        return await self._native_run(lambda: native.contains(ns, k))
 
     async def len(self) -> int:
         """``len(store)``."""
-        return await self._run(self._store.__len__)
+        native = self._native_call()
+        if native is None:
+            return await self._run(self._store.__len__)
+        ns = self._store._ns
+        return await self._native_run(lambda: native.count(ns))
 
     def keys(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[str]:
         """``async for key in store.keys()``: the keys, fetched *chunk_size* at a time.
 
-        The worker thread advances the sync iterator, so a big store is never read at
-        once. Leaving the loop early keeps the iterator until it is garbage collected;
-        wrap it in :func:`contextlib.aclosing` to release it at once.
+        On the thread, the worker advances the sync iterator; natively, the driver reads
+        in chunks of its own. A big store is never read at once. Leaving the loop early
+        keeps the iterator until it is garbage collected; wrap it in
+        :func:`contextlib.aclosing` to release it at once.
         """
-        return self._chunks(self._store.__iter__, chunk_size)
+        ns = self._store._ns
+        return self._iterate(self._store.__iter__, chunk_size, lambda n: n.iter_keys(ns, ""))
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.keys()
 
     def items(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[tuple[str, Any]]:
         """``async for key, value in store.items()``, fetched *chunk_size* pairs at a time."""
-        return self._chunks(lambda: iter(self._store.items()), chunk_size)
+        return self._iterate(lambda: iter(self._store.items()), chunk_size, self._native_items)
 
     def values(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[Any]:
         """``async for value in store.values()``, fetched *chunk_size* at a time."""
-        return self._chunks(lambda: iter(self._store.values()), chunk_size)
+        return self._iterate(lambda: iter(self._store.values()), chunk_size, self._native_values)
 
     def names(self, prefix: str = "", *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[str]:
         """Every full key name starting with *prefix* (see :meth:`mappingstore.Store.names`)."""
-        return self._chunks(lambda: self._store.names(prefix), chunk_size)
+        return self._iterate(
+            lambda: self._store.names(prefix), chunk_size, lambda n: self._native_names(n, prefix)
+        )
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Values of the *keys* that exist, in one round trip."""
-        return await self._run(self._store.get_many, list(keys))
+        native = self._native_call()
+        if native is None:
+            return await self._run(self._store.get_many, list(keys))
+        store = self._store
+        ns = store._ns
+        checked = [check_key(k) for k in keys]
+        datas = await self._native_run(lambda: native.get_many(ns, checked))
+        return {
+            k: store._decode(ns, k, d) for k, d in zip(checked, datas, strict=True) if d is not None
+        }
 
     async def set_many(
         self,
@@ -226,15 +456,43 @@ class AsyncStore:
     ) -> None:
         """Store many items atomically."""
         pairs = dict(items) if isinstance(items, Mapping) else list(items)
-        await self._run(self._store.set_many, pairs, ttl=ttl, encrypt=encrypt)
+        native = self._native_call()
+        if native is None or not self._can_capture(encrypt):
+            await self._run(self._store.set_many, pairs, ttl=ttl, encrypt=encrypt)
+            return
+        store = self._store
+        store._check_writable()
+        listed = pairs.items() if isinstance(pairs, dict) else pairs
+        await self._write_ops(native, store._encode_many(listed, ttl, encrypt))
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Like ``dict.update``; every write commits together."""
-        await self._run(self._store.update, other, **kwargs)
+        native = self._native_call()
+        # Natively only for plain containers: reading another mapping (a sync store...)
+        # may do I/O, which belongs on the thread.
+        if (
+            native is None
+            or not isinstance(other, (dict, list, tuple))
+            or not self._can_capture(None)
+        ):
+            await self._run(self._store.update, other, **kwargs)
+            return
+        store = self._store
+        store._check_writable()
+        pairs = list(other.items() if isinstance(other, dict) else other)
+        pairs.extend(kwargs.items())
+        await self._write_ops(native, store._encode_many(pairs, None, None))
 
     async def delete_many(self, keys: Iterable[str]) -> int:
         """Delete the *keys* that exist, atomically; return how many existed."""
-        return await self._run(self._store.delete_many, list(keys))
+        native = self._native_call()
+        if native is None:
+            return await self._run(self._store.delete_many, list(keys))
+        store = self._store
+        store._check_writable()
+        ns = store._ns
+        checked = list(dict.fromkeys(check_key(k) for k in keys))
+        return await self._native_run(lambda: native.delete_many(ns, checked))
 
     async def pop(self, key: str, default: Any = MISSING) -> Any:
         """Remove *key* and return its value; *default* or ``KeyError`` if missing."""
@@ -262,7 +520,10 @@ class AsyncStore:
 
     async def to_dict(self) -> dict[str, Any]:
         """A plain ``dict`` copy."""
-        return await self._run(self._store.to_dict)
+        native = self._native_call()
+        if native is None:
+            return await self._run(self._store.to_dict)
+        return {k: v async for k, v in self._native_items(native)}
 
     # -- TTL ----------------------------------------------------------------------------
 
@@ -352,6 +613,13 @@ class AsyncStore:
         return self._store.url
 
     @property
+    def native(self) -> str | None:
+        """The native async driver of the hot operations: ``"redis"`` (``redis.asyncio``),
+        ``"postgresql"`` (psycopg's async connections), or ``None`` when every call runs
+        on the worker thread."""
+        return None if self._native is None else self._native.kind
+
+    @property
     def namespace(self) -> str:
         """The namespace this store reads and writes."""
         return self._store.namespace
@@ -381,7 +649,8 @@ class AsyncStore:
             raise StoreClosedError(f"{type(self._store).__name__} is closed")
 
     async def close(self) -> None:
-        """Close the store (after the calls already made) and stop its worker thread.
+        """Close the store (after the calls already made, native ones included), its
+        native client or pool, and stop its worker thread.
 
         Idempotent; any later call raises :class:`~mappingstore.errors.StoreClosedError`.
         """
@@ -390,6 +659,12 @@ class AsyncStore:
         self._closed = True
         loop = asyncio.get_running_loop()
         try:
+            native = self._native
+            if native is not None:
+                while self._busy:  # native calls already started finish first
+                    self._drained = asyncio.Event()
+                    await self._drained.wait()
+                await native.aclose()
             await loop.run_in_executor(self._executor, self._store.close)
         finally:
             self._executor.shutdown(wait=False)

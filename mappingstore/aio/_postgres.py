@@ -1,0 +1,407 @@
+"""Native async I/O for :class:`~mappingstore.PostgresStore` (psycopg 3 ``AsyncConnection``
+in a ``psycopg_pool.AsyncConnectionPool``).
+
+The sync store opened by :func:`mappingstore.aio.open` keeps owning everything but the
+network exchange: URL and conninfo parsing, the pool and connection options, creating and
+checking the table, the metadata and encryption set-up, the codec and key checks, the
+indexed form of names (``_ident``/``_long``), the SQL text (``PostgresStore._q_*``) and the
+conversion of driver errors (``PostgresStore._convert``). This module runs the same
+statements on async connections opened with the same conninfo and options, so both paths
+read and write the same rows, byte for byte.
+
+Failure handling follows the sync store: a read, or an idempotent write (an upsert), is
+retried once on a fresh connection when the link drops; a ``DELETE`` cut after it was
+sent, or an upsert cut after it was sent whose retry fails too, raises
+:class:`~mappingstore.errors.UnknownOutcomeError`; a pool that cannot connect within
+``pool_timeout`` raises :class:`~mappingstore.errors.BackendUnavailableError`.
+
+Only a store that owns its pool (opened from a URL or conninfo) takes this path; one built
+on a ready ``ConnectionPool`` keeps the worker thread for every call.
+
+Refactor for later (kept here because ``_postgres.py`` is not ours to edit): ``_read``,
+``_write``, ``_getconn``/``_pool_getconn``, ``_putconn`` and ``_unreachable`` below
+mirror the sync methods of the same names with ``await``; the statement parameters
+(``_key_params``...) mirror ``_get``, ``_put`` and ``_scan``. Pure helpers in
+``_postgres.py`` returning ``(sql, params)`` for each operation would let both drivers
+share one copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+from .._postgres import (
+    _CHUNK,
+    _SHORT,
+    PostgresStore,
+    _dead_while_idle,
+    _ident,
+    _long,
+    _lost,
+    _successor,
+)
+from .._store import Op
+from .._url import redact
+from ..errors import BackendError, BackendUnavailableError, UnknownOutcomeError
+
+__all__ = ["NativePostgres"]
+
+T = TypeVar("T")
+AConn = psycopg.AsyncConnection[Any]
+_IDLE = pq.TransactionStatus.IDLE
+#: Longest single wait on the pool (see _pool_getconn).
+_WAIT_SLICE = 1.0
+
+
+def _cursor(conn: AConn) -> psycopg.AsyncCursor[Any]:
+    """The binary cursor kept with *conn* for one-row statements: reusing it saves about
+    a tenth of a statement's client time (a connection serves one task at a time)."""
+    cur: psycopg.AsyncCursor[Any] | None = conn.__dict__.get("_mappingstore_aio_cursor")
+    if cur is None:
+        cur = conn.__dict__["_mappingstore_aio_cursor"] = conn.cursor(binary=True)
+    return cur
+
+
+def supports(store: PostgresStore) -> bool:
+    """True when *store* can take the native path (it owns its pool)."""
+    return bool(store._owns_pool)
+
+
+class NativePostgres:
+    """The raw operations of a :class:`~mappingstore.PostgresStore` over async psycopg.
+
+    Records, SQL and errors are the sync store's; see the module docstring. Safe for any
+    number of tasks of one event loop (each statement borrows a pooled connection); bound
+    to the loop that opened it.
+    """
+
+    kind = "postgresql"
+
+    def __init__(self, store: PostgresStore, pool: AsyncConnectionPool[Any]) -> None:
+        self._store = store
+        self._pool = pool
+        self._closed = False
+        self._q_delete_many = store._q_delete_many + " RETURNING expires"
+        # Connections kept between statements, as the sync store parks its own: skipping
+        # the pool's bookkeeping on every call. Only while no task waits on the pool
+        # (every getconn of this private pool is ours, so the count is exact).
+        self._idle: list[AConn] = []
+        self._waiting = 0
+
+    @classmethod
+    async def connect(cls, store: PostgresStore) -> NativePostgres:
+        """An async pool with the sync store's conninfo, sizes and connection options."""
+        # psycopg's automatic preparing stays off on the sync store's connections (its
+        # fast path prepares statements itself); these connections only ever run
+        # statements through psycopg, so they may prepare (explicitly, below).
+        kwargs = {**store._connect_kwargs, "prepare_threshold": 5}
+        # How long the pool keeps reconnecting after an outage: the sync pool's (it
+        # exists once the store is open: reading the metadata used it).
+        sync_pool = store._pool
+        reconnect = float(getattr(sync_pool, "reconnect_timeout", 300.0))
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            store._conninfo,
+            kwargs=kwargs,
+            min_size=store._min_size,
+            max_size=store._max_size,
+            timeout=store._pool_timeout,
+            name=f"mappingstore-aio:{store.table}",
+            reconnect_timeout=reconnect,
+            open=False,
+        )
+        try:
+            await pool.open(wait=False)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(store, pool)
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The async connection pool (for tests and diagnostics)."""
+        return self._pool
+
+    # -- connections and statements: PostgresStore._getconn/_read/_write, awaited ---------
+
+    async def _getconn(self, *, live: bool = False) -> AConn:
+        while True:
+            if self._idle:
+                conn = self._idle.pop()
+            else:
+                self._waiting += 1
+                try:
+                    conn = await self._pool_getconn()
+                finally:
+                    self._waiting -= 1
+            if not live or not _dead_while_idle(conn):  # type: ignore[arg-type]
+                return conn
+            # Closed by the server while idle: nothing was sent on it, take another.
+            await conn.close()
+            await self._pool.putconn(conn)
+
+    async def _pool_getconn(self) -> AConn:
+        """A connection from the pool within ``pool_timeout``, asked for in slices: each
+        new request lets a pool whose reconnection attempts gave up (after the sync
+        pool's ``reconnect_timeout``, copied at open) start a fresh one at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._store._pool_timeout
+        while True:
+            try:
+                wait = min(_WAIT_SLICE, deadline - loop.time())
+                conn: AConn = await self._pool.getconn(timeout=max(wait, 0.001))
+                return conn
+            except PoolTimeout as exc:
+                if loop.time() < deadline:
+                    continue
+                raise await self._unreachable(exc) from exc
+            except TooManyRequests as exc:
+                raise await self._unreachable(exc) from exc
+            except psycopg.Error as exc:
+                raise self._store._convert(exc, None) from exc
+
+    async def _putconn(self, conn: AConn) -> None:
+        if (
+            not self._closed
+            and not self._waiting
+            and conn.pgconn.transaction_status == _IDLE  # also false once it is broken
+            and len(self._idle) < self._store._max_size
+        ):
+            self._idle.append(conn)
+            return
+        await self._pool.putconn(conn)  # the pool replaces a broken connection
+
+    async def _unreachable(self, exc: BaseException) -> BackendUnavailableError:
+        # PoolTimeout says nothing about why: ask libpq directly for the reason.
+        reason = str(exc)
+        store = self._store
+        try:
+            conn = await psycopg.AsyncConnection.connect(store._conninfo, **store._connect_kwargs)
+            await conn.close()
+        except psycopg.Error as direct:
+            reason = str(direct)
+        return BackendUnavailableError(
+            f"PostgreSQL at {store.url} is not reachable within {store._pool_timeout:g} s: "
+            f"{redact(reason)}"
+        )
+
+    async def _sweep(self) -> None:
+        """After a lost connection: let the pool replace its dead idle connections."""
+        parked, self._idle = self._idle, []
+        for conn in parked:
+            await self._pool.putconn(conn)
+        try:
+            await self._pool.check()
+        except (psycopg.Error, PoolTimeout):
+            pass
+
+    async def _read(self, work: Callable[[AConn], Awaitable[T]]) -> T:
+        """Run idempotent *work*; retry it once on a fresh connection if the link drops."""
+        for attempt in (0, 1):
+            conn = await self._getconn()
+            try:
+                return await work(conn)
+            except psycopg.Error as exc:
+                if attempt or not _lost(exc, conn):  # type: ignore[arg-type]
+                    raise self._store._convert(exc, conn) from exc  # type: ignore[arg-type]
+                self._store._log.warning(
+                    "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
+                )
+            finally:
+                await self._putconn(conn)
+            await self._sweep()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _write(self, work: Callable[[AConn], Awaitable[T]], *, idempotent: bool) -> T:
+        """One autocommit statement. After a lost link an *idempotent* one is retried
+        once; a write that was sent and then lost raises ``UnknownOutcomeError`` when it
+        is not retried or its retry fails too (it may have been applied: a plain
+        ``BackendUnavailableError`` would say that nothing was written)."""
+        sent: psycopg.Error | None = None  # a try lost after it was sent: maybe applied
+        for attempt in (0, 1):
+            try:
+                conn = await self._getconn(live=not idempotent)
+            except BackendError as exc:
+                if sent is None:
+                    raise
+                raise self._unknown_write(sent) from exc
+            try:
+                return await work(conn)
+            except psycopg.Error as exc:
+                lost = _lost(exc, conn)  # type: ignore[arg-type]
+                if lost:
+                    sent = exc
+                if sent is not None and (attempt or not idempotent or not lost):
+                    raise self._unknown_write(sent) from exc
+                if attempt or not lost:
+                    raise self._store._convert(exc, conn) from exc  # type: ignore[arg-type]
+                self._store._log.warning(
+                    "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
+                )
+            finally:
+                await self._putconn(conn)
+            await self._sweep()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unknown_write(self, exc: BaseException) -> UnknownOutcomeError:
+        return UnknownOutcomeError(
+            f"PostgreSQL ({self._store.url}): connection lost before the write was "
+            f"acknowledged; it may or may not have been applied: {redact(str(exc))}"
+        )
+
+    async def _fetchone(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        async def work(conn: AConn) -> tuple[Any, ...] | None:
+            cur = await _cursor(conn).execute(query, params, prepare=True)
+            row: tuple[Any, ...] | None = await cur.fetchone()
+            return row
+
+        return await self._read(work)
+
+    # -- the raw contract ---------------------------------------------------------------
+
+    def _key_params(self, ns: str, key: str) -> tuple[bytes, bytes, float]:
+        return _ident(ns.encode()), _ident(key.encode()), self._store._clock()
+
+    async def get(self, ns: str, key: str) -> bytes | None:
+        row = await self._fetchone(self._store._q_get, self._key_params(ns, key))
+        return None if row is None else bytes(row[0])
+
+    async def contains(self, ns: str, key: str) -> bool:
+        return await self._fetchone(self._store._q_contains, self._key_params(ns, key)) is not None
+
+    async def count(self, ns: str) -> int:
+        params = (_ident(ns.encode()), self._store._clock())
+        row = await self._fetchone(self._store._q_count, params)
+        return 0 if row is None else int(row[0])
+
+    async def get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        encoded = [_ident(k.encode()) for k in keys]
+        params = (_ident(ns.encode()), list(set(encoded)), self._store._clock())
+        query = self._store._q_get_many
+
+        async def work(conn: AConn) -> dict[bytes, bytes]:
+            cur = await conn.execute(query, params, binary=True)
+            return {bytes(k): bytes(v) for k, v in await cur.fetchall()}
+
+        found = await self._read(work)
+        return [found.get(k) for k in encoded]
+
+    async def put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        nsb, kb = ns.encode(), key.encode()
+        params = (_ident(nsb), _ident(kb), data, expires, _long(nsb), _long(kb))
+        query = self._store._q_put
+
+        async def work(conn: AConn) -> None:
+            await _cursor(conn).execute(query, params, prepare=True)
+
+        # An upsert applied twice leaves the same state: safe to retry when in doubt.
+        await self._write(work, idempotent=True)
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        """Upsert every op (no deletes: only ``set_many`` uses this) in one statement."""
+        latest: dict[tuple[bytes, bytes], tuple[Op, bytes, bytes]] = {}
+        for op in ops:
+            if op.data is None:
+                raise ValueError("NativePostgres.apply() takes writes only")
+            nsraw, kraw = op.ns.encode(), op.key.encode()
+            latest[_ident(nsraw), _ident(kraw)] = (op, nsraw, kraw)
+        if not latest:
+            return
+        # The sync batch's global row order: concurrent batches never deadlock.
+        rows = []
+        for n, k in sorted(latest):
+            op, nsraw, kraw = latest[n, k]
+            rows.append((n, k, op.data, op.expires, _long(nsraw), _long(kraw)))
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        query = self._store._q_upsert_many
+
+        async def work(conn: AConn) -> None:
+            # One statement, so one transaction in autocommit mode: all rows or none.
+            await conn.execute(query, columns)
+
+        await self._write(work, idempotent=True)
+
+    async def delete(self, ns: str, key: str) -> bool:
+        params = (_ident(ns.encode()), _ident(key.encode()))
+        now = self._store._clock()
+        query = self._store._q_delete
+
+        async def work(conn: AConn) -> bool:
+            cur = await _cursor(conn).execute(query, params, prepare=True)
+            row = await cur.fetchone()
+            return row is not None and (row[0] is None or row[0] > now)
+
+        # Not idempotent: a retry could report "missing" for a key the lost try deleted.
+        return await self._write(work, idempotent=False)
+
+    async def delete_many(self, ns: str, keys: Sequence[str]) -> int:
+        """Delete *keys* in one statement (atomic); return how many were live."""
+        if not keys:
+            return 0
+        params = (_ident(ns.encode()), list({_ident(k.encode()) for k in keys}))
+        now = self._store._clock()
+        query = self._q_delete_many
+
+        async def work(conn: AConn) -> int:
+            cur = await conn.execute(query, params, binary=True)
+            return sum(1 for (expires,) in await cur.fetchall() if expires is None or expires > now)
+
+        return await self._write(work, idempotent=False)
+
+    async def _scan(self, ns: str, low: bytes, *, items: bool) -> AsyncIterator[tuple[Any, ...]]:
+        """Rows ``(key, long_key[, value])`` of *ns* whose key starts with *low*, in the
+        order of the indexed key: keyset pages of ``_CHUNK`` rows (the sync store's page
+        queries), each on a connection borrowed for that page only."""
+        if len(low) > _SHORT:
+            # Only long keys can match; their indexed form keeps _SHORT bytes of the name.
+            async for row in self._scan(ns, low[:_SHORT], items=items):
+                if row[1] is not None and bytes(row[1]).startswith(low):
+                    yield row
+            return
+        store = self._store
+        nsb = _ident(ns.encode())
+        high = _successor(low) if low else None
+        now = store._clock()  # one reading: the scan sees one consistent cut of the TTLs
+        tail: tuple[Any, ...] = (now,) if high is None else (high, now)
+        upper = high is not None
+        query, after = store._q_page[items, True, upper], low
+        while True:
+            params = (nsb, after, *tail)
+
+            async def work(conn: AConn, q: str = query, p: tuple[Any, ...] = params) -> list[Any]:
+                cur = await conn.execute(q, p, binary=True)
+                return await cur.fetchall()
+
+            rows = await self._read(work)
+            for row in rows:
+                yield row
+            if len(rows) < _CHUNK:
+                return
+            query, after = store._q_page[items, False, upper], bytes(rows[-1][0])
+
+    async def iter_keys(self, ns: str, prefix: str = "") -> AsyncIterator[str]:
+        async for row in self._scan(ns, prefix.encode(), items=False):
+            yield bytes(row[0] if row[1] is None else row[1]).decode()
+
+    async def iter_items(self, ns: str, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
+        async for row in self._scan(ns, prefix.encode(), items=True):
+            yield bytes(row[0] if row[1] is None else row[1]).decode(), bytes(row[2])
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        parked, self._idle = self._idle, []
+        try:
+            for conn in parked:
+                await self._pool.putconn(conn)
+            await self._pool.close()
+        except (psycopg.Error, BackendError) as exc:
+            self._store._log.debug("closing the async PostgreSQL pool failed: %s", exc)
