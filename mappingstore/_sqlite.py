@@ -173,6 +173,10 @@ class _Conn:
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
         self.finalizer = weakref.finalize(self, conn.close)
+        # Not at interpreter exit: the main thread would close connections that daemon
+        # threads are still writing with (tracebacks, or a segfault mid-statement). The
+        # OS closes the descriptor, and every acknowledged write is already committed.
+        self.finalizer.atexit = False
 
 
 def _read_header(path: str) -> bytes:
