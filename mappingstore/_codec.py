@@ -218,36 +218,48 @@ def _tz(offset: int | None, zone: str | None, name: str | None) -> _dt.tzinfo | 
     return _dt.timezone(delta, name) if name else _dt.timezone(delta)
 
 
+def _items(data: bytes, *sizes: int) -> list[Any]:
+    """The msgpack array an extension payload holds (of one of *sizes* items, if given).
+
+    Every writer packs these payloads as arrays: anything else (a string, bytes or a map,
+    which ``tuple()`` or unpacking would happily iterate) is a forged or damaged record.
+    """
+    items = _unpackb_nested(data)
+    if type(items) is not list or (sizes and len(items) not in sizes):
+        raise ValueError("malformed extension payload")
+    return items
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _TUPLE:
-        return tuple(_unpackb_nested(data))
+        return tuple(_items(data))
     if code == _SET:
-        return set(_unpackb_nested(data))
+        return set(_items(data))
     if code == _FROZENSET:
-        return frozenset(_unpackb_nested(data))
+        return frozenset(_items(data))
     if code == _BIGINT:
         return int.from_bytes(data, "big", signed=True)
     if code == _DATETIME:
-        naive, offset, zone, fold, name = _unpackb_nested(data)
+        naive, offset, zone, fold, name = _items(data, 5)
         value = _dt.datetime.fromisoformat(naive)
         tz = _tz(offset, zone, name)
         return value.replace(tzinfo=tz, fold=fold) if tz is not None else value
     if code == _DATE:
         return _dt.date.fromisoformat(data.decode())
     if code == _TIME:
-        naive, offset, fold, *rest = _unpackb_nested(data)
+        naive, offset, fold, *rest = _items(data, 3, 4)
         tvalue = _dt.time.fromisoformat(naive)
         tz = _tz(offset, None, rest[0] if rest else None)
         return tvalue.replace(tzinfo=tz, fold=fold)
     if code == _TIMEDELTA:
-        days, seconds, micro = _unpackb_nested(data)
+        days, seconds, micro = _items(data, 3)
         return _dt.timedelta(days=days, seconds=seconds, microseconds=micro)
     if code == _DECIMAL:
         return Decimal(data.decode())
     if code == _UUID:
         return uuid.UUID(bytes=data)
     if code == _COMPLEX:
-        real, imag = _unpackb_nested(data)
+        real, imag = _items(data, 2)
         return complex(real, imag)
     raise ValueError(f"unknown extension type {code}")
 

@@ -500,6 +500,13 @@ class Store(MutableMapping[str, Any]):
         if head == ENCRYPTED_HEADER:
             cipher = self._cipher
             if cipher is None:
+                if self._meta_get("crypto") is None:
+                    # No key slot: nothing was ever encrypted here, so this header is damage
+                    # (one flipped bit turns a plain header into it) or a foreign record.
+                    raise CorruptValueError(
+                        f"stored value of {key!r} claims to be encrypted, but this store "
+                        "has no encryption key"
+                    )
                 raise PasswordRequiredError(
                     f"the value of {key!r} is encrypted: open the store with password= or key="
                 )
