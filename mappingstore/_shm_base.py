@@ -469,15 +469,17 @@ class Handle:
         write.
         """
         path = self.data_path(gen)
-        if gen > 1:
-            self._check_still_named()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left over by a writer killed while building it
         try:
+            if gen > 1:
+                self._check_still_named()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left over by a writer killed while building it
             fd = os.open(
                 path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
+            if isinstance(exc, MappingStoreError):  # StoreNotFoundError: already ours
+                raise
             raise _os_error(exc, f"cannot create {path}") from exc
         try:
             os.fchmod(fd, 0o600)
@@ -507,14 +509,17 @@ class Handle:
     def publish(self, gen: int) -> None:
         """Make *gen* current (one aligned 8-byte store), then drop its predecessor."""
         self.ctlq[_Q_GEN] = gen
-        # gen - 2 too: left behind if the previous writer died between these two steps.
+        # gen - 2 too: left behind if the previous writer died between these two steps,
+        # or if removing it failed then. The write is published: a failure to remove a
+        # stale file must not report it as failed (the next publish retries).
         for old in (gen - 1, gen - 2):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(self.data_path(old))
 
     def discard(self, gen: int) -> None:
-        """Remove an unpublished generation after a failed build."""
-        with contextlib.suppress(FileNotFoundError):
+        """Remove an unpublished generation after a failed build (best effort: the error
+        being handled is the one to report; ``create_data`` removes a leftover)."""
+        with contextlib.suppress(OSError):
             os.unlink(self.data_path(gen))
 
     # -- removal and closing --------------------------------------------------------------
