@@ -19,18 +19,62 @@ import fcntl
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 from .errors import BackendError, InvalidOptionError, LockTimeoutError
 
-__all__ = ["FileLock", "current_pid", "lock_timeout_option"]
+__all__ = ["FileLock", "current_pid", "lock_timeout_option", "renew_after_fork"]
 
 # os.getpid() is a system call (glibc no longer caches it); locks check it on every use.
 _pid = [os.getpid()]
 
+# (owner, names of its thread-lock attributes) to replace in a forked child: see
+# renew_after_fork. Weak references, so a registered object can still be collected.
+_RENEW: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
+_RENEW_LOCK = [threading.Lock()]
+
+
+def renew_after_fork(owner: object, *attrs: str) -> None:
+    """Give *owner* fresh ``threading`` locks in its attributes *attrs* in a forked child.
+
+    ``fork()`` copies a lock held by another thread of the parent, and nothing in the
+    child will ever release it: the child's first use of the object would hang forever.
+    In the child, every such lock that the forking thread itself does not hold is
+    replaced by a new one of the same kind (the forking thread's own locks stay: it goes
+    on to release them).
+    """
+    ref = weakref.ref(owner)
+    with _RENEW_LOCK[0]:
+        _RENEW[:] = [entry for entry in _RENEW if entry[0]() is not None]
+        _RENEW.append((ref, attrs))
+
+
+def _is_rlock(lock: Any) -> bool:
+    return hasattr(lock, "_is_owned")
+
+
+def _owned(lock: Any) -> bool:
+    is_owned = getattr(lock, "_is_owned", None)  # RLock; a plain Lock has no owner
+    return bool(is_owned()) if is_owned is not None else False
+
 
 def _after_fork() -> None:
     _pid[0] = os.getpid()
+    _RENEW_LOCK[0] = threading.Lock()  # another thread may have held it at the fork
+    for ref, attrs in _RENEW:
+        owner = ref()
+        if owner is None:
+            continue
+        for attr in attrs:
+            lock = getattr(owner, attr, None)
+            if lock is None or _owned(lock):
+                continue
+            if not lock.acquire(blocking=False):  # held by a thread the child does not have
+                setattr(owner, attr, threading.RLock() if _is_rlock(lock) else threading.Lock())
+            else:
+                lock.release()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -73,6 +117,7 @@ class FileLock:
         self._create = create
         self._timeout = timeout
         self._rlock = threading.RLock()
+        renew_after_fork(self, "_rlock")
         self._fd = -1
         self._pid = -1
         self._depth = 0

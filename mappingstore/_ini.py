@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
-from ._filelock import FileLock, lock_timeout_option
+from ._filelock import FileLock, lock_timeout_option, renew_after_fork
 from ._keys import INTERNAL_PREFIX, internal_ns
 from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_bool, parse_url
@@ -481,6 +481,7 @@ class IniStore(Store):
         self._lock_timeout = lock_timeout = lock_timeout_option(lock_timeout)
         self._tmp_prefix = f".{name}.tmp."
         self._mem = threading.RLock()  # guards the parsed document within the process
+        renew_after_fork(self, "_mem")
         self._doc = _Doc()
         self._sig: tuple[int, ...] | None = None
         self._pin = -1  # descriptor of the parsed file (see the class docstring)

@@ -21,6 +21,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import types
 import urllib.parse
 import uuid
@@ -111,10 +112,112 @@ _INHERITED: list[sqlite3.Connection] = []
 def _forked() -> None:
     global _fork_gen
     _fork_gen += 1
+    _GATE.after_fork_in_child()
 
+
+class _ThreadWrites:
+    """One thread's SQLite writes in progress (only that thread changes the counts)."""
+
+    __slots__ = ("__weakref__", "active", "own")
+
+    def __init__(self) -> None:
+        self.active = 0  # write statements and transactions in progress
+        self.own = 0  # of which open ``_exclusive`` transactions
+
+
+class _ForkGate:
+    """Holds ``fork()`` back while other threads of this process are writing to SQLite.
+
+    SQLite records in a per-process table which connection holds which file lock, and
+    ``fork()`` copies that table: a child forked while another thread is inside a write
+    transaction believes that (abandoned) connection still holds the write lock, and no
+    connection in the child can ever write the file (``LockTimeoutError`` forever). So
+    ``fork()`` waits, up to :data:`_FORK_WAIT` seconds, for the writes in progress in other
+    threads to end, and new ones wait for the fork. The bound keeps a transaction whose
+    callback waits for the forking thread from deadlocking; the child then gets a clean
+    ``LockTimeoutError`` for that file, never a hang or damage.
+
+    The write path takes no lock: each thread counts its own writes (a write first
+    counts itself, then looks at ``forking``; a fork first sets ``forking``, then sums
+    the counts, so one of the two always sees the other).
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.forking = False
+        self.local = threading.local()
+        self.threads: weakref.WeakSet[_ThreadWrites] = weakref.WeakSet()
+
+    def _mine(self) -> _ThreadWrites:
+        try:
+            mine: _ThreadWrites = self.local.w
+        except AttributeError:
+            mine = self.local.w = _ThreadWrites()
+            with self.cond:
+                self.threads.add(mine)
+        return mine
+
+    def enter(self, own: bool = False) -> None:
+        mine = self._mine()
+        while True:
+            mine.active += 1
+            # A statement inside this thread's own open transaction must not wait: the
+            # fork is waiting for that transaction to end.
+            if not self.forking or mine.own:
+                break
+            mine.active -= 1
+            with self.cond:
+                self.cond.notify_all()
+                while self.forking:
+                    self.cond.wait()
+        if own:
+            mine.own += 1
+
+    def leave(self, own: bool = False) -> None:
+        mine = self._mine()
+        mine.active -= 1
+        if own:
+            mine.own -= 1
+        if self.forking:
+            with self.cond:
+                self.cond.notify_all()
+
+    def before_fork(self) -> None:
+        # The forking thread's own open transaction cannot end while it forks: not waited.
+        mine = self._mine()
+        deadline = time.monotonic() + _FORK_WAIT
+        with self.cond:
+            self.forking = True
+            while sum(w.active for w in self.threads) > mine.active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, 0.05))
+
+    def after_fork_in_parent(self) -> None:
+        with self.cond:
+            self.forking = False
+            self.cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        # Fresh locks (the parent's other threads are gone); only the forking thread's own
+        # writes (if it forked inside a transaction) are still in progress here.
+        mine = self._mine()
+        self.__init__()  # type: ignore[misc]
+        self.local.w = mine
+        self.threads.add(mine)
+
+
+#: Longest wait of fork() for other threads' SQLite writes (see _ForkGate).
+_FORK_WAIT = 5.0
+_GATE = _ForkGate()
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
+    os.register_at_fork(
+        before=_GATE.before_fork,
+        after_in_parent=_GATE.after_fork_in_parent,
+        after_in_child=_forked,
+    )
 
 # (st_dev, st_ino) -> number of open SQLiteStore instances on that file in this process.
 # Closing *any* descriptor of a file drops every POSIX lock the process holds on it,
@@ -527,6 +630,7 @@ class SQLiteStore(Store):
 
     def _write(self, sql: str, params: Sequence[Any]) -> int:
         lock = self._memlock
+        _GATE.enter()
         try:
             if lock is None:
                 return self._cursor().execute(sql, params).rowcount
@@ -534,6 +638,8 @@ class SQLiteStore(Store):
                 return self._cursor().execute(sql, params).rowcount
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
+        finally:
+            _GATE.leave()
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -556,27 +662,31 @@ class SQLiteStore(Store):
                     holder.depth -= 1
                 return
             conn = holder.conn
+            _GATE.enter(own=True)
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
-            holder.depth = 1
-            try:
-                yield
-            except BaseException as exc:
-                holder.depth = 0
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
                     raise self._error(exc) from exc
-                raise
-            holder.depth = 0
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise self._error(exc) from exc
+                holder.depth = 1
+                try:
+                    yield
+                except BaseException as exc:
+                    holder.depth = 0
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise self._error(exc) from exc
+                    raise
+                holder.depth = 0
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise self._error(exc) from exc
+            finally:
+                _GATE.leave(own=True)
         finally:
             if lock is not None:
                 lock.release()
@@ -729,6 +839,7 @@ class SQLiteStore(Store):
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
         lock = self._memlock
+        _GATE.enter()
         try:
             if lock is None:
                 self._cursor().execute(_PUT, (ns, key, data, expires))
@@ -737,6 +848,8 @@ class SQLiteStore(Store):
                     self._cursor().execute(_PUT, (ns, key, data, expires))
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
+        finally:
+            _GATE.leave()
 
     def _delete(self, ns: str, key: str) -> bool:
         return self._write(_DELETE_LIVE, (ns, key, self._clock())) > 0
