@@ -16,6 +16,7 @@ from typing import Any
 from .errors import InvalidOptionError, InvalidURLError
 
 __all__ = [
+    "CREDENTIAL_SCHEMES",
     "OPTION_TYPES",
     "ParsedURL",
     "file_path",
@@ -69,7 +70,14 @@ OPTION_TYPES: dict[str, Callable[[str], Any]] = {
     "ttl": parse_float,
 }
 
-_SECRET_QUERY = re.compile(r"(?i)^(password|passwd|pwd|secret|token|key|salt)$")
+_SECRET_NAMES = "password|passwd|pwd|secret|token|key|salt"
+_SECRET_QUERY = re.compile(rf"(?i)^({_SECRET_NAMES})$")
+
+#: Schemes whose URL may carry a user and password (for the server). Any other scheme
+#: refuses a password in its URL: nothing would use it, and every message, ``repr`` and
+#: ``url`` that shows the location (a file path, a store name) would show it too.
+CREDENTIAL_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "postgresql", "postgres"})
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 @dataclass
@@ -88,9 +96,17 @@ class ParsedURL:
 
 
 def parse_url(
-    url: str, scheme: str | tuple[str, ...], extra: Mapping[str, Callable[[str], Any]] | None = None
+    url: str,
+    scheme: str | tuple[str, ...],
+    extra: Mapping[str, Callable[[str], Any]] | None = None,
+    *,
+    credentials: bool | None = None,
 ) -> ParsedURL:
-    """Split *url*, check its scheme, and type its query options."""
+    """Split *url*, check its scheme, and type its query options.
+
+    *credentials*: whether the URL may hold a password (default: only for the schemes in
+    :data:`CREDENTIAL_SCHEMES`). No error message ever repeats a password.
+    """
     if not isinstance(url, str):
         raise InvalidURLError("a store URL must be a str")
     schemes = (scheme,) if isinstance(scheme, str) else scheme
@@ -99,7 +115,28 @@ def parse_url(
         raise InvalidURLError(f"not a store URL (no '://'): {redact(url)!r}")
     if head.lower() not in schemes:
         raise InvalidURLError(f"expected a {'/'.join(schemes)}:// URL, got {redact(url)!r}")
-    split = urllib.parse.urlsplit(url)
+    try:
+        split = urllib.parse.urlsplit(url)
+        has_password = split.password is not None
+    except ValueError as exc:  # "Invalid IPv6 URL": urllib's message holds no part of it
+        raise InvalidURLError(f"malformed URL ({exc}): {redact(url)!r}") from None
+    if has_password:
+        if not (head.lower() in CREDENTIAL_SCHEMES if credentials is None else credentials):
+            raise InvalidURLError(
+                f"a {head.lower()}:// URL takes no password (it would show wherever the "
+                "URL does); give the store's password as an option or environment variable"
+            )
+        userinfo = split.netloc.rpartition("@")[0]
+        if "@" in userinfo:  # urllib splits at the last "@", libpq at the first one
+            raise InvalidURLError(
+                "the user or password in the URL holds an unescaped '@'; percent-encode "
+                "it (write '@' as %40)"
+            )
+        if _BAD_ESCAPE.search(userinfo):
+            raise InvalidURLError(
+                "the user or password in the URL holds a '%' that is not a %XX escape; "
+                "percent-encode them (write '%' as %25)"
+            )
     if split.fragment:
         raise InvalidURLError(f"store URLs take no #fragment: {redact(url)!r}")
     types = {**OPTION_TYPES, **(extra or {})}
@@ -136,7 +173,7 @@ def file_path(parsed: ParsedURL) -> str:
     if parsed.netloc and parsed.netloc != "localhost":
         # sqlite://data.db is a common slip for sqlite:///data.db; say so instead of guessing.
         raise InvalidURLError(
-            f"{parsed.scheme}://{parsed.netloc}... has a host part; use "
+            f"{redact(f'{parsed.scheme}://{parsed.netloc}')}... has a host part; use "
             f"{parsed.scheme}:///relative/path or {parsed.scheme}:////absolute/path"
         )
     path = parsed.path
@@ -145,8 +182,6 @@ def file_path(parsed: ParsedURL) -> str:
     return path[1:]
 
 
-# The password runs to the LAST "@" before the path (as urllib splits it), so an unescaped
-# "@" or ":" inside it is hidden too; whitespace ends a URL inside a longer message.
 def file_url(scheme: str, path: str, query: list[str]) -> str:
     """The inverse of :func:`file_path` for an absolute *path*: ``scheme:////abs/path?q``.
 
@@ -157,9 +192,20 @@ def file_url(scheme: str, path: str, query: list[str]) -> str:
     return base + ("?" + "&".join(query) if query else "")
 
 
-_USERINFO = re.compile(r"(?P<pre>://[^/@:\s]*:)(?P<pw>[^/\s]*)(?P<post>@)")
+# The password runs to the LAST "@" of the URL (whitespace or a quote ends a URL inside a
+# longer message): urllib splits at the last "@" before the path, so an unescaped "@" or
+# ":" in a password is hidden, and so is the rest of one with an unescaped "/" (which no
+# parser can split right). An "@" later in a path or query hides a little too much.
+_USERINFO = re.compile(r"(?P<pre>://[^/@:\s]*:)(?P<pw>[^\s'\"]*)(?P<post>@)")
+# A secret given as a query option (refused by parse_url, but the refused URL may still
+# be quoted in a message): "?password=x&..." -> "?password=***&...".
+_QUERY_SECRET = re.compile(rf"(?i)(?P<pre>[?&](?:{_SECRET_NAMES})=)(?P<value>[^&#\s'\"]*)")
 
 
 def redact(text: str) -> str:
-    """Hide the password of every URL in *text* (``redis://u:secret@h`` -> ``redis://u:***@h``)."""
-    return _USERINFO.sub(r"\g<pre>***\g<post>", text)
+    """Hide the password of every URL in *text* (``redis://u:secret@h`` -> ``redis://u:***@h``).
+
+    Secret query options (``?password=...``, ``key=``, ``token=``...) are hidden too.
+    """
+    text = _USERINFO.sub(r"\g<pre>***\g<post>", text)
+    return _QUERY_SECRET.sub(r"\g<pre>***", text)

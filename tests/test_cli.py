@@ -363,6 +363,18 @@ def test_get_branch_and_set_mapping_under_dot_names(url: str) -> None:
         assert dict(s) == {"cfg.a": 1}
 
 
+def test_url_options_are_not_overridden_by_absent_flags(url: str) -> None:
+    # No --dot-names flag, no read-only command: the URL's own options still hold.
+    ok("--url", f"{url}?dot_names=true", "set", "cfg", '{"a": 1}')
+    with store(url) as s:
+        assert dict(s) == {"cfg.a": 1}
+    assert json.loads(ok("--url", f"{url}?dot_names=true", "get", "cfg").stdout) == {"a": 1}
+    run = invoke("--url", f"{url}?readonly=true", "set", "x", "1")
+    assert run.code == 1 and "read-only" in run.stderr, run
+    with store(url) as s:
+        assert "x" not in s
+
+
 def test_info_and_namespaces(url: str) -> None:
     with store(url) as s:
         s.update({"a": 1, "b": 2})

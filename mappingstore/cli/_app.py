@@ -359,10 +359,16 @@ def open_store(
     *password_env* name the sources of another store's secret (``copy``'s destination).
     """
     url = url or settings.url
-    options: dict[str, Any] = {
-        "readonly": readonly,
-        "dot_names": settings.dot_names if dot_names is None else dot_names,
-    }
+    # Flags only switch options on: an unset --dot-names (or a command that is not read-
+    # only) must not override "?dot_names=true" or "?readonly=true" in the URL. A command
+    # that needs raw key names passes dot_names=False explicitly.
+    options: dict[str, Any] = {}
+    if dot_names is not None:
+        options["dot_names"] = dot_names
+    elif settings.dot_names:
+        options["dot_names"] = True
+    if readonly:
+        options["readonly"] = True
     ns = namespace if namespace is not None else settings.namespace
     if ns is not None:
         options["namespace"] = ns
