@@ -56,6 +56,8 @@ __all__ = ["PostgresStore"]
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
+#: A sync connection, or an async one of the native async driver (``aio/_postgres.py``).
+AnyConn = psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 #: Rows per round trip when streaming keys or items.
@@ -148,7 +150,7 @@ def _lock_id(*parts: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _dead_while_idle(conn: Conn) -> bool:
+def _dead_while_idle(conn: AnyConn) -> bool:
     """True if an idle connection has something to read: only a server's goodbye (FATAL
     message or EOF) arrives unasked on an idle connection without LISTEN."""
     if conn.closed or conn.broken:
@@ -158,7 +160,7 @@ def _dead_while_idle(conn: Conn) -> bool:
     return bool(poller.poll(0))
 
 
-def _lost(exc: BaseException, conn: Conn | None) -> bool:
+def _lost(exc: BaseException, conn: AnyConn | None) -> bool:
     """True when *exc* means the connection is gone (rather than a statement failing)."""
     if conn is not None and (conn.broken or conn.closed):
         return True
@@ -166,6 +168,70 @@ def _lost(exc: BaseException, conn: Conn | None) -> bool:
     return isinstance(exc, psycopg.OperationalError) and (
         sqlstate is None or sqlstate[:2] in ("08", "57")
     )
+
+
+def _live(expires: float | None, now: float) -> bool:
+    """True when a row with this ``expires`` had not expired at *now*."""
+    return expires is None or expires > now
+
+
+def _row(ns: str, key: str, data: bytes, expires: Any) -> tuple[Any, ...]:
+    """The upsert parameters ``(ns, key, value, expires, long_ns, long_key)`` of one
+    record (*expires* as the caller's driver wants it: packed for ``_run``, a float for
+    psycopg); ``_long`` inlined, since ``_put`` is hot."""
+    nsb, kb = ns.encode(), key.encode()
+    long_ns = nsb if len(nsb) > _SHORT else None
+    return _ident(nsb), _ident(kb), data, expires, long_ns, kb if len(kb) > _SHORT else None
+
+
+def _batch(ops: Sequence[Op]) -> tuple[list[tuple[Any, ...]], dict[bytes, list[bytes]]]:
+    """The writes of a batch: its upsert rows and its deleted keys per namespace, the
+    last write of a key winning, in one global order of (ns, key): the row locks of
+    concurrent batches are then taken in the same order and never deadlock."""
+    latest: dict[tuple[bytes, bytes], tuple[Op, bytes, bytes]] = {}
+    for op in ops:
+        nsraw, kraw = op.ns.encode(), op.key.encode()
+        latest[_ident(nsraw), _ident(kraw)] = (op, nsraw, kraw)
+    puts = []
+    deletes: dict[bytes, list[bytes]] = {}
+    for n, k in sorted(latest):
+        op, nsraw, kraw = latest[n, k]
+        if op.data is not None:
+            puts.append((n, k, op.data, op.expires, _long(nsraw), _long(kraw)))
+        else:
+            deletes.setdefault(n, []).append(k)
+    return puts, deletes
+
+
+def _pool_slice(deadline: float) -> float:
+    """How long the next request for a pooled connection may wait: a slice of at most
+    ``_WAIT_SLICE`` (see ``_RECONNECT_WINDOW``), never past *deadline*."""
+    return max(min(_WAIT_SLICE, deadline - time.monotonic()), 0.001)
+
+
+def _pool_failure(exc: psycopg.Error, deadline: float) -> str:
+    """What a failed request for a pooled connection means: ``"again"`` (only a slice
+    ran out: ask again), ``"unreachable"`` (the wait ran out, or too many requests
+    queue: ask libpq why) or ``"error"`` (convert *exc*)."""
+    if isinstance(exc, PoolTimeout):
+        return "again" if time.monotonic() < deadline else "unreachable"
+    if isinstance(exc, TooManyRequests):
+        return "unreachable"
+    return "error"
+
+
+class _ScanSQL(NamedTuple):
+    """The statements of one prefix scan and their parameters (one reading of the
+    clock for all of them: the scan sees one consistent cut of the TTLs)."""
+
+    first: str  # the first page: keys >= the prefix, at most _CHUNK rows
+    page: str  # a later page: keys after the last one yielded, at most _CHUNK rows
+    rest: str  # every key after the last one yielded (a server-side cursor)
+    ns: bytes
+    tail: tuple[Any, ...]  # (successor of the prefix, now) or (now,)
+
+    def params(self, after: bytes) -> tuple[Any, ...]:
+        return (self.ns, after, *self.tail)
 
 
 _IDLE = pq.TransactionStatus.IDLE
@@ -403,8 +469,16 @@ class PostgresStore(Store):
     def _display_url(self) -> str:
         try:
             params = conninfo_to_dict(self._conninfo)
-        except psycopg.Error as exc:
-            raise InvalidOptionError(f"invalid PostgreSQL conninfo: {redact(str(exc))}") from None
+        except psycopg.Error:
+            params = None
+        if params is None:
+            # Raised outside the handler: libpq's message quotes the text it could not parse,
+            # which may be part of a password (an unescaped "/" or "%" in a URL), and would
+            # stay attached as the context.
+            raise InvalidOptionError(
+                "invalid PostgreSQL URL or conninfo: libpq cannot parse it (in a URL, "
+                "percent-encode special characters of the user name and password)"
+            )
         user = params.get("user")
         host = str(params.get("host") or "")
         port = params.get("port")
@@ -445,6 +519,8 @@ class PostgresStore(Store):
         self._q_update = q("UPDATE {t} SET value = %s, expires = %s WHERE ns = %s AND key = %s")
         self._q_delete = q("DELETE FROM {t} WHERE ns = %s AND key = %s RETURNING expires")
         self._q_delete_many = q("DELETE FROM {t} WHERE ns = %s AND key = ANY(%s)")
+        # The expiry of each deleted row: the caller counts the live ones.
+        self._q_delete_many_returning = self._q_delete_many + " RETURNING expires"
         self._q_lock = q("SELECT value, expires FROM {t} WHERE ns = %s AND key = %s FOR UPDATE")
         self._q_begin_lock = "BEGIN; SELECT txid_current(); " + self._q_lock
         self._q_delete_plain = q("DELETE FROM {t} WHERE ns = %s AND key = %s")
@@ -622,15 +698,13 @@ class PostgresStore(Store):
                 try:
                     # In slices: each new request lets a pool whose reconnection attempts
                     # gave up (see _RECONNECT_WINDOW) start a fresh one at once.
-                    wait = min(_WAIT_SLICE, deadline - time.monotonic())
-                    conn = cast(Conn, pool.getconn(timeout=max(wait, 0.001)))
-                except PoolTimeout as exc:
-                    if time.monotonic() < deadline:
-                        continue
-                    raise self._unreachable(exc) from exc
-                except TooManyRequests as exc:
-                    raise self._unreachable(exc) from exc
+                    conn = cast(Conn, pool.getconn(timeout=_pool_slice(deadline)))
                 except psycopg.Error as exc:
+                    failure = _pool_failure(exc, deadline)
+                    if failure == "again":
+                        continue
+                    if failure == "unreachable":
+                        raise self._unreachable(exc) from exc
                     raise self._convert(exc, None) from exc
                 if not live or not _dead_while_idle(conn):
                     break
@@ -668,7 +742,9 @@ class PostgresStore(Store):
             pass  # it came from the parent's pool (we were forked meanwhile): drop it
 
     def _unreachable(self, exc: BaseException) -> BackendUnavailableError:
-        # PoolTimeout says nothing about why: ask libpq directly for the reason.
+        """The error for a pool that gave no connection in time (it blocks: the async
+        driver runs it on a thread). PoolTimeout says nothing about why: ask libpq
+        directly for the reason."""
         reason = str(exc)
         if self._owns_pool:
             try:
@@ -702,7 +778,7 @@ class PostgresStore(Store):
             with contextlib.suppress(psycopg.Error, PoolTimeout):
                 pool.check()
 
-    def _convert(self, exc: BaseException, conn: Conn | None) -> BackendError:
+    def _convert(self, exc: BaseException, conn: AnyConn | None) -> BackendError:
         message = f"PostgreSQL ({self._url}): {redact(str(exc).strip())}"
         if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)):
             return StoreNotFoundError(message)
@@ -725,11 +801,7 @@ class PostgresStore(Store):
             try:
                 return work(conn)
             except psycopg.Error as exc:
-                if attempt or not _lost(exc, conn):
-                    raise self._convert(exc, conn) from exc
-                self._log.warning(
-                    "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
-                )
+                self._failed(exc, conn, attempt, None, write=False)
             finally:
                 self._putconn(conn)
             self._sweep()
@@ -758,20 +830,42 @@ class PostgresStore(Store):
             try:
                 return work(conn)
             except psycopg.Error as exc:
-                lost = _lost(exc, conn)
-                if lost and not isinstance(exc, _NotSent):
-                    sent = exc
-                if sent is not None and (attempt or not idempotent or not lost):
-                    raise self._unknown_write(sent) from exc
-                if attempt or not lost:
-                    raise self._convert(exc, conn) from exc
-                self._log.warning(
-                    "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
-                )
+                sent = self._failed(exc, conn, attempt, sent, write=True, idempotent=idempotent)
             finally:
                 self._putconn(conn)
             self._sweep()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(
+        self,
+        exc: psycopg.Error,
+        conn: AnyConn,
+        attempt: int,
+        sent: psycopg.Error | None,
+        *,
+        write: bool,
+        idempotent: bool = True,
+        log: str = "PostgreSQL connection lost (%s); retrying on a fresh one",
+    ) -> psycopg.Error | None:
+        """The retry decision after try *attempt* (0, then 1) of one statement on *conn*
+        failed with *exc*; the one copy of it, for the sync store and the async driver.
+
+        A lost connection is retried once (a read, or a write that is *idempotent* or
+        proven not sent). A *write* that reached the server before its connection was
+        lost (*sent*, the first such failure, or *exc*) may have been applied: when it
+        is not retried, or its retry fails too, :class:`UnknownOutcomeError` is raised,
+        never a plain ``BackendUnavailableError`` (which would say nothing was written).
+        Anything else is converted. Returns the *sent* for the retry (after logging it),
+        or raises (chained to *exc*)."""
+        lost = _lost(exc, conn)
+        if write and lost and not isinstance(exc, _NotSent):
+            sent = exc
+        if sent is not None and (attempt or not idempotent or not lost):
+            raise self._unknown_write(sent) from exc
+        if attempt or not lost:
+            raise self._convert(exc, conn) from exc
+        self._log.warning(log, redact(str(exc)))
+        return sent
 
     def _unknown_write(self, exc: BaseException) -> UnknownOutcomeError:
         return UnknownOutcomeError(
@@ -819,14 +913,8 @@ class PostgresStore(Store):
             except psycopg.Error as exc:
                 if not _lost(exc, conn):
                     raise self._convert(exc, conn) from exc
-                committed = self._outcome(exc, xid)
-                if committed:
+                if self._committed(exc, xid):
                     return
-                if committed is None:
-                    raise UnknownOutcomeError(
-                        f"PostgreSQL ({self._url}): connection lost during COMMIT and the "
-                        f"transaction's outcome cannot be determined: {redact(str(exc))}"
-                    ) from exc
                 if retried_lost:
                     raise self._convert(exc, conn) from exc
                 retried_lost = True
@@ -848,6 +936,17 @@ class PostgresStore(Store):
                     raise self._convert(exc, conn) from exc
             except psycopg.Error as exc:
                 raise self._convert(exc, conn) from exc
+
+    def _committed(self, exc: BaseException, xid: list[int]) -> bool:
+        """Whether a transaction whose connection was lost (with *exc*) committed; raises
+        ``UnknownOutcomeError`` when that cannot be determined."""
+        committed = self._outcome(exc, xid)
+        if committed is None:
+            raise UnknownOutcomeError(
+                f"PostgreSQL ({self._url}): connection lost during COMMIT and the "
+                f"transaction's outcome cannot be determined: {redact(str(exc))}"
+            ) from exc
+        return committed
 
     def _outcome(self, exc: BaseException, xid: list[int]) -> bool | None:
         """Whether a transaction whose connection was lost committed (None: unknown)."""
@@ -903,11 +1002,10 @@ class PostgresStore(Store):
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        encoded = [_ident(k.encode()) for k in keys]
-        params = (_ident(ns.encode()), list(set(encoded)), self._clock())
+        query, params, encoded = self._get_many_sql(ns, keys)
 
         def work(conn: Conn) -> dict[bytes, bytes]:
-            return dict(conn.execute(self._q_get_many, params, binary=True).fetchall())
+            return dict(conn.execute(query, params, binary=True).fetchall())
 
         found = self._read(work)
         return [found.get(k) for k in encoded]
@@ -919,8 +1017,7 @@ class PostgresStore(Store):
         )
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        nsb, kb = ns.encode(), key.encode()
-        params = (_ident(nsb), _ident(kb), data, _f8(expires), _long(nsb), _long(kb))
+        params = _row(ns, key, data, _f8(expires))
         # An upsert applied twice leaves the same state: safe to retry when in doubt.
         self._write(lambda conn: _run(conn, self._s_put, params), idempotent=True)
 
@@ -932,8 +1029,7 @@ class PostgresStore(Store):
             res = _run(conn, self._s_delete, params)
             if not res.ntuples:
                 return False
-            expires = _read_f8(res.get_value(0, 0))
-            return expires is None or expires > now
+            return _live(_read_f8(res.get_value(0, 0)), now)
 
         # Not idempotent: a retry could report "missing" for a key the lost try deleted.
         return self._write(work, idempotent=False)
@@ -989,27 +1085,19 @@ class PostgresStore(Store):
                 if row[1] is not None and row[1].startswith(low):
                     yield row
             return
-        nsb = _ident(ns.encode())
-        high = _successor(low) if low else None
-        now = self._clock()  # one reading: the scan sees one consistent cut of the TTLs
-        tail: tuple[Any, ...] = (now,) if high is None else (high, now)
-        upper = high is not None
-        q_first = self._q_page[items, True, upper]
-        rows = self._read(
-            lambda conn: conn.execute(q_first, (nsb, low, *tail), binary=True).fetchall()
-        )
+        scan = self._scan_sql(ns, low, items)
+        params = scan.params(low)
+        rows = self._read(lambda conn: conn.execute(scan.first, params, binary=True).fetchall())
         yield from rows
         if len(rows) < _CHUNK:
             return
         last: bytes = rows[-1][0]
-        query = self._q_scan[items, False, upper]
         if self._txn.conn is not None:
             # Inside _exclusive(): keyset pages on the transaction's own connection.
-            page = self._q_page[items, False, upper]
             while True:
-                params = (nsb, last, *tail)
+                params = scan.params(last)
                 rows = self._read(
-                    lambda conn, p=params: conn.execute(page, p, binary=True).fetchall()  # type: ignore[misc]
+                    lambda conn, p=params: conn.execute(scan.page, p, binary=True).fetchall()  # type: ignore[misc]
                 )
                 yield from rows
                 if len(rows) < _CHUNK:
@@ -1021,20 +1109,40 @@ class PostgresStore(Store):
                 name = f"mappingstore_scan_{id(self):x}"
                 with conn.transaction(), conn.cursor(name=name, binary=True) as cur:
                     cur.itersize = _CHUNK
-                    cur.execute(query, (nsb, last, *tail))
+                    cur.execute(scan.rest, scan.params(last))
                     for row in cur:
                         yield row
                         last = row[0]
                 return
             except psycopg.Error as exc:
-                if attempt or not _lost(exc, conn):
-                    raise self._convert(exc, conn) from exc
-                self._log.warning(
-                    "PostgreSQL connection lost during a scan (%s); resuming", redact(str(exc))
-                )
+                resuming = "PostgreSQL connection lost during a scan (%s); resuming"
+                self._failed(exc, conn, attempt, None, write=False, log=resuming)
             finally:
                 self._putconn(conn)
             self._sweep()
+
+    def _scan_sql(self, ns: str, low: bytes, items: bool) -> _ScanSQL:
+        """The statements of a scan of the keys of *ns* starting with *low* (at most
+        ``_SHORT`` bytes), with their values when *items*."""
+        high = _successor(low) if low else None
+        now = self._clock()
+        tail: tuple[Any, ...] = (now,) if high is None else (high, now)
+        upper = high is not None
+        return _ScanSQL(
+            first=self._q_page[items, True, upper],
+            page=self._q_page[items, False, upper],
+            rest=self._q_scan[items, False, upper],
+            ns=_ident(ns.encode()),
+            tail=tail,
+        )
+
+    def _get_many_sql(
+        self, ns: str, keys: Sequence[str]
+    ) -> tuple[str, tuple[Any, ...], list[bytes]]:
+        """The query that reads *keys* of *ns* (rows ``(key, value)``), its parameters,
+        and the indexed form of each key, to look the values up by."""
+        encoded = [_ident(k.encode()) for k in keys]
+        return self._q_get_many, (_ident(ns.encode()), list(set(encoded)), self._clock()), encoded
 
     def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
         nsraw, kraw = ns.encode(), key.encode()
@@ -1073,24 +1181,9 @@ class PostgresStore(Store):
         self._transact(body)
 
     def _apply(self, ops: Sequence[Op]) -> None:
-        latest: dict[tuple[bytes, bytes], tuple[Op, bytes, bytes]] = {}
-        for op in ops:
-            nsraw, kraw = op.ns.encode(), op.key.encode()
-            latest[_ident(nsraw), _ident(kraw)] = (op, nsraw, kraw)
-        if not latest:
+        puts, deletes = _batch(ops)
+        if not puts and not deletes:
             return
-        # One global order for the row locks of every batch: concurrent batches do not
-        # deadlock one another.
-        order = sorted(latest)
-        puts = []
-        for n, k in order:
-            op, nsraw, kraw = latest[n, k]
-            if op.data is not None:
-                puts.append((n, k, op.data, op.expires, _long(nsraw), _long(kraw)))
-        deletes: dict[bytes, list[bytes]] = {}
-        for n, k in order:
-            if latest[n, k][0].data is None:
-                deletes.setdefault(n, []).append(k)
         use_copy = len(puts) >= _COPY_THRESHOLD
 
         def body(conn: Conn, xid: list[int], nested: bool) -> None:
@@ -1192,15 +1285,8 @@ class PostgresStore(Store):
         try:
             conn.execute("COMMIT")
         except psycopg.Error as exc:
-            if _lost(exc, conn):
-                committed = self._outcome(exc, [xid])
-                if committed:
-                    return
-                if committed is None:
-                    raise UnknownOutcomeError(
-                        f"PostgreSQL ({self._url}): connection lost during COMMIT and the "
-                        f"transaction's outcome cannot be determined: {redact(str(exc))}"
-                    ) from exc
+            if _lost(exc, conn) and self._committed(exc, [xid]):
+                return
             raise self._convert(exc, conn) from exc
 
     def _close(self) -> None:

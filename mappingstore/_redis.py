@@ -51,6 +51,43 @@ _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
 
+#: One script call: (script, keys, args). The sync store and the async driver
+#: (``aio/_redis.py``) build their calls with the functions and methods below.
+Call = tuple[lua.Script, list[bytes], list[Any]]
+#: The writes of a batch to one bucket: ((namespace, bucket), plain puts as (member,
+#: data) pairs, deletes and puts with an expiry as (member, data, px) triples).
+ApplyGroup = tuple[tuple[str, int], list[bytes], list[Any]]
+
+
+def iter_args(prefix: str, values: bool) -> list[Any]:
+    """Arguments of the first ITER call over one bucket: members starting with *prefix*
+    (with their data when *values*), a small first chunk (``bool()``, ``popitem()`` and
+    dot-name probes stop early)."""
+    if prefix:
+        pb = prefix.encode("utf-8")
+        # UTF-8 never contains 0xFF, so every key starting with pb sorts below pb+0xFF.
+        lo, hi = b"[" + pb, b"(" + pb + b"\xff"
+    else:
+        lo, hi = b"-", b"+"
+    return [1, b"", lo, hi, _FIRST_CHUNK, b"1" if values else b"0"]
+
+
+def iter_next(args: list[Any], reply: Any) -> list[Any] | None:
+    """Arguments of the ITER call after *reply* to *args* (same range, a chunk four times
+    larger up to ``_MAX_CHUNK``), or ``None`` when the bucket is done."""
+    start = int(reply[0])
+    if start == 0:
+        return None
+    return [start, reply[1], args[2], args[3], min(args[4] * 4, _MAX_CHUNK), args[5]]
+
+
+def iter_rows(reply: Any, values: bool) -> Iterator[tuple[bytes, bytes]]:
+    """The (member, data) pairs of one ITER reply (data ``b""`` without *values*)."""
+    items = reply[2:]
+    if values:
+        return zip(items[0::2], items[1::2], strict=True)
+    return ((item, b"") for item in items)
+
 
 class RedisStore(Store):
     """A store in Redis 7+ (standalone, TLS, or Redis Cluster).
@@ -333,49 +370,45 @@ class RedisStore(Store):
         data, pttl, _ = raw
         return data, (None if pttl < 0 else self._clock() + pttl / 1000)
 
-    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        # docstring inherited
-        member, ikey, xkey, dkey = self._names(ns, key)
+    def _put_call(self, ns: str, key: str, data: bytes, expires: float | None) -> Call:
+        """The script call that writes one record (``_names`` inlined: ``_put`` is hot)."""
+        kb = key.encode("utf-8")
+        base = self._layout(ns).bases[bucket(kb)]
+        keys = [base + b"i", base + b"x", base + b"k:" + kb]
         px = self._px(expires)
         if px is not None and px <= 0:  # already expired: the write leaves nothing visible
-            self._eval(lua.DELETE, [ikey, xkey, dkey], [member], write=True)
-            return
-        self._eval(
-            lua.PUT, [ikey, xkey, dkey], [member, data, b"" if px is None else px], write=True
-        )
+            return lua.DELETE, keys, [kb]
+        return lua.PUT, keys, [kb, data, b"" if px is None else px]
+
+    def _delete_call(self, ns: str, key: str) -> Call:
+        """The script call that deletes one record (its reply: 1 if it was live)."""
+        member, ikey, xkey, dkey = self._names(ns, key)
+        return lua.DELETE, [ikey, xkey, dkey], [member]
+
+    def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        # docstring inherited
+        script, keys, args = self._put_call(ns, key, data, expires)
+        self._eval(script, keys, args, write=True)
 
     def _delete(self, ns: str, key: str) -> bool:
         # docstring inherited
-        member, ikey, xkey, dkey = self._names(ns, key)
-        return bool(self._eval(lua.DELETE, [ikey, xkey, dkey], [member], write=True))
+        return bool(self._eval(*self._delete_call(ns, key), write=True))
 
     def _walk(self, ns: str, prefix: str, values: bool) -> Iterator[tuple[bytes, bytes]]:
-        if prefix:
-            pb = prefix.encode("utf-8")
-            # UTF-8 never contains 0xFF, so every key starting with pb sorts below pb+0xFF.
-            lo, hi = b"[" + pb, b"(" + pb + b"\xff"
-        else:
-            lo, hi = b"-", b"+"
-        want = b"1" if values else b"0"
+        first_args = iter_args(prefix, values)
         groups = self._groups(ns)
         # Cluster: the first chunk of every bucket in one pipelined round (one exchange
         # per node instead of 16 sequential ones), then the big buckets chunk by chunk.
-        first = self._read_all(lua.ITER, groups, [1, b"", lo, hi, _FIRST_CHUNK, want])
+        first = self._read_all(lua.ITER, groups, first_args)
         for keys, res in zip(groups, first, strict=True):
-            limit = _FIRST_CHUNK  # small first: bool(), popitem() and dot-name probes stop early
+            args = first_args
             while True:
-                items = res[2:]
-                if values:
-                    for i in range(0, len(items), 2):
-                        yield items[i], items[i + 1]
-                else:
-                    for item in items:
-                        yield item, b""
-                start, after = int(res[0]), res[1]
-                if start == 0:
+                yield from iter_rows(res, values)
+                next_args = iter_next(args, res)
+                if next_args is None:
                     break
-                limit = min(limit * 4, _MAX_CHUNK)
-                res = self._eval(lua.ITER, keys, [start, after, lo, hi, limit, want], write=False)
+                args = next_args
+                res = self._eval(lua.ITER, keys, args, write=False)
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         # docstring inherited
@@ -417,13 +450,12 @@ class RedisStore(Store):
 
         return self._run("MGET", False, go)
 
-    def _apply(self, ops: Sequence[Op]) -> None:
-        # docstring inherited
+    def _apply_groups(self, ops: Sequence[Op]) -> list[ApplyGroup]:
+        """The writes of a batch per (namespace, bucket), deduplicated: the last write of
+        a key wins, as if applied in order, so the order inside a group is free."""
         latest: dict[tuple[str, str], Op] = {}
-        for op in ops:  # the last write of a key wins, as if applied in order
+        for op in ops:
             latest[(op.ns, op.key)] = op
-        # Per (namespace, bucket): plain puts as (member, data); deletes and puts with an
-        # expiry as (member, data, px). Ops are deduplicated, so order inside is free.
         plain: dict[tuple[str, int], list[bytes]] = {}
         other: dict[tuple[str, int], list[Any]] = {}
         for op in latest.values():
@@ -441,15 +473,31 @@ class RedisStore(Store):
                 other[slot] += (kb, b"", b"D")
             else:
                 other[slot] += (kb, op.data, px)
-        groups = [(slot, plain[slot], other[slot]) for slot in plain]
+        return [(slot, plain[slot], other[slot]) for slot in plain]
+
+    def _apply_call(self, groups: list[ApplyGroup]) -> Call:
+        """The one APPLY script call that writes *groups* atomically (on a cluster, the
+        groups of one call must share a slot)."""
+        keys: list[bytes] = []
+        args: list[Any] = []
+        for (ns, b), puts, rest in groups:
+            keys.extend(self._layout(ns).pairs[b])
+            args += (len(puts) // 2, len(rest) // 3)
+            args += puts
+            args += rest
+        return lua.APPLY, keys, args
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        # docstring inherited
+        groups = self._apply_groups(ops)
         if not groups:
             return
         if not self._cluster:
-            self._apply_script(groups)
+            self._eval(*self._apply_call(groups), write=True)
             return
         for done, group in enumerate(groups):
             try:
-                self._apply_script([group])
+                self._eval(*self._apply_call([group]), write=True)
             except UnknownOutcomeError:
                 raise
             except MappingStoreError as exc:
@@ -459,16 +507,6 @@ class RedisStore(Store):
                         f"before this failure (Redis Cluster batches are atomic per slot): {exc}"
                     ) from exc
                 raise
-
-    def _apply_script(self, groups: list[tuple[tuple[str, int], list[bytes], list[Any]]]) -> None:
-        keys: list[bytes] = []
-        args: list[Any] = []
-        for (ns, b), puts, rest in groups:
-            keys.extend(self._layout(ns).pairs[b])
-            args += (len(puts) // 2, len(rest) // 3)
-            args += puts
-            args += rest
-        self._eval(lua.APPLY, keys, args, write=True)
 
     def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
         # docstring inherited

@@ -41,6 +41,7 @@ __all__ = [
     "ClientConfig",
     "backoff_delay",
     "classify",
+    "client_settings",
     "make_client",
     "parse_redis_url",
 ]
@@ -129,12 +130,13 @@ def parse_redis_url(url: str) -> tuple[ClientConfig, dict[str, Any]]:
     db = options.pop("db", None)
     path = parsed.path.strip("/")
     if path:
-        try:
-            path_db = int(path)
-        except ValueError as exc:
+        # Checked, not int()-and-catch: int()'s error quotes the path, which holds the tail
+        # of a password with an unescaped "/", and would stay attached as the context.
+        if not (path.isascii() and path.isdigit()):
             raise InvalidURLError(
                 f"the Redis URL path must be a database number, got {redact(url)!r}"
-            ) from exc
+            )
+        path_db = int(path)
         if db is not None and db != path_db:
             raise InvalidURLError(
                 "the database is given twice (path and ?db=) with different values"
@@ -197,9 +199,50 @@ def make_client(config: ClientConfig) -> redis.Redis | RedisCluster:
         raise InvalidOptionError(f"unknown Redis options: {', '.join(sorted(opts))}")
     if config.cluster:
         nodes = [ClusterNode(host, port) for host, port in config.hosts]  # type: ignore[no-untyped-call]
-        return RedisCluster(startup_nodes=nodes, retry=_NO_RETRY, **kwargs)
+        try:  # RedisCluster connects at once to learn the slot map
+            return RedisCluster(startup_nodes=nodes, retry=_NO_RETRY, **kwargs)
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            where = ", ".join(f"{host}:{port}" for host, port in config.hosts)
+            raise BackendUnavailableError(
+                f"Redis Cluster at {where} is not reachable: {type(exc).__name__}: "
+                f"{redact(str(exc))}"
+            ) from None
     host, port = config.hosts[0]
     return redis.Redis(host=host, port=port, db=config.db, retry=_NO_RETRY, **kwargs)
+
+
+#: Connection settings a client built by ``make_client`` carries in its pool's
+#: ``connection_kwargs`` (everything else there is redis-py's own bookkeeping, or the
+#: retry policy, which each client chooses for itself).
+_SETTINGS = (
+    "host",
+    "port",
+    "db",
+    "username",
+    "password",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "health_check_interval",
+    "client_name",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_check_hostname",
+)
+
+
+def client_settings(client: redis.Redis) -> dict[str, Any]:
+    """The keyword arguments that build another client (e.g. a ``redis.asyncio`` one)
+    on the same server as the standalone *client*, with the same credentials, timeouts,
+    TLS settings and pool size: everything but ``retry`` and ``decode_responses``."""
+    pool = client.connection_pool
+    given = pool.connection_kwargs
+    kwargs = {name: given[name] for name in _SETTINGS if name in given}
+    kwargs["ssl"] = "SSL" in pool.connection_class.__name__
+    kwargs["max_connections"] = pool.max_connections
+    return kwargs
 
 
 def backoff_delay(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:

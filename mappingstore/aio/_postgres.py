@@ -4,10 +4,12 @@ in a ``psycopg_pool.AsyncConnectionPool``).
 The sync store opened by :func:`mappingstore.aio.open` keeps owning everything but the
 network exchange: URL and conninfo parsing, the pool and connection options, creating and
 checking the table, the metadata and encryption set-up, the codec and key checks, the
-indexed form of names (``_ident``/``_long``), the SQL text (``PostgresStore._q_*``) and the
-conversion of driver errors (``PostgresStore._convert``). This module runs the same
-statements on async connections opened with the same conninfo and options, so both paths
-read and write the same rows, byte for byte.
+indexed form of names (``_ident``/``_long``), the SQL text and parameters
+(``PostgresStore._q_*``, ``_scan_sql``, ``_get_many_sql``, ``_row``, ``_batch``), the
+retry decision and the conversion of driver errors (``PostgresStore._failed``,
+``_unknown_write``, ``_convert``), and the pool's wait slices (``_pool_slice``,
+``_pool_failure``). This module runs the same statements on async connections opened with
+the same conninfo and options, so both paths read and write the same rows, byte for byte.
 
 Failure handling follows the sync store: a read, or an idempotent write (an upsert), is
 retried once on a fresh connection when the link drops; a ``DELETE`` cut after it was
@@ -17,46 +19,39 @@ sent, or an upsert cut after it was sent whose retry fails too, raises
 
 Only a store that owns its pool (opened from a URL or conninfo) takes this path; one built
 on a ready ``ConnectionPool`` keeps the worker thread for every call.
-
-Refactor for later (kept here because ``_postgres.py`` is not ours to edit): ``_read``,
-``_write``, ``_getconn``/``_pool_getconn``, ``_putconn`` and ``_unreachable`` below
-mirror the sync methods of the same names with ``await``; the statement parameters
-(``_key_params``...) mirror ``_get``, ``_put`` and ``_scan``. Pure helpers in
-``_postgres.py`` returning ``(sql, params)`` for each operation would let both drivers
-share one copy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
-from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._postgres import (
     _CHUNK,
     _SHORT,
     PostgresStore,
+    _batch,
     _dead_while_idle,
     _ident,
-    _long,
-    _lost,
-    _successor,
+    _live,
+    _pool_failure,
+    _pool_slice,
+    _row,
 )
 from .._store import Op
-from .._url import redact
-from ..errors import BackendError, BackendUnavailableError, UnknownOutcomeError
+from ..errors import BackendError
 
 __all__ = ["NativePostgres"]
 
 T = TypeVar("T")
 AConn = psycopg.AsyncConnection[Any]
 _IDLE = pq.TransactionStatus.IDLE
-#: Longest single wait on the pool (see _pool_getconn).
-_WAIT_SLICE = 1.0
 
 
 def _cursor(conn: AConn) -> psycopg.AsyncCursor[Any]:
@@ -87,7 +82,6 @@ class NativePostgres:
         self._store = store
         self._pool = pool
         self._closed = False
-        self._q_delete_many = store._q_delete_many + " RETURNING expires"
         # Connections kept between statements, as the sync store parks its own: skipping
         # the pool's bookkeeping on every call. Only while no task waits on the pool
         # (every getconn of this private pool is ours, so the count is exact).
@@ -139,7 +133,7 @@ class NativePostgres:
                     conn = await self._pool_getconn()
                 finally:
                     self._waiting -= 1
-            if not live or not _dead_while_idle(conn):  # type: ignore[arg-type]
+            if not live or not _dead_while_idle(conn):
                 return conn
             # Closed by the server while idle: nothing was sent on it, take another.
             await conn.close()
@@ -149,21 +143,20 @@ class NativePostgres:
         """A connection from the pool within ``pool_timeout``, asked for in slices: each
         new request lets a pool whose reconnection attempts gave up (after the sync
         pool's ``reconnect_timeout``, copied at open) start a fresh one at once."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._store._pool_timeout
+        store = self._store
+        deadline = time.monotonic() + store._pool_timeout
         while True:
             try:
-                wait = min(_WAIT_SLICE, deadline - loop.time())
-                conn: AConn = await self._pool.getconn(timeout=max(wait, 0.001))
+                conn: AConn = await self._pool.getconn(timeout=_pool_slice(deadline))
                 return conn
-            except PoolTimeout as exc:
-                if loop.time() < deadline:
-                    continue
-                raise await self._unreachable(exc) from exc
-            except TooManyRequests as exc:
-                raise await self._unreachable(exc) from exc
             except psycopg.Error as exc:
-                raise self._store._convert(exc, None) from exc
+                failure = _pool_failure(exc, deadline)
+                if failure == "again":
+                    continue
+                if failure == "unreachable":
+                    # The sync store's check connects with libpq directly: on a thread.
+                    raise await asyncio.to_thread(store._unreachable, exc) from exc
+                raise store._convert(exc, None) from exc
 
     async def _putconn(self, conn: AConn) -> None:
         if (
@@ -175,20 +168,6 @@ class NativePostgres:
             self._idle.append(conn)
             return
         await self._pool.putconn(conn)  # the pool replaces a broken connection
-
-    async def _unreachable(self, exc: BaseException) -> BackendUnavailableError:
-        # PoolTimeout says nothing about why: ask libpq directly for the reason.
-        reason = str(exc)
-        store = self._store
-        try:
-            conn = await psycopg.AsyncConnection.connect(store._conninfo, **store._connect_kwargs)
-            await conn.close()
-        except psycopg.Error as direct:
-            reason = str(direct)
-        return BackendUnavailableError(
-            f"PostgreSQL at {store.url} is not reachable within {store._pool_timeout:g} s: "
-            f"{redact(reason)}"
-        )
 
     async def _sweep(self) -> None:
         """After a lost connection: let the pool replace its dead idle connections."""
@@ -202,26 +181,16 @@ class NativePostgres:
 
     async def _read(self, work: Callable[[AConn], Awaitable[T]]) -> T:
         """Run idempotent *work*; retry it once on a fresh connection if the link drops."""
-        for attempt in (0, 1):
-            conn = await self._getconn()
-            try:
-                return await work(conn)
-            except psycopg.Error as exc:
-                if attempt or not _lost(exc, conn):  # type: ignore[arg-type]
-                    raise self._store._convert(exc, conn) from exc  # type: ignore[arg-type]
-                self._store._log.warning(
-                    "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
-                )
-            finally:
-                await self._putconn(conn)
-            await self._sweep()
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._run(work, write=False, idempotent=True)
 
-    async def _write(self, work: Callable[[AConn], Awaitable[T]], *, idempotent: bool) -> T:
-        """One autocommit statement. After a lost link an *idempotent* one is retried
-        once; a write that was sent and then lost raises ``UnknownOutcomeError`` when it
-        is not retried or its retry fails too (it may have been applied: a plain
-        ``BackendUnavailableError`` would say that nothing was written)."""
+    async def _run(
+        self, work: Callable[[AConn], Awaitable[T]], *, write: bool, idempotent: bool
+    ) -> T:
+        """Run one autocommit statement (``PostgresStore._read``/``_write``, awaited):
+        ``PostgresStore._failed`` decides on a retry, ``UnknownOutcomeError`` or the
+        converted error; a write that was sent and then lost raises
+        ``UnknownOutcomeError`` also when no connection is left for its retry."""
+        store = self._store
         sent: psycopg.Error | None = None  # a try lost after it was sent: maybe applied
         for attempt in (0, 1):
             try:
@@ -229,30 +198,15 @@ class NativePostgres:
             except BackendError as exc:
                 if sent is None:
                     raise
-                raise self._unknown_write(sent) from exc
+                raise store._unknown_write(sent) from exc
             try:
                 return await work(conn)
             except psycopg.Error as exc:
-                lost = _lost(exc, conn)  # type: ignore[arg-type]
-                if lost:
-                    sent = exc
-                if sent is not None and (attempt or not idempotent or not lost):
-                    raise self._unknown_write(sent) from exc
-                if attempt or not lost:
-                    raise self._store._convert(exc, conn) from exc  # type: ignore[arg-type]
-                self._store._log.warning(
-                    "PostgreSQL connection lost (%s); retrying on a fresh one", redact(str(exc))
-                )
+                sent = store._failed(exc, conn, attempt, sent, write=write, idempotent=idempotent)
             finally:
                 await self._putconn(conn)
             await self._sweep()
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _unknown_write(self, exc: BaseException) -> UnknownOutcomeError:
-        return UnknownOutcomeError(
-            f"PostgreSQL ({self._store.url}): connection lost before the write was "
-            f"acknowledged; it may or may not have been applied: {redact(str(exc))}"
-        )
 
     async def _fetchone(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         async def work(conn: AConn) -> tuple[Any, ...] | None:
@@ -282,9 +236,7 @@ class NativePostgres:
     async def get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        encoded = [_ident(k.encode()) for k in keys]
-        params = (_ident(ns.encode()), list(set(encoded)), self._store._clock())
-        query = self._store._q_get_many
+        query, params, encoded = self._store._get_many_sql(ns, keys)
 
         async def work(conn: AConn) -> dict[bytes, bytes]:
             cur = await conn.execute(query, params, binary=True)
@@ -294,31 +246,22 @@ class NativePostgres:
         return [found.get(k) for k in encoded]
 
     async def put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        nsb, kb = ns.encode(), key.encode()
-        params = (_ident(nsb), _ident(kb), data, expires, _long(nsb), _long(kb))
+        params = _row(ns, key, data, expires)
         query = self._store._q_put
 
         async def work(conn: AConn) -> None:
             await _cursor(conn).execute(query, params, prepare=True)
 
         # An upsert applied twice leaves the same state: safe to retry when in doubt.
-        await self._write(work, idempotent=True)
+        await self._run(work, write=True, idempotent=True)
 
     async def apply(self, ops: Sequence[Op]) -> None:
         """Upsert every op (no deletes: only ``set_many`` uses this) in one statement."""
-        latest: dict[tuple[bytes, bytes], tuple[Op, bytes, bytes]] = {}
-        for op in ops:
-            if op.data is None:
-                raise ValueError("NativePostgres.apply() takes writes only")
-            nsraw, kraw = op.ns.encode(), op.key.encode()
-            latest[_ident(nsraw), _ident(kraw)] = (op, nsraw, kraw)
-        if not latest:
+        rows, deletes = _batch(ops)  # the sync batch's rows, in its global row order
+        if deletes:
+            raise ValueError("NativePostgres.apply() takes writes only")
+        if not rows:
             return
-        # The sync batch's global row order: concurrent batches never deadlock.
-        rows = []
-        for n, k in sorted(latest):
-            op, nsraw, kraw = latest[n, k]
-            rows.append((n, k, op.data, op.expires, _long(nsraw), _long(kraw)))
         columns = [list(col) for col in zip(*rows, strict=True)]
         query = self._store._q_upsert_many
 
@@ -326,7 +269,7 @@ class NativePostgres:
             # One statement, so one transaction in autocommit mode: all rows or none.
             await conn.execute(query, columns)
 
-        await self._write(work, idempotent=True)
+        await self._run(work, write=True, idempotent=True)
 
     async def delete(self, ns: str, key: str) -> bool:
         params = (_ident(ns.encode()), _ident(key.encode()))
@@ -336,10 +279,10 @@ class NativePostgres:
         async def work(conn: AConn) -> bool:
             cur = await _cursor(conn).execute(query, params, prepare=True)
             row = await cur.fetchone()
-            return row is not None and (row[0] is None or row[0] > now)
+            return row is not None and _live(row[0], now)
 
         # Not idempotent: a retry could report "missing" for a key the lost try deleted.
-        return await self._write(work, idempotent=False)
+        return await self._run(work, write=True, idempotent=False)
 
     async def delete_many(self, ns: str, keys: Sequence[str]) -> int:
         """Delete *keys* in one statement (atomic); return how many were live."""
@@ -347,13 +290,13 @@ class NativePostgres:
             return 0
         params = (_ident(ns.encode()), list({_ident(k.encode()) for k in keys}))
         now = self._store._clock()
-        query = self._q_delete_many
+        query = self._store._q_delete_many_returning
 
         async def work(conn: AConn) -> int:
             cur = await conn.execute(query, params, binary=True)
-            return sum(1 for (expires,) in await cur.fetchall() if expires is None or expires > now)
+            return sum(1 for (expires,) in await cur.fetchall() if _live(expires, now))
 
-        return await self._write(work, idempotent=False)
+        return await self._run(work, write=True, idempotent=False)
 
     async def _scan(self, ns: str, low: bytes, *, items: bool) -> AsyncIterator[tuple[Any, ...]]:
         """Rows ``(key, long_key[, value])`` of *ns* whose key starts with *low*, in the
@@ -365,15 +308,10 @@ class NativePostgres:
                 if row[1] is not None and bytes(row[1]).startswith(low):
                     yield row
             return
-        store = self._store
-        nsb = _ident(ns.encode())
-        high = _successor(low) if low else None
-        now = store._clock()  # one reading: the scan sees one consistent cut of the TTLs
-        tail: tuple[Any, ...] = (now,) if high is None else (high, now)
-        upper = high is not None
-        query, after = store._q_page[items, True, upper], low
+        scan = self._store._scan_sql(ns, low, items)
+        query, after = scan.first, low
         while True:
-            params = (nsb, after, *tail)
+            params = scan.params(after)
 
             async def work(conn: AConn, q: str = query, p: tuple[Any, ...] = params) -> list[Any]:
                 cur = await conn.execute(q, p, binary=True)
@@ -384,7 +322,7 @@ class NativePostgres:
                 yield row
             if len(rows) < _CHUNK:
                 return
-            query, after = store._q_page[items, False, upper], bytes(rows[-1][0])
+            query, after = scan.page, bytes(rows[-1][0])
 
     async def iter_keys(self, ns: str, prefix: str = "") -> AsyncIterator[str]:
         async for row in self._scan(ns, prefix.encode(), items=False):

@@ -6,16 +6,13 @@ key checks, the key layout (``_redis_layout``), the Lua scripts (``_redis_lua``)
 expiry conversion (``RedisStore._px``) and the classification of driver errors
 (``_redis_client.classify``). This module only sends the same commands and scripts (by
 SHA, ``EVAL`` again after ``NOSCRIPT``) through a ``redis.asyncio`` client built from the
-sync client's connection settings, so both paths read and write the same keys, byte for
-byte.
+sync client's connection settings (``_redis_client.client_settings``), and builds its
+script calls with the sync store's (``RedisStore._put_call``, ``_delete_call``,
+``_apply_groups``/``_apply_call``, and ``iter_args``/``iter_next``/``iter_rows`` for
+walks), so both paths read and write the same keys, byte for byte.
 
 Standalone servers only: a Redis Cluster store (and a store built on a client you passed
 in) keeps the worker-thread path for every call.
-
-Refactor for later (kept here because ``_redis.py`` is not ours to edit): the command
-plans below (``_put_plan``, ``_apply_plan``, the walk's range bounds) mirror
-``RedisStore._put``, ``_apply`` and ``_walk``; moving them into ``_redis.py`` as pure
-functions that both drivers call would leave one copy.
 """
 
 from __future__ import annotations
@@ -30,37 +27,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import _redis_lua as lua
-from .._redis import _FIRST_CHUNK, _MAX_CHUNK, RedisStore
-from .._redis_client import backoff_delay, classify
-from .._redis_layout import bucket
+from .._redis import Call, RedisStore, iter_args, iter_next, iter_rows
+from .._redis_client import backoff_delay, classify, client_settings
 from .._store import Op
 from ..errors import MappingStoreError
 
 __all__ = ["NativeRedis"]
 
 T = TypeVar("T")
-
-#: Connection settings copied from the sync client (everything else is redis-py's own
-#: bookkeeping, or the retry policy, which is replaced below).
-_SETTINGS = (
-    "host",
-    "port",
-    "db",
-    "username",
-    "password",
-    "socket_timeout",
-    "socket_connect_timeout",
-    "socket_keepalive",
-    "health_check_interval",
-    "client_name",
-    "ssl_keyfile",
-    "ssl_certfile",
-    "ssl_cert_reqs",
-    "ssl_ca_certs",
-    "ssl_check_hostname",
-)
-
-_Call = tuple[lua.Script, list[bytes], list[Any]]
 
 
 def supports(store: RedisStore) -> bool:
@@ -71,62 +45,8 @@ def supports(store: RedisStore) -> bool:
 def _make_client(store: RedisStore) -> aredis.Redis:
     """A ``redis.asyncio`` client with the sync client's settings, resending nothing by
     itself (as ``make_client``): the store decides what may be retried."""
-    pool = store._client.connection_pool
-    given = pool.connection_kwargs
-    kwargs = {name: given[name] for name in _SETTINGS if name in given}
-    ssl = "SSL" in pool.connection_class.__name__
-    return aredis.Redis(
-        **kwargs,
-        ssl=ssl,
-        max_connections=pool.max_connections,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-    )
-
-
-def _put_plan(store: RedisStore, ns: str, key: str, data: bytes, expires: float | None) -> _Call:
-    """The script call of ``RedisStore._put``."""
-    member, ikey, xkey, dkey = store._names(ns, key)
-    px = store._px(expires)
-    if px is not None and px <= 0:  # already expired: the write leaves nothing visible
-        return lua.DELETE, [ikey, xkey, dkey], [member]
-    return lua.PUT, [ikey, xkey, dkey], [member, data, b"" if px is None else px]
-
-
-def _apply_plan(store: RedisStore, ops: Sequence[Op]) -> _Call | None:
-    """The one APPLY script call of ``RedisStore._apply`` on a standalone server."""
-    latest: dict[tuple[str, str], Op] = {}
-    for op in ops:  # the last write of a key wins, as if applied in order
-        latest[(op.ns, op.key)] = op
-    plain: dict[tuple[str, int], list[bytes]] = {}
-    other: dict[tuple[str, int], list[Any]] = {}
-    for op in latest.values():
-        kb = op.key.encode("utf-8")
-        slot = (op.ns, bucket(kb))
-        plain.setdefault(slot, [])
-        other.setdefault(slot, [])
-        if op.data is None:
-            other[slot] += (kb, b"", b"D")
-            continue
-        px = store._px(op.expires)
-        if px is None:
-            plain[slot] += (kb, op.data)
-        elif px <= 0:
-            other[slot] += (kb, b"", b"D")
-        else:
-            other[slot] += (kb, op.data, px)
-    if not plain:
-        return None
-    keys: list[bytes] = []
-    args: list[Any] = []
-    for slot, puts in plain.items():
-        ns, b = slot
-        rest = other[slot]
-        keys.extend(store._layout(ns).pairs[b])
-        args += (len(puts) // 2, len(rest) // 3)
-        args += puts
-        args += rest
-    return lua.APPLY, keys, args
+    settings = client_settings(store._client)
+    return aredis.Redis(**settings, retry=Retry(NoBackoff(), 0), decode_responses=False)
 
 
 class NativeRedis:
@@ -178,7 +98,7 @@ class NativeRedis:
             # An empty script cache (restarted or new server): NOSCRIPT means nothing ran.
             return await self._client.eval(script.source, len(keys), *keys, *args)
 
-    async def _eval(self, call: _Call, *, write: bool) -> Any:
+    async def _eval(self, call: Call, *, write: bool) -> Any:
         script, keys, args = call
         return await self._run(script.name, write, lambda: self._evalsha(script, keys, args))
 
@@ -203,16 +123,15 @@ class NativeRedis:
         return await self._run("MGET", False, lambda: self._client.mget(dkeys))
 
     async def put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        await self._eval(_put_plan(self._store, ns, key, data, expires), write=True)
+        await self._eval(self._store._put_call(ns, key, data, expires), write=True)
 
     async def apply(self, ops: Sequence[Op]) -> None:
-        call = _apply_plan(self._store, ops)
-        if call is not None:
-            await self._eval(call, write=True)
+        groups = self._store._apply_groups(ops)
+        if groups:
+            await self._eval(self._store._apply_call(groups), write=True)
 
     async def delete(self, ns: str, key: str) -> bool:
-        member, ikey, xkey, dkey = self._store._names(ns, key)
-        return bool(await self._eval((lua.DELETE, [ikey, xkey, dkey], [member]), write=True))
+        return bool(await self._eval(self._store._delete_call(ns, key), write=True))
 
     async def delete_many(self, ns: str, keys: Sequence[str]) -> int:
         """Delete *keys* atomically (one ``MULTI``/``EXEC`` of the DELETE script per key);
@@ -242,31 +161,17 @@ class NativeRedis:
         return await self._run("DELETE", True, go)
 
     async def _walk(self, ns: str, prefix: str, values: bool) -> AsyncIterator[tuple[bytes, bytes]]:
-        # RedisStore._walk on a standalone server: one group of buckets, chunks growing
-        # from _FIRST_CHUNK to _MAX_CHUNK.
-        if prefix:
-            pb = prefix.encode("utf-8")
-            lo, hi = b"[" + pb, b"(" + pb + b"\xff"  # UTF-8 never contains 0xFF
-        else:
-            lo, hi = b"-", b"+"
-        want = b"1" if values else b"0"
+        # RedisStore._walk on a standalone server: one group of buckets.
         keys = self._store._layout(ns).flat
-        limit = _FIRST_CHUNK
-        res = await self._eval((lua.ITER, keys, [1, b"", lo, hi, limit, want]), write=False)
+        args = iter_args(prefix, values)
         while True:
-            items = res[2:]
-            if values:
-                for i in range(0, len(items), 2):
-                    yield items[i], items[i + 1]
-            else:
-                for item in items:
-                    yield item, b""
-            start, after = int(res[0]), res[1]
-            if start == 0:
+            res = await self._eval((lua.ITER, keys, args), write=False)
+            for row in iter_rows(res, values):
+                yield row
+            next_args = iter_next(args, res)
+            if next_args is None:
                 return
-            limit = min(limit * 4, _MAX_CHUNK)
-            call = (lua.ITER, keys, [start, after, lo, hi, limit, want])
-            res = await self._eval(call, write=False)
+            args = next_args
 
     async def iter_keys(self, ns: str, prefix: str = "") -> AsyncIterator[str]:
         async for member, _ in self._walk(ns, prefix, False):
