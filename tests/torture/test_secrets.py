@@ -195,7 +195,7 @@ class Scan:
         self.failures.append(what)
 
     def check(self, figure: Callable[..., None] | None, **detail: Any) -> None:
-        """Record the figures (not for a known defect's xfail test), then assert them."""
+        """Record the figures (unless *figure* is None), then assert them."""
         if figure is not None:
             figure("outputs scanned", self.outputs, **detail)
             if self.log_records:
@@ -973,13 +973,7 @@ def test_bad_urls_and_unreachable_or_refusing_servers_leak_no_secret(
     scan.check(figure, tier=tier)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an unreachable redis+cluster:// URL raises redis-py's RedisClusterException "
-    "(not a mappingstore error) from make_client (mappingstore/_redis_client.py:201, called by "
-    "mappingstore/_redis.py:165), so the CLI prints a Python traceback",
-)
-def test_unreachable_redis_cluster_is_a_one_line_error() -> None:
+def test_unreachable_redis_cluster_is_a_one_line_error(figure: Callable[..., None]) -> None:
     """An unreachable Redis Cluster with a password in its URL: a mappingstore error in the
     API, a one-line error in the CLI, and the password nowhere."""
     closed = free_port()
@@ -990,17 +984,11 @@ def test_unreachable_redis_cluster_is_a_one_line_error() -> None:
             scan, "cluster open", lambda: _open_and_use(url), mappingstore.errors.BackendError
         )
     run_cli(scan, "cluster ls", ["--url", url, "ls"], dict.fromkeys(CLI_ENV), 1)
-    scan.check(None)  # a known defect: no figure
+    scan.check(figure)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a password with an unescaped '/' in a URL leaks through the chained "
-    "ValueError of int(path) (mappingstore/_redis_client.py:138 raises 'from exc') and "
-    "through libpq's 'invalid percent-encoded token' message (mappingstore/_postgres.py:473)",
-)
 def test_an_unescaped_slash_in_a_url_password_is_never_shown(
-    auth_redis: PrivateRedis,
+    auth_redis: PrivateRedis, figure: Callable[..., None]
 ) -> None:
     """``redis://:pa/ss@host`` cannot be parsed right by anyone; the error must still not
     show any part of the password (the message hides up to the last '@')."""
@@ -1013,7 +1001,7 @@ def test_an_unescaped_slash_in_a_url_password_is_never_shown(
         with observed(scan, url):
             _expect_error(scan, url, functools.partial(_open_and_use, url))
         run_cli(scan, f"cli {url}", ["--url", url, "ls"], dict.fromkeys(CLI_ENV), None)
-    scan.check(None)  # a known defect: no figure
+    scan.check(figure)
 
 
 # -- the Python API ------------------------------------------------------------------------
