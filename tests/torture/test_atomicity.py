@@ -35,25 +35,13 @@ import mappingstore
 from mappingstore import Store
 from tests.torture.harness import FORK, MULTIPROCESS, Target, make_target
 
-#: Long-tier counts reduced to fit the suite's time budget (about 2 minutes for this
-#: file on 2 cores): ``(test, backend)`` -> the count actually run (per process for
-#: ``modify``, keys for ``setdefault`` and ``pop``). Every other pair runs the issue's
-#: figure. Why they are slow: a PostgreSQL ``modify``/``pop`` is a locking transaction
-#: of two round trips (~2 ms), serialised on the contended row; every INI write rewrites
-#: and every INI read after another process's write re-parses the whole file, so 8
-#: processes x 10,000 pops of a 10,000-key file is O(n^2) (over 5 minutes alone); Redis
-#: and Redis Cluster pay a round trip per attempt, and in ``pop`` every process attempts
-#: every key (8 x the key count).
+#: Long-tier counts reduced to fit the suite's time budget: ``(test, backend)`` -> the
+#: count actually run (keys for ``pop``). Every other pair runs the issue's figure. Why:
+#: every INI write rewrites, and every INI read after another process's write re-parses,
+#: the whole file, so 8 processes x 10,000 pops of a 10,000-key file is O(n^2) (over 5
+#: minutes alone).
 LONG_LIMITS: dict[tuple[str, str], int] = {
-    ("modify", "postgres"): 2_500,
-    ("modify", "ini"): 2_500,
-    ("modify", "redis"): 5_000,
-    ("modify", "redis-cluster"): 2_500,
-    ("setdefault", "postgres"): 500,
-    ("pop", "postgres"): 1_000,
     ("pop", "ini"): 1_000,
-    ("pop", "redis"): 2_000,
-    ("pop", "redis-cluster"): 1_000,
 }
 
 #: File backends opened with ``durable=False`` here: the two ``fsync`` calls per write

@@ -253,9 +253,8 @@ def test_wrong_passwords_are_rejected_at_open(
     """Every wrong password (near misses included) fails at open with WrongPasswordError,
     each after a full argon2id derivation (``security="low"``); the right one still opens
     the store and reads its value."""
-    # Each open derives a key (about 0.1 s at "low"): 100 on SQLite, 20 on every other
-    # backend (what differs between backends is only how the key slot is read).
-    count = reps(tier, 1, 100 if backend == "sqlite" else 20)
+    # Each open derives a key (about 0.1 s at "low"), so the fast tier tries one.
+    count = reps(tier, 1, 100)
     with target.open(password=PASSWORD) as store:
         store["secret"] = "value"
     rejected = 0
