@@ -453,9 +453,7 @@ while True:
 @pytest.mark.parametrize(
     "kills", [12, pytest.param(200, marks=pytest.mark.torture, id="torture-200")]
 )
-def test_sigkilled_writer_never_leaves_a_torn_value(
-    name: str, kills: int, spawn: Spawn
-) -> None:
+def test_sigkilled_writer_never_leaves_a_torn_value(name: str, kills: int, spawn: Spawn) -> None:
     import zlib
 
     rng = random.Random(kills)
