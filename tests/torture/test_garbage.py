@@ -504,7 +504,7 @@ def test_planted_garbage_never_becomes_a_value(
     figure("values returned from garbage", tallies.get("value", 0), backend=backend, mode=mode)
     figure("other exceptions", tallies.get("other error", 0), backend=backend, mode=mode)
     figure(
-        "reads raising PasswordRequiredError (defect)",
+        "reads raising PasswordRequiredError",
         tallies.get("PasswordRequiredError", 0),
         backend=backend,
         mode=mode,
