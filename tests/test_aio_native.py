@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import datetime
 import decimal
-import select
-import socket
 import subprocess
 import threading
 import time
@@ -44,6 +42,7 @@ from mappingstore.errors import (
     StoreNotFoundError,
     UnknownOutcomeError,
 )
+from tests.faultproxy import FaultProxy
 from tests.servers import POSTGRES_URL, REDIS_URL
 from tests.test_aio import Backend, _postgres_cleanup, _redis_cleanup, collect, run
 
@@ -484,58 +483,6 @@ def test_redis_outage_raises_mappingstore_errors(tmp_path: Path) -> None:
         run(main(server))
 
 
-class _Proxy:
-    """A TCP forwarder to the PostgreSQL server that can be shut: every relayed
-    connection is cut and new ones are refused (a dead server, seen from the client)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.socks: list[socket.socket] = []
-        self.shut = False
-        #: Once the client sends bytes containing this, relay them, then cut that
-        #: connection without relaying the reply (the client never learns the outcome).
-        self.cut_after: bytes | None = None
-        self.cuts = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            self.socks += (client, server)
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while not self.shut:
-                for sock in select.select([a, b], [], [], 0.2)[0]:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    (b if sock is a else a).sendall(data)
-                    marker = self.cut_after
-                    if sock is a and marker is not None and marker in data:
-                        self.cut_after = None
-                        self.cuts += 1
-                        time.sleep(0.2)  # the server acts on it; its reply is dropped
-                        for end in (a, b):
-                            end.shutdown(socket.SHUT_RDWR)
-                        return
-
-    def close(self) -> None:
-        self.shut = True
-        self.listener.close()
-        for sock in self.socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
 def test_postgres_outage_raises_mappingstore_errors() -> None:
     """An unreachable server fails aio.open with BackendUnavailableError. Through a
     proxy: an upsert whose reply is lost is retried and applied once; a DELETE whose
@@ -547,7 +494,7 @@ def test_postgres_outage_raises_mappingstore_errors() -> None:
     host, port = "127.0.0.1", int(POSTGRES_URL.rsplit(":", 1)[1].split("/", 1)[0])
     tail = POSTGRES_URL.split("://", 1)[1]
     user, dbname = tail.split("@", 1)[0], tail.rsplit("/", 1)[1]
-    proxy = _Proxy(host, port)
+    proxy = FaultProxy(host, port)
     options = f"?table={table}&pool_timeout=0.5&connect_timeout=1"
 
     async def main() -> None:
@@ -561,10 +508,10 @@ def test_postgres_outage_raises_mappingstore_errors() -> None:
             assert await s.getitem("k") == 1
             # An upsert cut after it was sent is retried on a fresh connection (applying
             # it twice is harmless); a DELETE cut so is reported, never resent.
-            proxy.cut_after = b"cut-upsert"
+            proxy.cut_after(b"cut-upsert")
             await s.set("cut-upsert", 1)
             assert proxy.cuts == 1 and await s.getitem("cut-upsert") == 1
-            proxy.cut_after = b"cut-upsert"
+            proxy.cut_after(b"cut-upsert")
             with pytest.raises(UnknownOutcomeError):
                 await s.delete("cut-upsert")
             assert proxy.cuts == 2 and not await s.contains("cut-upsert")

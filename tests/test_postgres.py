@@ -17,8 +17,6 @@ import multiprocessing
 import os
 import random
 import re
-import select
-import socket
 import string
 import threading
 import time
@@ -27,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from faultproxy import FaultProxy
 from servers import POSTGRES_URL, unavailable
 
 import mappingstore
@@ -731,91 +730,22 @@ def test_terminate_backend_during_batches(admin: Any, pg: Callable[..., Postgres
     assert store["after"] == 1
 
 
-class DropProxy:
-    """A TCP proxy to the real server that can cut a connection at a chosen moment.
-
-    ``cut_after(marker)``: once the client sends bytes containing *marker*, forward them
-    to the server, then close both sockets without relaying any reply, so the client
-    never learns what happened. ``refuse`` makes it drop every new connection.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.marker: bytes | None = None
-        self.refuse = False
-        self.cuts = 0
-        self.closing = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def cut_after(self, marker: bytes | None) -> None:
-        self.marker = marker
-
-    def _accept(self) -> None:
-        while not self.closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.refuse:
-                client.close()
-                continue
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-
-    def _pump(self, client: socket.socket, server: socket.socket) -> None:
-        try:
-            while True:
-                ready, _, _ = select.select([client, server], [], [], 0.5)
-                if self.closing:
-                    return
-                for sock in ready:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is client:
-                        server.sendall(data)
-                        marker = self.marker
-                        if marker is not None and marker in data:
-                            self.marker = None
-                            self.cuts += 1
-                            time.sleep(0.2)  # let the server act on it; drop its answer
-                            return
-                    else:
-                        client.sendall(data)
-        except OSError:
-            return
-        finally:
-            for sock in (client, server):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-
-    def close(self) -> None:
-        self.closing = True
-        self.listener.close()
-
-
 @pytest.fixture
-def proxy() -> Iterator[DropProxy]:
+def proxy() -> Iterator[FaultProxy]:
     match = re.match(r"postgres(?:ql)?://(?:[^@/]*@)?([^:/]+)(?::(\d+))?/", POSTGRES_URL)
     assert match, POSTGRES_URL
-    made = DropProxy(match.group(1), int(match.group(2) or 5432))
+    made = FaultProxy(match.group(1), int(match.group(2) or 5432))
     yield made
     made.close()
 
 
-def _via(proxy: DropProxy) -> str:
+def _via(proxy: FaultProxy) -> str:
     user = POSTGRES_URL.split("://", 1)[1].split("@", 1)[0] if "@" in POSTGRES_URL else "postgres"
     dbname = POSTGRES_URL.rsplit("/", 1)[1].split("?", 1)[0]
     return f"postgresql://{user}@127.0.0.1:{proxy.port}/{dbname}"
 
 
-def test_commit_lost_with_connection_is_resolved(proxy: DropProxy, tables: Tables) -> None:
+def test_commit_lost_with_connection_is_resolved(proxy: FaultProxy, tables: Tables) -> None:
     with PostgresStore(_via(proxy), table=tables("a"), pool_timeout=3) as store:
         store["n"] = 0
         proxy.cut_after(b"COMMIT")
@@ -832,7 +762,7 @@ def test_commit_lost_with_connection_is_resolved(proxy: DropProxy, tables: Table
         assert store["n"] == 1  # not incremented twice
 
 
-def test_commit_outcome_unknown_is_reported_not_retried(proxy: DropProxy, tables: Tables) -> None:
+def test_commit_outcome_unknown_is_reported_not_retried(proxy: FaultProxy, tables: Tables) -> None:
     # One connection at most: once it is cut, nothing can ask the server what happened.
     with PostgresStore(_via(proxy), table=tables("a"), pool_timeout=2, pool_max_size=1) as store:
         store["n"] = 0

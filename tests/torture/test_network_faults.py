@@ -43,8 +43,6 @@ cluster fixture (``tests/redis_cluster.py``) has no replicas to fail over to.
 from __future__ import annotations
 
 import random
-import select
-import socket
 import threading
 import time
 import urllib.parse
@@ -63,6 +61,7 @@ from mappingstore.errors import (
     MappingStoreError,
     UnknownOutcomeError,
 )
+from tests.faultproxy import FaultProxy
 from tests.redis_cluster import PrivateRedis, require_binaries
 from tests.servers import POSTGRES_URL
 from tests.torture.harness import Target, reps
@@ -483,106 +482,6 @@ def test_postgres_backends_terminated_during_writes(
     )
 
 
-class FaultProxy:
-    """A TCP proxy to PostgreSQL that cuts connections on demand (after ``DropProxy`` in
-    ``tests/test_postgres.py``, plus whole outages).
-
-    ``cut_after(marker)``: once the client sends bytes containing *marker*, forward them,
-    let the server act on them, then close both sides without relaying any reply (and,
-    with ``then_down=True``, refuse new connections until ``up()``).
-    ``down()``: close every connection and refuse new ones (a server crash, as the client
-    sees it); ``up()``: accept again.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self.marker: bytes | None = None
-        self.then_down = False
-        self.refuse = False
-        self.cuts = 0
-        self.closing = False
-        self.lock = threading.Lock()
-        self.live: set[socket.socket] = set()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def cut_after(self, marker: bytes | None, *, then_down: bool = False) -> None:
-        """Cut the connection that next sends *marker*; with *then_down*, also refuse
-        every new connection from that moment until ``up()``."""
-        self.then_down = then_down
-        self.marker = marker
-
-    def down(self) -> None:
-        with self.lock:
-            self.refuse = True
-            for sock in self.live:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def up(self) -> None:
-        with self.lock:
-            self.refuse = False
-
-    def _accept(self) -> None:
-        while not self.closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                if self.refuse:
-                    client.close()
-                    continue
-                try:
-                    server = socket.create_connection(self.target)
-                except OSError:
-                    client.close()
-                    continue
-                self.live.update((client, server))
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-
-    def _pump(self, client: socket.socket, server: socket.socket) -> None:
-        try:
-            while not self.closing:
-                ready, _, _ = select.select([client, server], [], [], 0.5)
-                for sock in ready:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is client:
-                        server.sendall(data)
-                        marker = self.marker
-                        if marker is not None and marker in data:
-                            self.marker = None
-                            self.cuts += 1
-                            if self.then_down:
-                                self.refuse = True
-                            time.sleep(0.1)  # let the server act on it; drop its answer
-                            return
-                    else:
-                        client.sendall(data)
-        except OSError:
-            return
-        finally:
-            with self.lock:
-                self.live.difference_update((client, server))
-            for sock in (client, server):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-
-    def close(self) -> None:
-        self.closing = True
-        self.listener.close()
-        self.down()
-
-
 #: Statements to cut a connection after: a COMMIT (of a batch or a modify), a batch's
 #: upsert before its COMMIT, a modify's row lock, a single set (its prepared statement's
 #: name in the Bind message).
@@ -606,7 +505,7 @@ def test_postgres_connections_cut_and_outages_during_writes(
     rounds = reps(tier, 1, 5)  # each round: a cut per marker, two outages (one after a cut)
     split = urllib.parse.urlsplit(target.url)
     user = split.netloc.rpartition("@")[0]
-    proxy = FaultProxy(split.hostname or "127.0.0.1", split.port or 5432)
+    proxy = FaultProxy(split.hostname or "127.0.0.1", split.port or 5432, settle=0.1)
     via = split._replace(
         netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
     )
@@ -684,7 +583,7 @@ def test_postgres_set_lost_then_server_gone_is_unknown_outcome(
 
     split = urllib.parse.urlsplit(target.url)
     user = split.netloc.rpartition("@")[0]
-    proxy = FaultProxy(split.hostname or "127.0.0.1", split.port or 5432)
+    proxy = FaultProxy(split.hostname or "127.0.0.1", split.port or 5432, settle=0.1)
     via = split._replace(
         netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
     )
