@@ -84,6 +84,8 @@ def encode_name(text: str) -> str:
     :data:`MAX_NAME` bytes (longer names become ``~`` + SHA-256 hex of the text; the full
     text is stored inside the file).
     """
+    if len(text) > MAX_NAME:  # escaping never shortens a name: hash without escaping it
+        return _HASHED + hashlib.sha256(text.encode("utf-8")).hexdigest()
     if _PLAIN.fullmatch(text):
         out = text
     else:
