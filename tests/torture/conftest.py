@@ -8,7 +8,8 @@ is selected with ``-m torture`` or ``--torture``::
     python -m pytest --torture -p no:cacheprovider           # both tiers
 
 A test asks :func:`reps` for its repetition count and records what it reached with the
-``figure`` fixture; the figures are printed at the end of the run and, when
+``figure`` fixture; the figures are printed at the end of the run (long tier, or ``-v``)
+and, when
 ``MAPPINGSTORE_TORTURE_REPORT`` names a file, written there as JSON (the numbers in
 ``docs/reliability.md`` come from that file).
 """
@@ -63,16 +64,19 @@ def target(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Target]:
         made.cleanup()
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if not FIGURES:
         return
+    path = os.environ.get("MAPPINGSTORE_TORTURE_REPORT")
+    if path:
+        with open(path, "w", encoding="utf-8") as out:
+            json.dump(FIGURES, out, indent=1, default=str)
+    long_tier = config.getoption("--torture") or "torture" in (config.getoption("markexpr") or "")
+    if not (long_tier or config.getoption("verbose") > 0):
+        return  # the normal run stays quiet: -v (or the long tier) prints the figures
     terminalreporter.section("torture figures")
     for row in FIGURES:
         extra = {k: v for k, v in row.items() if k not in ("test", "what", "value")}
         terminalreporter.write_line(
             f"{row['test']}: {row['what']} = {row['value']}" + (f" {extra}" if extra else "")
         )
-    path = os.environ.get("MAPPINGSTORE_TORTURE_REPORT")
-    if path:
-        with open(path, "w", encoding="utf-8") as out:
-            json.dump(FIGURES, out, indent=1, default=str)
