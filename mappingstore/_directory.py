@@ -43,9 +43,15 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ._filelock import FileLock, current_pid, lock_timeout_option
+from ._filelock import (
+    LOCKED_FILE_OPTIONS,
+    FileLock,
+    current_pid,
+    lock_timeout_option,
+    locked_file_url,
+)
 from ._store import Op, Record, Store
-from ._url import file_path, file_url, parse_bool, parse_url
+from ._url import file_path, parse_url
 from .errors import (
     BackendError,
     CorruptValueError,
@@ -297,20 +303,13 @@ class DirectoryStore(Store):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> DirectoryStore:
         """``dir:///relative/dir`` or ``dir:////absolute/dir`` (options in the query)."""
-        parsed = parse_url(
-            url, cls.scheme, {"durable": parse_bool, "lock_timeout": lock_timeout_option}
-        )
+        parsed = parse_url(url, cls.scheme, LOCKED_FILE_OPTIONS)
         return cls(file_path(parsed), **{**parsed.options, **options})
 
     @property
     def url(self) -> str:
         """docstring inherited"""
-        query = []
-        if not self._durable:
-            query.append("durable=false")
-        if self._lock_timeout is not None:
-            query.append(f"lock_timeout={self._lock_timeout:g}")
-        return file_url(self.scheme, self._root, query)
+        return locked_file_url(self.scheme, self._root, self._durable, self._lock_timeout)
 
     @property
     def path(self) -> str:

@@ -20,12 +20,20 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._url import file_url, parse_bool
 from .errors import BackendError, InvalidOptionError, LockTimeoutError
 
-__all__ = ["FileLock", "current_pid", "lock_timeout_option", "renew_after_fork"]
+__all__ = [
+    "LOCKED_FILE_OPTIONS",
+    "FileLock",
+    "current_pid",
+    "lock_timeout_option",
+    "locked_file_url",
+    "renew_after_fork",
+]
 
 # os.getpid() is a system call (glibc no longer caches it); locks check it on every use.
 _pid = [os.getpid()]
@@ -98,6 +106,24 @@ def lock_timeout_option(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidOptionError(f"lock_timeout must be a number of seconds >= 0, got {value!r}")
     return float(value)
+
+
+#: URL query options of the stores built on this lock (directory, INI), with parsers.
+LOCKED_FILE_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "durable": parse_bool,
+    "lock_timeout": lock_timeout_option,
+}
+
+
+def locked_file_url(scheme: str, path: str, durable: bool, lock_timeout: float | None) -> str:
+    """The URL of a directory or INI store: its path, and the options that differ from
+    the defaults (``durable=True``, ``lock_timeout=None``)."""
+    query = []
+    if not durable:
+        query.append("durable=false")
+    if lock_timeout is not None:
+        query.append(f"lock_timeout={lock_timeout:g}")
+    return file_url(scheme, path, query)
 
 
 class FileLock:

@@ -32,10 +32,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
-from ._filelock import FileLock, lock_timeout_option, renew_after_fork
+from ._filelock import (
+    LOCKED_FILE_OPTIONS,
+    FileLock,
+    lock_timeout_option,
+    locked_file_url,
+    renew_after_fork,
+)
 from ._keys import INTERNAL_PREFIX, internal_ns
 from ._store import Op, Record, Store
-from ._url import file_path, file_url, parse_bool, parse_url
+from ._url import file_path, parse_url
 from .errors import (
     BackendError,
     CorruptValueError,
@@ -507,20 +513,13 @@ class IniStore(Store):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> IniStore:
         """``ini:///relative/file.ini`` or ``ini:////absolute/file.ini``."""
-        parsed = parse_url(
-            url, cls.scheme, {"durable": parse_bool, "lock_timeout": lock_timeout_option}
-        )
+        parsed = parse_url(url, cls.scheme, LOCKED_FILE_OPTIONS)
         return cls(file_path(parsed), **{**parsed.options, **options})
 
     @property
     def url(self) -> str:
         """docstring inherited"""
-        query = []
-        if not self._durable:
-            query.append("durable=false")
-        if self._lock_timeout is not None:
-            query.append(f"lock_timeout={self._lock_timeout:g}")
-        return file_url(self.scheme, self._file, query)
+        return locked_file_url(self.scheme, self._file, self._durable, self._lock_timeout)
 
     @property
     def path(self) -> str:
