@@ -242,7 +242,12 @@ class RedisStore(Store):
             except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
                 verdict = classify(exc, write=write, what=what)
                 if verdict.retry and attempt < self._retries and not self._closed:
-                    if verdict.reconnect:
+                    # Cluster: any retriable failure (a node down, CLUSTERDOWN, TRYAGAIN,
+                    # READONLY) may mean the slots moved, and the per-node pipelines of
+                    # _per_node never tell redis-py so: refresh the slot map before trying
+                    # again, or reads would keep going to a dead primary after its replica
+                    # took over.
+                    if verdict.reconnect or self._cluster:
                         self._reconnect()
                     time.sleep(backoff_delay(attempt))
                     attempt += 1

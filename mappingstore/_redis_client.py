@@ -4,8 +4,9 @@ construction, and the one place where redis-py exceptions become mappingstore er
 The classification rule that keeps writes exactly-once: a failure proves that a command
 was **not executed** only when the connection could not be made (``connecting to``), the
 server refused it before running it (``LOADING``, ``READONLY``, ``NOSCRIPT``,
-``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``OOM``). Any other connection or timeout
-error after a write was sent means its outcome is unknown: it is reported as
+``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``OOM``), or the cluster client gave up
+after nothing but redirections (``MOVED``/``ASK``: "TTL exhausted"). Any other connection
+or timeout error after a write was sent means its outcome is unknown: it is reported as
 :class:`~mappingstore.errors.UnknownOutcomeError` and never resent. Reads are idempotent
 and are retried with exponential backoff in both cases.
 """
@@ -266,6 +267,9 @@ _NOT_EXECUTED_REPLIES = (
     rex.ClusterDownError,
     rex.MasterDownError,
     rex.SlotNotCoveredError,
+    # The cluster client's "TTL exhausted.": every attempt was answered MOVED, ASK or
+    # TRYAGAIN (slots changing hands), so the command never ran.
+    rex.ClusterError,
 )
 
 
@@ -289,6 +293,35 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(cur)
         cur = cur.__cause__ or cur.__context__
     return seen
+
+
+def _link_errors(chain: list[BaseException]) -> list[BaseException]:
+    """The connection and timeout errors of *chain* that say whether a command was sent.
+
+    A connect failure raised by redis-py for the command itself (the top of the chain)
+    proves it was not sent, whatever redis-py was handling then: with its own retries off
+    (``make_client``) the only reconnect inside an error handler is the pool's check of a
+    pooled socket *before* sending (``ensure_connection``: the dead socket's ``Connection
+    closed by server.``, then the new socket's ``ConnectionRefusedError``). Deeper in a
+    chain (a cluster client's own error raised while handling a node's), a plain
+    ``OSError`` right below a not-sent redis-py error is that error's socket-level cause,
+    not a second failure; every other link error counts. (Counting them all made every
+    write to a killed node an ``UnknownOutcomeError`` instead of a retry.) A client passed
+    in with redis-py's own retries turned on resends writes anyway (the store warns)."""
+    top = chain[0]
+    if isinstance(top, (rex.ConnectionError, rex.TimeoutError)) and _not_sent(top):
+        return [top]
+    found: list[BaseException] = []
+    below_not_sent = False
+    for e in chain:
+        if isinstance(e, rex.RedisError):
+            below_not_sent = False
+        if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)):
+            if below_not_sent:
+                continue
+            found.append(e)
+            below_not_sent = isinstance(e, rex.RedisError) and _not_sent(e)
+    return found
 
 
 def classify(exc: BaseException, *, write: bool, what: str) -> Classified:
@@ -319,10 +352,18 @@ def classify(exc: BaseException, *, write: bool, what: str) -> Classified:
         )
     if isinstance(exc, _NOT_EXECUTED_REPLIES):
         return Classified(True, BackendUnavailableError(where))
-    chain = _chain(exc)
-    link_errors = [
-        e for e in chain if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError))
-    ]
+    if isinstance(exc, (rex.AskError, rex.ClusterCrossSlotError)):
+        # MOVED/ASK never get past the cluster client (it follows them), and the key
+        # layout never mixes slots in one command: only a plain client on a cluster node
+        # sees these.
+        return Classified(
+            False,
+            BackendError(
+                f"Redis {what} failed: the server is a Redis Cluster node; open the "
+                f"cluster with a redis+cluster:// URL ({type(exc).__name__}: {text})"
+            ),
+        )
+    link_errors = _link_errors(_chain(exc))
     if link_errors or isinstance(exc, rex.RedisClusterException):
         if not write or all(_not_sent(e) for e in link_errors):
             return Classified(True, BackendUnavailableError(where))

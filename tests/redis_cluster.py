@@ -1,4 +1,5 @@
-"""Private Redis servers for the tests: one ``redis-server`` or a real 3-primary cluster.
+"""Private Redis servers for the tests: one ``redis-server`` or a real Redis Cluster
+(3 primaries, optionally with replicas).
 
 Both run from the ``redis-server``/``redis-cli`` binaries on ``PATH``, on spare loopback
 ports, in a temporary directory, and are killed at teardown. When the binaries are
@@ -16,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.servers import unavailable
 
@@ -144,20 +146,39 @@ class PrivateRedis:
 
 
 class RedisClusterProcess:
-    """A real Redis Cluster: 3 primaries, no replicas, on spare loopback ports."""
+    """A real Redis Cluster on spare loopback ports: *primaries* primaries, each with
+    *replicas* replicas (default: 3 primaries, no replicas, AOF ``everysec``: the cheap
+    cluster of the conformance run; the failover tests ask for replicas, ``always`` and
+    a short node timeout)."""
 
-    def __init__(self, directory: Path, primaries: int = 3) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        primaries: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        appendfsync: str = "everysec",
+    ) -> None:
         self.dir = directory
+        self.replicas = replicas
         self.nodes: list[PrivateRedis] = []
-        for i in range(primaries):
+        for i in range(primaries * (1 + replicas)):
             node = PrivateRedis(
-                directory / f"node{i}", "--cluster-enabled", "yes", "--cluster-node-timeout", "2000"
+                directory / f"node{i}",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
             )
+            taken = {n.port for n in self.nodes} | {n.port + 10000 for n in self.nodes}
+            while node.port in taken or node.port + 10000 in taken:  # unbound until start
+                node.port = free_port()
             node.extra += [
                 "--cluster-config-file",
                 str(node.dir / "nodes.conf"),
                 "--appendfsync",
-                "everysec",
+                appendfsync,
             ]
             self.nodes.append(node)
 
@@ -169,31 +190,69 @@ class RedisClusterProcess:
     def ports(self) -> list[int]:
         return [n.port for n in self.nodes]
 
+    def node(self, port: int) -> PrivateRedis:
+        """The node listening on *port*."""
+        return next(n for n in self.nodes if n.port == port)
+
     def start(self, timeout: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
         cmd = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
-        cmd += ["--cluster-replicas", "0", "--cluster-yes"]
+        cmd += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}\n{out.stderr}")
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every running node says ``cluster_state:ok`` and, with replicas,
+        every primary has all its replicas attached and in sync."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(self._state_ok(p) for p in self.ports):
+            running = [n.port for n in self.nodes if n.proc is not None]
+            if all(self._state_ok(p) for p in running) and self._replicas_in_sync(running):
                 return
             time.sleep(0.1)
-        raise RuntimeError("the cluster did not reach cluster_state:ok")
+        raise RuntimeError("the cluster did not reach cluster_state:ok with its replicas in sync")
+
+    def _replicas_in_sync(self, running: list[int]) -> bool:
+        if not self.replicas:
+            return True
+        primaries = 0
+        for port in running:
+            info = self.info(port, "replication")
+            if info.get("role") == "master":
+                primaries += 1
+                slaves = [v for k, v in info.items() if k.startswith("slave") and "," in v]
+                if len(slaves) < self.replicas or not all("state=online" in s for s in slaves):
+                    return False
+            elif (
+                info.get("master_link_status") != "up" or info.get("master_sync_in_progress") != "0"
+            ):
+                return False
+        return primaries == len(self.nodes) // (1 + self.replicas)
 
     @staticmethod
-    def _state_ok(port: int) -> bool:
+    def cli(port: int, *args: str) -> str:
+        """Run ``redis-cli -p port args...`` and return its output."""
         out = subprocess.run(
-            ["redis-cli", "-p", str(port), "cluster", "info"],
+            ["redis-cli", "-p", str(port), *args],
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
         )
-        return "cluster_state:ok" in out.stdout
+        return out.stdout
+
+    @classmethod
+    def info(cls, port: int, section: str) -> dict[str, str]:
+        """``INFO section`` of one node as a dict."""
+        pairs = (line.partition(":") for line in cls.cli(port, "info", section).splitlines())
+        return {k: v.strip() for k, sep, v in pairs if sep}
+
+    @classmethod
+    def _state_ok(cls, port: int) -> bool:
+        return "cluster_state:ok" in cls.cli(port, "cluster", "info")
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -202,10 +261,11 @@ class RedisClusterProcess:
 
 
 @contextlib.contextmanager
-def running_cluster(directory: Path) -> Iterator[RedisClusterProcess]:
-    """Start a 3-primary cluster for the duration of the block."""
+def running_cluster(directory: Path, **options: Any) -> Iterator[RedisClusterProcess]:
+    """Start a cluster (3 primaries; *options* as for :class:`RedisClusterProcess`) for
+    the duration of the block."""
     require_binaries()
-    cluster = RedisClusterProcess(directory)
+    cluster = RedisClusterProcess(directory, **options)
     try:
         cluster.start()
         yield cluster

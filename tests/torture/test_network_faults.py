@@ -36,8 +36,9 @@ What the library promises, and what is checked afterwards on a fresh connection:
   stuck (a poisoned pool, a reconnect backoff growing without limit, a lost script
   cache); the measured figures are far below it.
 
-Redis Cluster failover mid-batch (issue 3's known gap) is not covered here: the private
-cluster fixture (``tests/redis_cluster.py``) has no replicas to fail over to.
+Redis Cluster failover (a planned ``CLUSTER FAILOVER`` and a primary killed with
+``SIGKILL`` on a 3-primary, 3-replica cluster) is covered by
+``tests/test_redis_cluster_failover.py``.
 """
 
 from __future__ import annotations
