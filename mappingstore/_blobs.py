@@ -1,21 +1,28 @@
 """Large values as streams: ``put_file``, ``get_file`` and ``open`` on every backend.
 
-Layer 3 of the architecture: built only on the backend contract (like ``_series``), so a
-multi-GB value never has to fit in memory, whatever the backend.
+Layer 3 of the architecture. :class:`Blobs` is the backend hook behind the blob methods of
+:class:`~mappingstore.Store`: ``Store._blob_backend()`` returns one, and the store's
+public methods only dispatch to it. :class:`Blobs` does the checks every backend shares
+(closed, read-only, key text, ``chunk_size``, no batch) and ``get_file``; a subclass
+stores the bytes. Two exist: :class:`ChunkedBlobs` (here, the default: chunk records
+through the backend contract, for every backend and adapter) and the directory store's
+plain files (``_dir_blobs``).
 
-Storage (in the internal namespace ``"\\0blob\\0" + namespace``, so a blob and a plain key
-of the same name are independent, like series):
+:class:`ChunkedBlobs` is built only on the backend contract (like ``_series``), so a
+multi-GB value never has to fit in memory, whatever the backend. Storage (in the internal
+namespace ``"\\0blob\\0" + namespace``, so a blob and a plain key of the same name are
+independent, like series):
 
 * a **manifest** record ``M:<len(name)>:<name>`` holding the size, the chunk size, the
   chunk count, a version id and the SHA-256 of the content;
 * **chunk** records ``C:<len(name)>:<name>:<version>:<index>`` of :data:`CHUNK_SIZE` bytes
   each (the last one shorter).
 
-Why versions: :func:`put_file` writes every chunk of a *new* version first, then swaps
-the manifest with one atomic read-modify-write, then deletes the chunks of the version it
+Why versions: ``put_file`` writes every chunk of a *new* version first, then swaps the
+manifest with one atomic read-modify-write, then deletes the chunks of the version it
 replaced. A crash (or an exception from the source) mid-upload therefore never exposes a
 half blob: readers see the old version or the new one. The chunks of an upload that never
-committed are orphans, invisible to every read; :func:`cleanup` (``Store.purge_blobs``)
+committed are orphans, invisible to every read; ``cleanup`` (``Store.purge_blobs``)
 removes them once they are older than a grace period. The version id starts with the
 upload's start time so that cleanup can tell an abandoned upload from one in progress.
 
@@ -24,8 +31,9 @@ associated data: with encryption each chunk is authenticated and bound to its bl
 version and position, so a chunk moved to another position or blob fails with
 :class:`~mappingstore.errors.IntegrityError`, and a dropped last chunk is detected (the
 manifest, itself authenticated, gives the count, and only the last chunk carries the final
-flag). Without encryption each chunk's CRC catches damage, the manifest's size and count
-catch truncation, and full sequential reads check the SHA-256.
+flag). A plain chunk under an encrypted manifest is refused (no downgrade of one chunk).
+Without encryption each chunk's CRC catches damage, the manifest's size and count catch
+truncation, and full sequential reads check the SHA-256.
 """
 
 from __future__ import annotations
@@ -40,9 +48,11 @@ import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
+from ._codec import ENCRYPTED_HEADER
 from ._keys import check_key, internal_ns, tagged_key, tagged_names
 from .errors import (
     CorruptValueError,
+    IntegrityError,
     InvalidOptionError,
     MissingKeyError,
     OptionTypeError,
@@ -51,7 +61,7 @@ from .errors import (
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["CHUNK_SIZE", "BlobReader", "blob_names", "cleanup", "delete", "get_file", "open_blob"]
+__all__ = ["CHUNK_SIZE", "BlobReader", "Blobs", "ChunkedBlobs"]
 
 #: Bytes per chunk record. 1 MiB keeps every backend's record small (Redis strings,
 #: PostgreSQL TOAST, SQLite overflow pages) while a 1 GiB blob is only 1024 records.
@@ -100,7 +110,7 @@ def _version_time(version: str) -> float | None:
 
 
 class _Manifest:
-    __slots__ = ("chunk_size", "count", "digest", "size", "version")
+    __slots__ = ("chunk_size", "count", "digest", "sealed", "size", "version")
 
     def __init__(self, version: str, size: int, chunk_size: int, count: int, digest: bytes):
         self.version = version
@@ -108,6 +118,7 @@ class _Manifest:
         self.chunk_size = chunk_size
         self.count = count
         self.digest = digest
+        self.sealed = False  # read from an encrypted record: every chunk must be one too
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -142,7 +153,9 @@ def _read_manifest(store: Store, name: str) -> _Manifest | None:
     data = store._rget(ns, key)
     if data is None:
         return None
-    return _Manifest.from_value(name, store._decode(ns, key, data))
+    m = _Manifest.from_value(name, store._decode(ns, key, data))
+    m.sealed = data[:2] == ENCRYPTED_HEADER
+    return m
 
 
 def _check_chunk_size(chunk_size: Any) -> int:
@@ -200,26 +213,111 @@ def _check_no_batch(store: Store, what: str) -> None:
         raise InvalidOptionError(f"{what}() cannot run inside a batch()")
 
 
-def put_file(
-    store: Store,
-    name: str,
-    source: Source,
-    *,
-    encrypt: bool | None = None,
-    chunk_size: int = CHUNK_SIZE,
-) -> int:
-    """Stream *source* into blob *name*; return the number of bytes stored."""
-    store._check_writable()
-    name = check_key(name)
-    chunk_size = _check_chunk_size(chunk_size)
-    _check_no_batch(store, "put_file")
-    ns = _ns(store)
-    version = _new_version()
-    written: list[str] = []
-    digest = hashlib.sha256()
-    size = 0
-    try:
+class Blobs:
+    """How a store keeps its blobs: the object ``Store._blob_backend()`` returns.
+
+    The public methods check what every backend checks the same way (closed, read-only,
+    the name, ``chunk_size``, no batch), open the source, and call one primitive a
+    subclass implements: ``_put(name, src, encrypt, chunk_size)``, ``_open(name)``,
+    ``_delete(name)``, ``_names()`` and ``_cleanup(older_than)``. ``get_file`` is built
+    on ``open``. Names reach the primitives checked (``check_key``).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- the checks, then the primitive --------------------------------------------------
+
+    def put_file(self, name: str, source: Source, *, encrypt: bool | None, chunk_size: int) -> int:
+        """Stream *source* into blob *name*; return the number of bytes stored."""
+        store = self.store
+        store._check_writable()
+        name = check_key(name)
+        chunk_size = _check_chunk_size(chunk_size)
+        _check_no_batch(store, "put_file")
         with _opened(source, "rb") as src:
+            return self._put(name, src, encrypt, chunk_size)
+
+    def open(self, name: str) -> BlobReader:
+        """A seekable binary reader of blob *name* (``MissingKeyError`` if there is none)."""
+        self.store._check_open()
+        return self._open(check_key(name))
+
+    def get_file(self, name: str, target: Source) -> int:
+        """Write blob *name* to *target* (a path, replaced atomically, or a binary file)."""
+        with self.open(name) as reader:
+            if isinstance(target, str | os.PathLike):
+                path = os.fspath(target)
+                directory = os.path.dirname(os.path.abspath(path))
+                fd, tmp = tempfile.mkstemp(prefix=".mappingstore-", suffix=".part", dir=directory)
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        n = reader.copy_to(f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                return n
+            with _opened(target, "wb") as f:
+                return reader.copy_to(f)
+
+    def delete(self, name: str) -> None:
+        """Delete blob *name* (``MissingKeyError`` if there is none)."""
+        store = self.store
+        store._check_writable()
+        name = check_key(name)
+        _check_no_batch(store, "delete_file")
+        self._delete(name)
+
+    def names(self) -> list[str]:
+        """Names of the blobs of the store's namespace, sorted."""
+        self.store._check_open()
+        return self._names()
+
+    def cleanup(self, older_than: float = DEFAULT_GRACE) -> int:
+        """Remove what crashed uploads left behind; return how many records or files."""
+        self.store._check_writable()
+        if (
+            isinstance(older_than, bool)
+            or not isinstance(older_than, int | float)
+            or older_than < 0
+        ):
+            raise InvalidOptionError(f"older_than must be >= 0 seconds, got {older_than!r}")
+        return self._cleanup(float(older_than))
+
+    # -- primitives ----------------------------------------------------------------------
+
+    def _put(self, name: str, src: IO[bytes], encrypt: bool | None, chunk_size: int) -> int:
+        raise NotImplementedError
+
+    def _open(self, name: str) -> BlobReader:
+        raise NotImplementedError
+
+    def _delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def _names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _cleanup(self, older_than: float) -> int:
+        raise NotImplementedError
+
+
+class ChunkedBlobs(Blobs):
+    """Blobs as a manifest record plus chunk records (see the module docstring): the
+    default of every backend and adapter, built only on the backend contract."""
+
+    def _put(self, name: str, src: IO[bytes], encrypt: bool | None, chunk_size: int) -> int:
+        store = self.store
+        ns = _ns(store)
+        version = _new_version()
+        written: list[str] = []
+        digest = hashlib.sha256()
+        size = 0
+        try:
             data = _read_full(src, chunk_size)
             index = 0
             while data:
@@ -236,151 +334,111 @@ def put_file(
                 size += len(data)
                 index += 1
                 data = following
-        manifest = _Manifest(version, size, chunk_size, index, digest.digest())
-        mkey = _manifest_key(name)
-        encoded = store._encode(ns, mkey, manifest.to_value(), encrypt)
-        replaced: list[_Manifest | None] = []
+            manifest = _Manifest(version, size, chunk_size, index, digest.digest())
+            mkey = _manifest_key(name)
+            encoded = store._encode(ns, mkey, manifest.to_value(), encrypt)
+            replaced: list[_Manifest | None] = []
 
-        def swap(rec: Any) -> Any:
-            replaced.clear()
-            old = None
-            if rec is not None:
-                # A damaged old manifest must not block a new upload: its chunks are
-                # orphans for cleanup().
-                with contextlib.suppress(CorruptValueError):
-                    old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
-            replaced.append(old)
-            return (encoded, None)
+            def swap(rec: Any) -> Any:
+                replaced.clear()
+                old = None
+                if rec is not None:
+                    # A damaged old manifest must not block a new upload: its chunks are
+                    # orphans for cleanup().
+                    with contextlib.suppress(CorruptValueError):
+                        old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
+                replaced.append(old)
+                return (encoded, None)
 
-        store._check_open()
-        store._update(ns, mkey, swap)
-    except BaseException:
-        # Best effort: what cannot be removed now is an orphan for cleanup().
-        with contextlib.suppress(Exception):
-            if not store.closed:
-                _delete_chunks(store, written)
-        raise
-    old = replaced[0] if replaced else None
-    if old is not None and old.version != version:
-        _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
-    return size
+            store._check_open()
+            store._update(ns, mkey, swap)
+        except BaseException:
+            # Best effort: what cannot be removed now is an orphan for cleanup().
+            with contextlib.suppress(Exception):
+                if not store.closed:
+                    _delete_chunks(store, written)
+            raise
+        old = replaced[0] if replaced else None
+        if old is not None and old.version != version:
+            _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
+        return size
 
-
-def open_blob(store: Store, name: str) -> BlobReader:
-    """A seekable binary reader of blob *name* (``MissingKeyError`` if there is none)."""
-    store._check_open()
-    name = check_key(name)
-    manifest = _read_manifest(store, name)
-    if manifest is None:
-        raise MissingKeyError(name)
-    return BlobReader(store, name, manifest)
-
-
-def get_file(store: Store, name: str, target: Source) -> int:
-    """Write blob *name* to *target* (a path, replaced atomically, or a binary file)."""
-    with open_blob(store, name) as reader:
-        if isinstance(target, str | os.PathLike):
-            path = os.fspath(target)
-            directory = os.path.dirname(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(prefix=".mappingstore-", suffix=".part", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    n = reader.copy_to(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            return n
-        with _opened(target, "wb") as f:
-            return reader.copy_to(f)
-
-
-def delete(store: Store, name: str) -> None:
-    """Delete blob *name* (``MissingKeyError`` if there is none)."""
-    store._check_writable()
-    name = check_key(name)
-    _check_no_batch(store, "delete_file")
-    ns, mkey = _ns(store), _manifest_key(name)
-    removed: list[_Manifest | None] = []
-
-    def drop(rec: Any) -> Any:
-        removed.clear()
-        if rec is None:
+    def _open(self, name: str) -> BlobReader:
+        manifest = _read_manifest(self.store, name)
+        if manifest is None:
             raise MissingKeyError(name)
-        old = None
-        with contextlib.suppress(CorruptValueError):
-            old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
-        removed.append(old)
-        return None
+        return ChunkedReader(self.store, name, manifest)
 
-    store._update(ns, mkey, drop)
-    old = removed[0] if removed else None
-    if old is not None:
-        _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
+    def _delete(self, name: str) -> None:
+        store = self.store
+        ns, mkey = _ns(store), _manifest_key(name)
+        removed: list[_Manifest | None] = []
 
+        def drop(rec: Any) -> Any:
+            removed.clear()
+            if rec is None:
+                raise MissingKeyError(name)
+            old = None
+            with contextlib.suppress(CorruptValueError):
+                old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
+            removed.append(old)
+            return None
 
-def blob_names(store: Store) -> list[str]:
-    """Names of the blobs of the store's namespace, sorted."""
-    store._check_open()
-    return tagged_names(store._rkeys(_ns(store), "M:"), "M")
+        store._update(ns, mkey, drop)
+        old = removed[0] if removed else None
+        if old is not None:
+            _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
 
+    def _names(self) -> list[str]:
+        return tagged_names(self.store._rkeys(_ns(self.store), "M:"), "M")
 
-def cleanup(store: Store, older_than: float = DEFAULT_GRACE) -> int:
-    """Delete orphaned chunks (of uploads that never committed, or of versions whose
-    deletion was interrupted) started more than *older_than* seconds ago; return how many.
-    """
-    store._check_writable()
-    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
-        raise InvalidOptionError(f"older_than must be >= 0 seconds, got {older_than!r}")
-    ns = _ns(store)
-    limit = time.time() - older_than
-    live: dict[str, str | None] = {}
-    doomed: list[str] = []
-    for key in list(store._rkeys(ns, "C:")):
-        length, _, rest = key[2:].partition(":")
-        try:
-            n = int(length)
-        except ValueError:
-            continue
-        name, tail = rest[:n], rest[n + 1 :]
-        version = tail.rpartition(":")[0]
-        if name not in live:
+    def _cleanup(self, older_than: float) -> int:
+        """Delete orphaned chunks (of uploads that never committed, or of versions whose
+        deletion was interrupted) started more than *older_than* seconds ago."""
+        store = self.store
+        ns = _ns(store)
+        limit = time.time() - older_than
+        live: dict[str, str | None] = {}
+        doomed: list[str] = []
+        for key in list(store._rkeys(ns, "C:")):
+            length, _, rest = key[2:].partition(":")
             try:
-                m = _read_manifest(store, name)
-            except CorruptValueError:
-                continue  # never guess about a blob whose manifest cannot be read
-            live[name] = None if m is None else m.version
-        started = _version_time(version)
-        if version != live[name] and started is not None and started <= limit:
-            doomed.append(key)
-    _delete_chunks(store, doomed)
-    return len(doomed)
+                n = int(length)
+            except ValueError:
+                continue
+            name, tail = rest[:n], rest[n + 1 :]
+            version = tail.rpartition(":")[0]
+            if name not in live:
+                try:
+                    m = _read_manifest(store, name)
+                except CorruptValueError:
+                    continue  # never guess about a blob whose manifest cannot be read
+                live[name] = None if m is None else m.version
+            started = _version_time(version)
+            if version != live[name] and started is not None and started <= limit:
+                doomed.append(key)
+        _delete_chunks(store, doomed)
+        return len(doomed)
 
 
 class BlobReader(io.RawIOBase):
     """A read-only, seekable binary file over one version of a blob.
 
-    Fetches only the chunks it needs and caches one. It reads the version that was current
-    when it was opened; if that version is replaced or deleted meanwhile, a later read of
-    an uncached chunk raises :class:`~mappingstore.errors.MissingKeyError`. Reading the
-    whole blob sequentially from the start also checks its SHA-256 (a mismatch raises
-    :class:`~mappingstore.errors.CorruptValueError`). Not thread-safe: use one reader per
-    thread (readers are cheap). Wrap it in :class:`io.BufferedReader` for small reads.
+    Reads fetch only the chunks they need; a subclass provides them (``_chunk(index)``
+    of ``_chunk_size`` bytes, the last one shorter) or overrides ``_piece``. Not
+    thread-safe: use one reader per thread (readers are cheap). Wrap it in
+    :class:`io.BufferedReader` for small reads. Any call after ``close()`` raises
+    ``ValueError``; a read after the store was closed raises ``StoreClosedError``.
     """
 
-    def __init__(self, store: Store, name: str, manifest: _Manifest) -> None:
+    def __init__(self, store: Store, name: str, size: int, chunk_size: int) -> None:
         super().__init__()
         self._store = store
         self._name = name
-        self._ns = _ns(store)
-        self._m = manifest
+        self._size = size
+        self._chunk_size = chunk_size
         self._pos = 0
         self._cached: tuple[int, bytes] | None = None
-        self._hash = hashlib.sha256()
-        self._hashed = 0
 
     @property
     def name(self) -> str:
@@ -390,7 +448,7 @@ class BlobReader(io.RawIOBase):
     @property
     def size(self) -> int:
         """The blob's size in bytes."""
-        return self._m.size
+        return self._size
 
     def readable(self) -> bool:
         self._check()
@@ -419,7 +477,7 @@ class BlobReader(io.RawIOBase):
         elif whence == io.SEEK_CUR:
             pos = self._pos + offset
         elif whence == io.SEEK_END:
-            pos = self._m.size + offset
+            pos = self._size + offset
         else:
             raise ValueError(f"invalid whence ({whence!r}, should be 0, 1 or 2)")
         if pos < 0:
@@ -428,57 +486,42 @@ class BlobReader(io.RawIOBase):
         return pos
 
     def _chunk(self, index: int) -> bytes:
+        """The plaintext of chunk *index* (the store is open; *index* is in range)."""
+        raise NotImplementedError
+
+    def _cached_chunk(self, index: int) -> bytes:
         cached = self._cached
         if cached is not None and cached[0] == index:
             return cached[1]
-        m = self._m
-        key = _chunk_key(self._name, m.version, index)
-        store = self._store
-        store._check_open()
-        data = store._rget(self._ns, key)
-        if data is None:
-            current = _read_manifest(store, self._name)
-            if current is None or current.version != m.version:
-                raise MissingKeyError(
-                    f"blob {self._name!r} was replaced or deleted while this reader was open"
-                )
-            raise CorruptValueError(f"blob {self._name!r}: chunk {index} is missing")
-        final = index == m.count - 1
-        value = store._decode(self._ns, key, data, context=_context(m.version, index, final))
-        expected = m.size - index * m.chunk_size if final else m.chunk_size
-        if type(value) is not bytes or len(value) != expected:
-            raise CorruptValueError(f"blob {self._name!r}: damaged chunk {index}")
+        self._store._check_open()
+        value = self._chunk(index)
         self._cached = (index, value)
         return value
+
+    def _piece(self, pos: int, limit: int) -> bytes:
+        """At most *limit* bytes (at least one) from *pos* < size, within one chunk."""
+        index, offset = divmod(pos, self._chunk_size)
+        return self._cached_chunk(index)[offset : offset + limit]
+
+    def _track(self, piece: bytes) -> None:
+        """Called with each piece read, before the position moves past it."""
 
     def readinto(self, buffer: Any) -> int:
         self._check()
         out = memoryview(buffer).cast("B")
         want = len(out)
-        m = self._m
         done = 0
-        while done < want and self._pos < m.size:
-            index, offset = divmod(self._pos, m.chunk_size)
-            chunk = self._chunk(index)
-            piece = chunk[offset : offset + want - done]
+        while done < want and self._pos < self._size:
+            piece = self._piece(self._pos, want - done)
             out[done : done + len(piece)] = piece
             self._track(piece)
             self._pos += len(piece)
             done += len(piece)
         return done
 
-    def _track(self, piece: bytes) -> None:
-        # Only bytes read in order from the start feed the hash; seeks never break it.
-        if self._pos != self._hashed:
-            return
-        self._hash.update(piece)
-        self._hashed += len(piece)
-        if self._hashed == self._m.size and self._hash.digest() != self._m.digest:
-            raise CorruptValueError(f"blob {self._name!r}: content does not match its SHA-256")
-
     def readall(self) -> bytes:
         self._check()
-        remaining = max(self._m.size - self._pos, 0)
+        remaining = max(self._size - self._pos, 0)
         buf = bytearray(remaining)
         n = self.readinto(buf)
         del buf[n:]
@@ -488,10 +531,8 @@ class BlobReader(io.RawIOBase):
         """Write the rest of the blob to *target* chunk by chunk; return the bytes written."""
         self._check()
         total = 0
-        m = self._m
-        while self._pos < m.size:
-            index, offset = divmod(self._pos, m.chunk_size)
-            piece = self._chunk(index)[offset:]
+        while self._pos < self._size:
+            piece = self._piece(self._pos, self._size - self._pos)
             self._track(piece)
             self._pos += len(piece)
             target.write(piece)
@@ -504,4 +545,54 @@ class BlobReader(io.RawIOBase):
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
-        return f"<BlobReader {self._name!r} size={self._m.size}{state}>"
+        return f"<{type(self).__name__} {self._name!r} size={self._size}{state}>"
+
+
+class ChunkedReader(BlobReader):
+    """A :class:`BlobReader` over the chunk records of one version of a blob.
+
+    Caches one chunk. It reads the version that was current when it was opened; if that
+    version is replaced or deleted meanwhile, a later read of an uncached chunk raises
+    :class:`~mappingstore.errors.MissingKeyError`. Reading the whole blob sequentially from
+    the start also checks its SHA-256 (a mismatch raises
+    :class:`~mappingstore.errors.CorruptValueError`).
+    """
+
+    def __init__(self, store: Store, name: str, manifest: _Manifest) -> None:
+        super().__init__(store, name, manifest.size, manifest.chunk_size)
+        self._ns = _ns(store)
+        self._m = manifest
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+
+    def _chunk(self, index: int) -> bytes:
+        m = self._m
+        key = _chunk_key(self._name, m.version, index)
+        store = self._store
+        data = store._rget(self._ns, key)
+        if data is None:
+            current = _read_manifest(store, self._name)
+            if current is None or current.version != m.version:
+                raise MissingKeyError(
+                    f"blob {self._name!r} was replaced or deleted while this reader was open"
+                )
+            raise CorruptValueError(f"blob {self._name!r}: chunk {index} is missing")
+        if m.sealed and data[:2] != ENCRYPTED_HEADER:
+            # A plain record passes its CRC: without this check anyone who can write the
+            # storage could replace one chunk of an encrypted blob with chosen bytes.
+            raise IntegrityError(f"blob {self._name!r}: chunk {index} is not encrypted")
+        final = index == m.count - 1
+        value = store._decode(self._ns, key, data, context=_context(m.version, index, final))
+        expected = m.size - index * m.chunk_size if final else m.chunk_size
+        if type(value) is not bytes or len(value) != expected:
+            raise CorruptValueError(f"blob {self._name!r}: damaged chunk {index}")
+        return value
+
+    def _track(self, piece: bytes) -> None:
+        # Only bytes read in order from the start feed the hash; seeks never break it.
+        if self._pos != self._hashed:
+            return
+        self._hash.update(piece)
+        self._hashed += len(piece)
+        if self._hashed == self._m.size and self._hash.digest() != self._m.digest:
+            raise CorruptValueError(f"blob {self._name!r}: content does not match its SHA-256")

@@ -11,6 +11,7 @@ it)::
     <root>/<ns-name>/.namespace the namespace in UTF-8 (needed when the name is hashed)
     <root>/<ns-name>/.expiring  present once a record with an expiry was written here
     <root>/<ns-name>/<key-name> one record file per key
+    <root>/.blobs/              blobs (``put_file``) as plain files: see ``_dir_blobs``
 
 A record file is a 24-byte header, the full key, then the value record::
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -39,7 +41,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 
@@ -50,6 +52,7 @@ from ._filelock import (
     lock_timeout_option,
     locked_file_url,
 )
+from ._keys import internal_ns
 from ._store import Op, Record, Store
 from ._url import file_path, parse_url
 from .errors import (
@@ -60,6 +63,9 @@ from .errors import (
     StoreCorruptError,
     StoreNotFoundError,
 )
+
+if TYPE_CHECKING:
+    from ._blobs import Blobs
 
 __all__ = ["DirectoryStore", "decode_name", "encode_name"]
 
@@ -231,6 +237,30 @@ def _io(what: str) -> Iterator[None]:
 
 _counter = itertools.count()
 
+#: Temp files of blob uploads (``_dir_blobs``) start with this. They are written without
+#: the store's lock, so each holds an ``flock`` of its own while its upload runs.
+UPLOAD_PREFIX = "blob-"
+#: Where blobs live: ``<root>/.blobs/<ns-name>/`` and its ``.sealed/`` (see ``_dir_blobs``).
+BLOBS_DIR = ".blobs"
+SEALED_DIR = ".sealed"
+
+
+def upload_in_progress(path: str) -> bool:
+    """True if the upload file *path* is still locked by its writer. Call under the
+    store's lock: uploads create and lock their file under it, so a file found unlocked
+    then belongs to a writer that died."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock this check took
+    return False
+
 
 class DirectoryStore(Store):
     """Values in a directory, one file per key; shared by every process on the host.
@@ -252,6 +282,9 @@ class DirectoryStore(Store):
     Iteration is not a snapshot. Every namespace is a sub-directory; file permissions
     follow the umask. Files written by another program are ignored unless they are
     valid record files with names this backend produces. POSIX only (``flock``).
+
+    Blobs (:meth:`put_file`) are one plain file each under ``<root>/.blobs/``, not chunk
+    records (``mappingstore._dir_blobs``); adapters around this store use chunk records.
     """
 
     scheme: ClassVar[str] = "dir"
@@ -341,8 +374,11 @@ class DirectoryStore(Store):
                 self._sync_dir(self._root)
             os.makedirs(self._tmp, exist_ok=True)
             # Every temp file is created under the lock we hold now, so any left here
-            # belongs to a writer that died: no age heuristic is needed.
+            # belongs to a writer that died: no age heuristic is needed. Blob uploads
+            # write without the lock, but lock their own file while they run.
             for entry in os.scandir(self._tmp):
+                if entry.name.startswith(UPLOAD_PREFIX) and upload_in_progress(entry.path):
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
@@ -442,9 +478,9 @@ class DirectoryStore(Store):
         finally:
             os.close(fd)
 
-    def _make_ns_dir(self, ns: str, path: str) -> None:
+    def _make_ns_dir(self, ns: str, path: str, parent: str | None = None) -> None:
         # Built in .tmp and renamed into place, so a namespace directory never exists
-        # without its .namespace file.
+        # without its .namespace file. *parent*: the directory of *path* (default: root).
         tmp = self._tmp_path()
         os.mkdir(tmp)
         try:
@@ -458,7 +494,7 @@ class DirectoryStore(Store):
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
-        self._sync_dir(self._root)
+        self._sync_dir(self._root if parent is None else parent)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -537,26 +573,19 @@ class DirectoryStore(Store):
         return len(self._entries(ns, "", False))
 
     def _namespaces(self) -> Iterable[str]:
-        found = []
-        try:
-            names = [n for n in os.listdir(self._root) if n[0] != "."]
-        except FileNotFoundError:
-            return []
-        for name in names:
-            path = os.path.join(self._root, name)
-            if name[0] == _HASHED:
-                raw = _read(os.path.join(path, ".namespace"))
-                ns = None if raw is None else raw.decode("utf-8", "replace")
-            else:
-                ns = decode_name(name)
-            if ns is None or encode_name(ns) != name:
-                continue
-            try:
-                if any(n[0] != "." for n in os.listdir(path)):
-                    found.append(ns)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+        found = [ns for ns, path in _ns_dirs(self._root) if _holds_entries(path)]
+        # A namespace's blobs are plain files under .blobs/ (see _dir_blobs), reported as
+        # the internal namespace the chunked blobs of other backends live in.
+        for ns, path in _ns_dirs(os.path.join(self._root, BLOBS_DIR)):
+            if _holds_entries(path) or _holds_entries(os.path.join(path, SEALED_DIR)):
+                found.append(internal_ns("blob", ns))
         return found
+
+    def _blob_backend(self) -> Blobs:
+        """Blobs as one plain file each, not chunk records (see ``_dir_blobs``)."""
+        from ._dir_blobs import DirectoryBlobs
+
+        return DirectoryBlobs(self)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -701,6 +730,30 @@ class DirectoryStore(Store):
 
     def _close(self) -> None:
         self._flock.close()
+
+
+def _ns_dirs(parent: str) -> Iterator[tuple[str, str]]:
+    """``(namespace, path)`` of the namespace directories in *parent*."""
+    try:
+        names = [n for n in os.listdir(parent) if n[0] != "."]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        if name[0] == _HASHED:
+            raw = _read(os.path.join(path, ".namespace"))
+            ns = None if raw is None else raw.decode("utf-8", "replace")
+        else:
+            ns = decode_name(name)
+        if ns is not None and encode_name(ns) == name:
+            yield ns, path
+
+
+def _holds_entries(path: str) -> bool:
+    try:
+        return any(n[0] != "." for n in os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _encode_journal(ops: Sequence[Op]) -> bytes:

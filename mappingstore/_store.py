@@ -63,7 +63,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._blobs import BlobReader
+    from ._blobs import BlobReader, Blobs
     from ._events import EventLog
     from ._series import Series
 
@@ -1051,6 +1051,17 @@ class Store(MutableMapping[str, Any]):
 
     # -- large values as streams --------------------------------------------------------
 
+    def _blob_backend(self) -> Blobs:
+        """Backend hook: the object that keeps this store's blobs (see ``_blobs.Blobs``).
+
+        The default stores each blob as chunk records through the raw methods, which is
+        right for every backend and adapter; a backend with a better native form (the
+        directory store's plain files) overrides this. Called once per blob operation.
+        """
+        from ._blobs import ChunkedBlobs
+
+        return ChunkedBlobs(self)
+
     def put_file(
         self,
         key: str,
@@ -1067,43 +1078,35 @@ class Store(MutableMapping[str, Any]):
         never a part. The source file is never moved or deleted. ``chunk_size`` (bytes,
         default 1 MiB) is fixed per blob. Not allowed inside :meth:`batch`.
         """
-        from . import _blobs
+        from ._blobs import CHUNK_SIZE
 
-        size = _blobs.CHUNK_SIZE if chunk_size is None else chunk_size
-        return _blobs.put_file(self, key, source, encrypt=encrypt, chunk_size=size)
+        size = CHUNK_SIZE if chunk_size is None else chunk_size
+        return self._blob_backend().put_file(key, source, encrypt=encrypt, chunk_size=size)
 
     def get_file(self, key: str, target: str | os.PathLike[str] | IO[bytes]) -> int:
         """Write the blob *key* to *target*: a path (replaced atomically) or a writable
         binary file object; return the number of bytes written. ``KeyError`` if missing."""
-        from . import _blobs
-
-        return _blobs.get_file(self, key, target)
+        return self._blob_backend().get_file(key, target)
 
     def open(self, key: str) -> BlobReader:
         """A readable, seekable binary file object over the blob *key* (``KeyError`` if
-        missing); it fetches only the chunks it needs. Use it as a context manager."""
-        from . import _blobs
-
-        return _blobs.open_blob(self, key)
+        missing); it reads only what it needs. Use it as a context manager."""
+        return self._blob_backend().open(key)
 
     def delete_file(self, key: str) -> None:
-        """Delete the blob *key* and its chunks (``KeyError`` if missing)."""
-        from . import _blobs
-
-        _blobs.delete(self, key)
+        """Delete the blob *key* (``KeyError`` if missing)."""
+        self._blob_backend().delete(key)
 
     def blob_names(self) -> list[str]:
         """Names of the blobs of this namespace, sorted."""
-        from . import _blobs
-
-        return _blobs.blob_names(self)
+        return self._blob_backend().names()
 
     def purge_blobs(self, older_than: float = 24 * 3600.0) -> int:
-        """Delete the chunks of uploads that never completed (a crash mid-``put_file``)
-        started more than *older_than* seconds ago; return how many chunk records."""
-        from . import _blobs
-
-        return _blobs.cleanup(self, older_than)
+        """Delete what uploads that never completed (a crash mid-``put_file``) left
+        behind, if started more than *older_than* seconds ago; return how many records
+        or files were removed. The directory store tells abandoned uploads from running
+        ones by a lock, so it removes every abandoned one whatever its age."""
+        return self._blob_backend().cleanup(older_than)
 
     # -- encryption management ----------------------------------------------------------
 

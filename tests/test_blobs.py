@@ -17,6 +17,7 @@ import pytest
 
 import mappingstore
 from mappingstore import DirectoryStore, IniStore, SharedMemoryStore, SQLiteStore, Store, _blobs
+from mappingstore._directory import encode_name
 from mappingstore._keys import internal_ns
 from mappingstore.errors import (
     CorruptValueError,
@@ -148,6 +149,20 @@ every_backend = pytest.mark.parametrize("opener", BACKENDS, indirect=True)
 local_backends = pytest.mark.parametrize("opener", ["memory", "sqlite", "dir"], indirect=True)
 
 
+def _stored(store: Store) -> list[str]:
+    """What holds the blobs of *store*'s namespace: chunk and manifest record keys, or for
+    the directory store (one plain file per blob) the blob files and upload temp files."""
+    if not isinstance(store, DirectoryStore):
+        return sorted(store._iter_keys(internal_ns("blob", store.namespace)))
+    root = Path(store.path)
+    base = root / ".blobs" / encode_name(store.namespace)
+    files = [p for p in base.rglob("*") if p.is_file() and p.name != ".namespace"]
+    uploads = [p for p in (root / ".tmp").iterdir() if p.name.startswith("blob-")]
+    # The generic chunk records are never used by the directory store itself.
+    assert list(store._iter_keys(internal_ns("blob", store.namespace))) == []
+    return sorted(str(p.relative_to(root)) for p in files + uploads)
+
+
 def _data(n: int, seed: int = 0) -> bytes:
     """*n* deterministic, non-repeating bytes (a repeated pattern could hide a chunk mix-up)."""
     out = bytearray()
@@ -218,9 +233,13 @@ def test_round_trip_default_chunk_size(opener: Factory, size: int, tmp_path: Pat
     with store.open("k") as f:
         f.seek(MiB - 2)
         assert f.read(4) == data[MiB - 2 : MiB + 2]
+    if isinstance(store, DirectoryStore):
+        # One plain file holding exactly the bytes (tests/test_directory_blobs.py).
+        assert _stored(store) == [".blobs/default/k"]
+        assert (Path(store.path) / ".blobs/default/k").read_bytes() == data
+        return
     # Stored as chunks in the blob namespace: the chunk size really is 1 MiB.
-    ns = internal_ns("blob", store.namespace)
-    assert len([k for k in store._iter_keys(ns) if k.startswith("C:")]) == -(-size // MiB)
+    assert len([k for k in _stored(store) if k.startswith("C:")]) == -(-size // MiB)
 
 
 @every_backend
@@ -247,8 +266,8 @@ def test_blob_and_plain_key_are_independent(opener: Factory) -> None:
         store.open("k")
     with pytest.raises(KeyError):
         store.delete_file("k")
-    # Deleting removed every chunk record too.
-    assert list(store._iter_keys(internal_ns("blob", store.namespace))) == []
+    # Deleting removed every chunk record (or the file) too.
+    assert _stored(store) == []
 
 
 @every_backend
@@ -257,7 +276,7 @@ def test_replace_deletes_old_chunks(opener: Factory) -> None:
     store.put_file("k", io.BytesIO(_data(1000, 1)), chunk_size=100)
     store.put_file("k", io.BytesIO(_data(250, 2)), chunk_size=100)
     assert store.open("k").read() == _data(250, 2)
-    assert len(list(store._iter_keys(internal_ns("blob", store.namespace)))) == 1 + 3
+    assert len(_stored(store)) == (1 if isinstance(store, DirectoryStore) else 1 + 3)
 
 
 @every_backend
@@ -450,8 +469,9 @@ def _chunks(store: Store, name: str) -> tuple[str, list[str]]:
     return m.version, [_blobs._chunk_key(name, m.version, i) for i in range(m.count)]
 
 
-@local_backends
+@pytest.mark.parametrize("opener", ["memory", "sqlite"], indirect=True)
 def test_encrypted_chunks_detect_swaps_and_truncation(opener: Factory) -> None:
+    # The directory store's sealed blob files: tests/test_directory_blobs.py.
     store = opener(password="pw", security="low")
     ns = internal_ns("blob", store.namespace)
     one, two = _data(300, 1), _data(300, 2)
@@ -532,8 +552,8 @@ def test_failed_upload_keeps_the_previous_version(opener: Factory) -> None:
     assert store.blob_names() == ["k"]
     with pytest.raises(MissingKeyError):
         store.open("new")
-    # The aborted upload cleaned its own chunks up.
-    assert len(list(store._iter_keys(internal_ns("blob", store.namespace)))) == 2
+    # The aborted upload cleaned its own chunks (or temp file) up.
+    assert len(_stored(store)) == (1 if isinstance(store, DirectoryStore) else 2)
 
 
 def test_orphans_of_a_crashed_upload_are_purged_after_the_grace_period() -> None:
@@ -591,6 +611,8 @@ def open_for_stream(spec: str) -> Store:
         return SQLiteStore(where)
     if kind == "dir":
         return DirectoryStore(where, durable=False)
+    if kind == "dir-sealed":  # encrypted: framed chunks in one file
+        return DirectoryStore(where, durable=False, key=b"k" * 32)
     if kind == "redis":
         from mappingstore import RedisStore
 
@@ -656,7 +678,7 @@ def test_64_mib_stream_to_sqlite_with_bounded_memory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "dir"])
+@pytest.mark.parametrize("kind", ["sqlite", "dir", "dir-sealed"])
 def test_1_gib_stream_with_bounded_memory(kind: str, tmp_path: Path) -> None:
     where = tmp_path / ("big.db" if kind == "sqlite" else "big")
     _run_streaming(f"{kind}:{where}", 1024 * MiB)
