@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -176,6 +178,15 @@ def record_of(text: str) -> bytes:
 # -- the document --------------------------------------------------------------------------
 
 
+#: What a line of the fast path in :meth:`_Doc.parse` may not start with (nor end with,
+#: nor have around its "name = "): whitespace as ``str.strip`` sees it, and the starts
+#: of comments and section headers.
+_SPACE = frozenset(ch for ch in map(chr, range(0x3001)) if ch.isspace())
+_NOT_NAME_START = _SPACE | frozenset("#;[")
+#: Off only in the tests that compare both paths.
+_FAST_PATH = True
+
+
 class _Line:
     """One line of the file (with its continuation lines); an option if ``key`` is set."""
 
@@ -239,7 +250,33 @@ class _Doc:
         sec = doc.sections[0]
         last: _Line | None = None
         indent = 0
+        fast = _FAST_PATH
         for raw in raw_lines:
+            # Fast path: "name = value" as this module writes it (no leading or trailing
+            # space, no "=" or ":" in the name, one space around "="). It gives exactly
+            # what the general path below would.
+            eq = raw.find(" = ") if fast else -1
+            if (
+                eq > 0
+                and raw[0] not in _NOT_NAME_START
+                and raw[eq - 1] not in _SPACE
+                and len(raw) > eq + 3
+                and raw[eq + 3] not in _SPACE
+                and raw[-1] not in _SPACE
+                and raw.find("=", 0, eq) < 0
+                and raw.find(":", 0, eq) < 0
+            ):
+                line = _Line(raw)
+                line.head = raw[: eq + 3]
+                line.value = raw[eq + 3 :]
+                sec.lines.append(line)
+                last, indent = line, 0
+                if sec.ns is not None:
+                    option = raw[:eq]
+                    if "%" in option:
+                        option = _unescape(option)
+                    doc.register(sec, sec.ns, line, f"{sec.name}.{option}" if sec.name else option)
+                continue
             stripped = raw.strip()
             lead = len(raw) - len(raw.lstrip())
             if last is not None and stripped and lead > indent:
@@ -429,6 +466,100 @@ class _Doc:
         return self.drop(ns, key) and (expires is None or expires > now)
 
 
+class _Shared:
+    """The parsed document of one file, shared by its instances in this process.
+
+    ``pin`` keeps the parsed file open and ``sig`` is its ``(st_nlink, st_size,
+    st_mtime_ns, st_ctime_ns)`` (see :meth:`IniStore._fresh`); ``digest`` is a hash of
+    the bytes ``doc`` was parsed from or written as, so a file whose bytes did not change
+    (one opened again, say) is not parsed again; ``mem`` guards them all. Instances
+    acquire it by the file's real path and release it on close; the last release closes
+    ``pin`` and keeps the document among those of the few most recently closed files
+    (:data:`_RECENT_FILES`, :data:`_RECENT_BYTES`), used again only if the file's bytes
+    still have its digest.
+    """
+
+    __slots__ = ("__weakref__", "digest", "doc", "mem", "path", "pin", "sig", "size", "users")
+
+    _all: ClassVar[dict[str, _Shared]] = {}
+    _recent: ClassVar[collections.OrderedDict[str, tuple[bytes, int, _Doc]]] = (
+        collections.OrderedDict()
+    )
+    _guard: ClassVar[threading.RLock] = threading.RLock()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.mem = threading.RLock()
+        renew_after_fork(self, "mem")
+        self.doc = _Doc()
+        self.sig: tuple[int, ...] | None = None
+        self.digest: bytes | None = None
+        self.size = 0
+        self.pin = -1
+        self.users = 0
+
+    @classmethod
+    def acquire(cls, path: str) -> _Shared:
+        with cls._guard:
+            shared = cls._all.get(path)
+            if shared is None:
+                shared = cls._all[path] = cls(path)
+                kept = cls._recent.pop(path, None)
+                if kept is not None:  # a candidate only: _reload compares the digest
+                    shared.digest, shared.size, shared.doc = kept
+            shared.users += 1
+            return shared
+
+    def release(self) -> None:
+        cls = type(self)
+        with cls._guard, self.mem:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if cls._all.get(self.path) is self:
+                del cls._all[self.path]
+            if self.pin >= 0:
+                os.close(self.pin)
+            if self.digest is not None and self.size <= _RECENT_BYTES:
+                cls._recent[self.path] = (self.digest, self.size, self.doc)
+                total = sum(size for _, size, _ in cls._recent.values())
+                while len(cls._recent) > _RECENT_FILES or total > _RECENT_BYTES:
+                    _, (_, size, _) = cls._recent.popitem(last=False)
+                    total -= size
+            self.pin, self.sig, self.digest, self.doc = -1, None, None, _Doc()
+
+    def set(self, doc: _Doc, sig: tuple[int, ...], fd: int, data: bytes | None) -> None:
+        """Make *doc* (parsed from or written as *data*) the current document."""
+        if self.pin >= 0:
+            os.close(self.pin)
+        self.doc, self.sig, self.pin = doc, sig, fd
+        self.digest = None if data is None else _digest(data)
+        self.size = 0 if data is None else len(data)
+
+
+#: Documents of closed files kept for a quick reopen: of this many files at most, and
+#: of files of this many bytes in all.
+_RECENT_FILES = 4
+_RECENT_BYTES = 32 << 20
+
+
+def _absent(key: str, text: str) -> bool:
+    """True if no line of the file *text* can hold *key*, in any namespace: without a
+    ``%`` anywhere no name is escaped, and every line that holds *key* (as option
+    ``a.b.c`` before any header, ``b.c`` of ``[a]`` or ``c`` of ``[a.b]``) has the part
+    of *key* after its last dot in its name. Two substring searches: much cheaper than
+    parsing a large file another process just rewrote."""
+    tail = key[key.rfind(".") + 1 :]
+    return bool(tail) and "%" not in text and tail not in text
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+renew_after_fork(_Shared, "_guard")
+
+
 # -- the store -----------------------------------------------------------------------------
 
 
@@ -486,17 +617,16 @@ class IniStore(Store):
         self._durable = durable
         self._lock_timeout = lock_timeout = lock_timeout_option(lock_timeout)
         self._tmp_prefix = f".{name}.tmp."
-        self._mem = threading.RLock()  # guards the parsed document within the process
-        renew_after_fork(self, "_mem")
-        self._doc = _Doc()
-        self._sig: tuple[int, ...] | None = None
-        self._pin = -1  # descriptor of the parsed file (see the class docstring)
+        # The parsed file, shared by every instance of it in this process (so opening a
+        # file again, or in another namespace, parses nothing if it did not change).
+        self._s = _Shared.acquire(self._file)
+        self._released = False
         self._flock = FileLock(os.path.join(self._dir, f".{name}.lock"), timeout=lock_timeout)
         try:
             if self._readonly:
                 if not os.path.isfile(self._file):
                     raise StoreNotFoundError(f"no INI file at {self._file!r}")
-                with self._mem:
+                with self._s.mem:
                     self._fresh()
             else:
                 with _io(f"cannot create {self._file!r}"):
@@ -504,7 +634,7 @@ class IniStore(Store):
                 with self._exclusive(), _io(f"cannot open {self._file!r}"):
                     self._clean_temps()
                     if not os.path.exists(self._file):
-                        self._write(self._doc)
+                        self._write(_Doc())
         except BaseException:
             self._close()
             raise
@@ -544,22 +674,32 @@ class IniStore(Store):
         changed its size or times. A replaced file can never be mistaken for the parsed
         one, even if the new file got the same inode number: it cannot while ours is open.
         """
-        pin = self._pin
+        doc = self._lookup(None)
+        assert doc is not None  # without a probe, always a document
+        return doc
+
+    def _lookup(self, key: str | None) -> _Doc | None:
+        """:meth:`_fresh`, or ``None`` when the file changed and its bytes show, without
+        parsing them, that *key* is in no namespace of it (see :func:`_absent`). The
+        document then stays the old one, still marked out of date."""
+        shared = self._s
+        pin = shared.pin
         if pin >= 0:
             st = os.fstat(pin)
-            if (st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self._sig:
-                self._reload()
-            return self._doc
-        if os.path.exists(self._file) or self._sig is None:  # (re)appeared, or never read
-            self._reload()
-        return self._doc
+            if (st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == shared.sig:
+                return shared.doc
+        elif not os.path.exists(self._file) and shared.sig is not None:
+            return shared.doc  # still missing
+        return self._reload(key)
 
-    def _reload(self) -> None:
+    def _reload(self, probe: str | None = None) -> _Doc | None:
+        """Read the file again; ``None`` if it shows that the key *probe* is absent."""
+        shared = self._s
         try:
             fd = os.open(self._file, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._set_doc(_Doc(), (), -1)
-            return
+            shared.set(_Doc(), (), -1, None)
+            return shared.doc
         except OSError as exc:
             raise BackendError(f"cannot read {self._file!r}: {exc}") from exc
         try:
@@ -570,20 +710,25 @@ class IniStore(Store):
                 if not chunk:
                     break
                 chunks.append(chunk)
-            text = b"".join(chunks).decode("utf-8")
-        except UnicodeDecodeError as exc:
+            data = b"".join(chunks)
+            text = data.decode("utf-8")
+            if probe is not None and _absent(probe, text):
+                os.close(fd)
+                return None
+            if shared.digest is not None and shared.digest == _digest(data):
+                doc = shared.doc  # the bytes of the document we have: no need to parse
+            else:
+                doc = _Doc.parse(text)
+        except BaseException as exc:
             os.close(fd)
-            raise StoreCorruptError(f"{self._file!r} is not a UTF-8 text (INI) file") from exc
-        except OSError as exc:
-            os.close(fd)
-            raise BackendError(f"cannot read {self._file!r}: {exc}") from exc
+            if isinstance(exc, UnicodeDecodeError):
+                raise StoreCorruptError(f"{self._file!r} is not a UTF-8 text (INI) file") from exc
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot read {self._file!r}: {exc}") from exc
+            raise
         sig = (st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        self._set_doc(_Doc.parse(text), sig, fd)
-
-    def _set_doc(self, doc: _Doc, sig: tuple[int, ...], fd: int) -> None:
-        if self._pin >= 0:
-            os.close(self._pin)
-        self._doc, self._sig, self._pin = doc, sig, fd
+        shared.set(doc, sig, fd, data)
+        return doc
 
     def _write(self, doc: _Doc) -> None:
         """Replace the file with *doc* (caller holds the file lock and ``_mem``)."""
@@ -616,14 +761,14 @@ class IniStore(Store):
             os.close(fd)
             raise
         doc.dirty = False
-        self._set_doc(doc, (st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns), fd)
+        self._s.set(doc, (st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns), fd, data)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """Cross-process write lock (re-entrant), then the in-process document lock."""
         self._flock.acquire(True)
         try:
-            with self._mem:
+            with self._s.mem:
                 yield
         finally:
             self._flock.release()
@@ -636,15 +781,18 @@ class IniStore(Store):
                 if doc.dirty:
                     self._write(doc)
             except BaseException:
-                self._sig = None  # the document may be half edited: read the file again
+                # The document may be half edited: parse the file again.
+                self._s.sig = self._s.digest = None
                 raise
             return result
 
     # -- backend contract ---------------------------------------------------------------
 
     def _get_record(self, ns: str, key: str) -> Record | None:
-        with self._mem:
-            doc = self._fresh()
+        with self._s.mem:
+            doc = self._lookup(key)
+            if doc is None:
+                return None
             line = doc.index.get(ns, _NONE).get(key)
             if line is None:
                 return None
@@ -657,8 +805,10 @@ class IniStore(Store):
             return doc.record(line), expires
 
     def _get(self, ns: str, key: str) -> bytes | None:
-        with self._mem:
-            doc = self._fresh()
+        with self._s.mem:
+            doc = self._lookup(key)
+            if doc is None:
+                return None
             line = doc.index.get(ns, _NONE).get(key)
             if line is None:
                 return None
@@ -668,7 +818,7 @@ class IniStore(Store):
             return doc.record(line)
 
     def _live(self, ns: str, prefix: str) -> list[tuple[str, _Line]]:
-        with self._mem:
+        with self._s.mem:
             doc = self._fresh()
             lines = [(k, v) for k, v in doc.index.get(ns, _NONE).items() if k.startswith(prefix)]
             if _ttl_ns(ns) not in doc.index:
@@ -681,9 +831,9 @@ class IniStore(Store):
             yield key
 
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
-        with self._mem:
+        with self._s.mem:
             lines = self._live(ns, prefix)
-            doc = self._doc  # after _live(): it may have re-read the file
+            doc = self._s.doc  # after _live(): it may have re-read the file
             pairs = [(k, doc.record(line)) for k, line in lines]
         yield from pairs
 
@@ -691,7 +841,7 @@ class IniStore(Store):
         return len(self._live(ns, ""))
 
     def _namespaces(self) -> Iterable[str]:
-        with self._mem:
+        with self._s.mem:
             return [ns for ns, bucket in self._fresh().index.items() if bucket]
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
@@ -738,11 +888,9 @@ class IniStore(Store):
         return self._mutate(edit)
 
     def _close(self) -> None:
-        with self._mem:
-            if self._pin >= 0:
-                os.close(self._pin)
-            self._pin, self._sig = -1, None
-            self._doc = _Doc()
+        if not self._released:
+            self._released = True
+            self._s.release()
         self._flock.close()
 
 

@@ -388,21 +388,114 @@ def test_parsed_once_and_reloaded_only_when_the_file_changes(
         return real(cls, text)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(_Doc, "parse", classmethod(counting))
-    with IniStore(path) as a, IniStore(path) as b:
+    with IniStore(path) as a, IniStore(path, namespace="other") as b:
         a.update({f"k{i}": i for i in range(1000)})
         parses[0] = 0
         for i in range(1000):
             assert a[f"k{i}"] == i
         assert parses[0] == 0  # a's own write is not re-read
-        assert b["k5"] == 5 and b["k6"] == 6
-        assert parses[0] == 1
+        # Instances of one file in a process share the parsed file: b parses nothing.
+        assert b.get("k5") is None and a["k5"] == 5
+        with IniStore(path) as c:
+            assert c["k6"] == 6
+        assert parses[0] == 0
         a["k5"] = "changed"
-        assert b["k5"] == "changed"
+        assert parses[0] == 0
+        # Another process's write replaces the file: parsed again, once.
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=_set_in_child, args=(str(path), "k7", "from child"))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        assert a["k7"] == "from child" and a["k5"] == "changed"
+        assert parses[0] == 1
+        assert a["k8"] == 8 and b.get("k8") is None
+        assert parses[0] == 1
         with open(path, "r+") as f:  # an in-place edit: same inode
             text = f.read()
             f.seek(0)
             f.write(text.replace("k6 = 6", "k6 = 7"))
-        assert b["k6"] == 7 and a["k6"] == 7
+        assert a["k6"] == 7
+        assert parses[0] == 2
+
+
+def _set_in_child(path: str, key: str, value: Any) -> None:
+    with IniStore(path) as store:
+        store[key] = value
+
+
+def test_deleted_file_is_not_resurrected_by_a_new_instance(tmp_path: Path) -> None:
+    """The shared parsed file of a deleted file never reappears in a file created anew."""
+    path = tmp_path / "gone.ini"
+    with IniStore(path) as a:
+        a["old"] = 1
+        path.unlink()
+        with IniStore(path) as b:
+            assert path.read_text() == ""
+            assert "old" not in b and "old" not in a
+            b["new"] = 2
+        assert dict(a) == {"new": 2}
+
+
+def test_last_close_releases_the_parsed_file(tmp_path: Path) -> None:
+    from mappingstore._ini import _Shared
+
+    path = tmp_path / "shared.ini"
+    a = IniStore(path)
+    b = IniStore(path)
+    a["k"] = 1
+    assert b["k"] == 1
+    shared = _Shared._all[os.path.realpath(path)]
+    pin = shared.pin
+    assert pin >= 0 and shared.users == 2
+    a.close()
+    a.close()  # a second close releases nothing more
+    assert shared.users == 1 and shared.pin == pin
+    b.close()
+    assert os.path.realpath(path) not in _Shared._all
+    with pytest.raises(OSError):
+        os.fstat(pin)
+    with IniStore(path) as c:  # the document was kept: the file's bytes are the same
+        assert c["k"] == 1
+        c["k"] = 2
+    path.write_text(path.read_text().replace("k = 2", "k = 3"))  # changed while closed
+    with IniStore(path) as d:
+        assert d["k"] == 3
+
+
+def test_reopening_an_unchanged_file_parses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parses = [0]
+    real = _Doc.parse.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[_Doc], text: str) -> _Doc:
+        parses[0] += 1
+        return real(cls, text)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_Doc, "parse", classmethod(counting))
+    paths = [tmp_path / f"f{i}.ini" for i in range(6)]
+    for i, path in enumerate(paths):
+        with IniStore(path, durable=False) as store:
+            store.update({f"k{j}": j for j in range(100)}, sec=i)
+    assert parses[0] == 0
+    for path in paths[-4:]:  # the last four closed files are kept
+        with IniStore(path, readonly=True) as store:
+            assert store["k7"] == 7
+    assert parses[0] == 0
+    with IniStore(paths[0], readonly=True) as store:  # forgotten: parsed
+        assert store["sec"] == 0
+    assert parses[0] == 1
+    # Same size, same inode, rewritten in place within the timestamp granularity: the
+    # digest of the bytes still tells.
+    path = paths[-1]
+    text = path.read_text()
+    assert "k1 = 1\n" in text
+    with open(path, "r+") as f:
+        f.write(text.replace("k1 = 1\n", "k1 = 9\n"))
+    with IniStore(path, readonly=True) as store:
+        assert store["k1"] == 9
+    assert parses[0] == 2
 
 
 def test_batch_writes_the_file_once(tmp_path: Path) -> None:
@@ -550,3 +643,73 @@ class TestIniConformance(StoreTests):
             return IniStore(tmp_path / f"{name}.ini", **{"durable": False, **options})
 
         return open_
+
+
+def test_a_key_the_changed_file_cannot_hold_is_missing_without_a_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After another process's write, looking up a key whose last name part is nowhere
+    in the file (and with no ``%`` escape in it) needs no parse; every other lookup
+    parses, so a key spelled by hand in any form INI allows is still found."""
+    parses = [0]
+    real = _Doc.parse.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[_Doc], text: str) -> _Doc:
+        parses[0] += 1
+        return real(cls, text)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_Doc, "parse", classmethod(counting))
+    path = tmp_path / "probe.ini"
+    with IniStore(path) as store:
+        store.update({f"key{i}": i for i in range(10)})
+        parses[0] = 0
+
+        def rewrite(text: str) -> None:  # as another process would: a new file
+            tmp = tmp_path / "new.ini"
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+        rewrite(path.read_text().replace("key3 = 3\n", ""))
+        assert "key3" not in store and store.get("missing") is None
+        with pytest.raises(KeyError):
+            store.pop("key3")
+        assert parses[0] == 0
+        assert store["key4"] == 4  # present: parsed
+        assert parses[0] == 1
+        # Spellings the substring test must not miss: a section, spaces, an escape.
+        rewrite("[a.b]\nc=1\n[x]\n  y.z :  2\n[%00meta%00::]\n\n[q]\nk%65y = 3\n")
+        assert store["a.b.c"] == 1 and store["x.y.z"] == 2
+        assert store["q.key"] == 3
+        assert "key4" not in store
+
+
+_LINE_PARTS = st.sampled_from(
+    ["a", "k", "b.c", " ", "  ", "\t", "=", " = ", ":", " : ", "#", ";", "[", "]", "[s]",
+     "%", "%41", "%2", "x", "é", "\u3000", "\u2028", "\x85", "1", '"v"', "\\"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_LINE_PARTS, max_size=6).map("".join), max_size=12))
+def test_the_parse_fast_path_reads_every_line_as_the_general_path_does(
+    lines: list[str],
+) -> None:
+    import mappingstore._ini as ini
+
+    text = "\n".join(lines) + "\n"
+
+    def shape(doc: _Doc) -> Any:
+        return (
+            [(s.ns, s.name, s.header, [(x.text, x.head, x.value, x.key) for x in s.lines])
+             for s in doc.sections],
+            {ns: {k: v.value for k, v in b.items()} for ns, b in doc.index.items()},
+            doc.render(),
+        )  # fmt: skip
+
+    fast = shape(_Doc.parse(text))
+    ini._FAST_PATH = False
+    try:
+        general = shape(_Doc.parse(text))
+    finally:
+        ini._FAST_PATH = True
+    assert fast == general

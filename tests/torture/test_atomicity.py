@@ -14,8 +14,7 @@ returned, keys won, values popped) and the parent checks the union against the s
   value, and the store ends empty.
 
 The fast tier runs the same tests with smaller counts; the long tier (``-m torture``)
-runs the issue's figures, except where :data:`LONG_LIMITS` says a backend cannot reach
-them within the suite's time budget (the figure recorded is always the count run).
+runs the issue's figures on every backend.
 Directory and INI stores run with ``durable=False`` (same locks, no ``fsync``).
 """
 
@@ -34,15 +33,6 @@ import pytest
 import mappingstore
 from mappingstore import Store
 from tests.torture.harness import FORK, MULTIPROCESS, Target, make_target
-
-#: Long-tier counts reduced to fit the suite's time budget: ``(test, backend)`` -> the
-#: count actually run (keys for ``pop``). Every other pair runs the issue's figure. Why:
-#: every INI write rewrites, and every INI read after another process's write re-parses,
-#: the whole file, so 8 processes x 10,000 pops of a 10,000-key file is O(n^2) (over 5
-#: minutes alone).
-LONG_LIMITS: dict[tuple[str, str], int] = {
-    ("pop", "ini"): 1_000,
-}
 
 #: File backends opened with ``durable=False`` here: the two ``fsync`` calls per write
 #: take no part in atomicity (the same locks are taken) and would dominate the run time.
@@ -114,10 +104,8 @@ def where(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Itera
             client.close()
 
 
-def _count(test: str, backend: str, tier: str, fast: int, long: int) -> int:
-    if tier == "fast":
-        return fast
-    return LONG_LIMITS.get((test, backend), long)
+def _count(tier: str, fast: int, long: int) -> int:
+    return fast if tier == "fast" else long
 
 
 # -- running racing workers -----------------------------------------------------------------
@@ -196,7 +184,7 @@ def test_modify_increments_are_never_lost(
     """2 processes x N ``modify`` increments of one counter end at exactly 2N, and the
     values ``modify`` returned are exactly 1..2N: no increment was lost or applied to a
     value another process had already incremented (long tier: N = 10,000)."""
-    n = _count("modify", backend, tier, 200, 10_000)
+    n = _count(tier, 200, 10_000)
     results = race(where, tmp_path, 2, _increment, n)
     with where.open() as store:
         final = store["counter"]
@@ -226,7 +214,7 @@ def test_setdefault_has_exactly_one_winner(
     exactly one winner (the process whose own value came back), every loser got the
     winner's value back, and the stored value is the winner's (long tier: K = 1,000)."""
     procs = 8
-    k = _count("setdefault", backend, tier, 50, 1_000)
+    k = _count(tier, 50, 1_000)
     keys = [f"key{i:05d}" for i in range(k)]
     results = race(where, tmp_path, procs, _claim, keys)
     with where.open() as store:
@@ -270,7 +258,7 @@ def test_pop_takes_each_key_exactly_once(
     once, by one process, with its value; the others get ``KeyError``; the store ends
     empty (long tier: N = 10,000)."""
     procs = 8
-    n = _count("pop", backend, tier, 100, 10_000)
+    n = _count(tier, 100, 10_000)
     keys = [f"key{i:05d}" for i in range(n)]
     with where.open() as store:
         store.update({key: [key, i] for i, key in enumerate(keys)})  # one write

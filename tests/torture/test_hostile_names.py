@@ -170,17 +170,6 @@ def hostile_keys(count: int, lengths: tuple[int, ...] = LONG_LENGTHS) -> list[st
     return list(keys)
 
 
-#: Long-tier (namespaces, keys per namespace) where 100 x 1,000 does not fit the long
-#: tier's budget (measured on the 2-core machine): a shared memory batch or clear rewrites
-#: the whole data segment, every INI write re-reads and rewrites the whole file (and each
-#: of the 300 opens parses it), a directory store pays one file per key and a listing
-#: decodes every file name. Memory, SQLite, PostgreSQL and Redis run the full 100 x 1,000.
-LONG_PAIRS: dict[str, tuple[int, int]] = {
-    "shm": (100, 200),
-    "dir": (100, 200),
-    "ini": (80, 25),
-}
-
 #: Namespace groups where a glob pattern or a concatenation would reach another namespace.
 GLOB_NAMESPACES: dict[str, str] = {
     # pattern (cleared in the delete phase) -> a literal it matches (must survive)
@@ -438,7 +427,7 @@ def test_hostile_namespace_pairs_never_collide_or_leak(
     clearing or deleting in one namespace (``a*``, ``[ab]``, ``a%``...) leaves every other
     one (``ab``, ``b``, ``a%b``...) intact; on the directory backend nothing is created
     outside the root."""
-    count, per_namespace = LONG_PAIRS.get(backend, (100, 1_000)) if tier == "long" else (20, 100)
+    count, per_namespace = (100, 1_000) if tier == "long" else (20, 100)
     namespaces = hostile_namespaces(count)
     plan = namespace_plan(namespaces, per_namespace)
     expected: dict[str, dict[str, int]] = {}
