@@ -4,9 +4,12 @@ Layer 3 of the architecture. :class:`Blobs` is the backend hook behind the blob 
 :class:`~mappingstore.Store`: ``Store._blob_backend()`` returns one, and the store's
 public methods only dispatch to it. :class:`Blobs` does the checks every backend shares
 (closed, read-only, key text, ``chunk_size``, no batch) and ``get_file``; a subclass
-stores the bytes. Two exist: :class:`ChunkedBlobs` (here, the default: chunk records
-through the backend contract, for every backend and adapter) and the directory store's
-plain files (``_dir_blobs``).
+stores the bytes. :class:`ChunkedBlobs` (here, the default: chunk records through the
+backend contract, for every backend and for ``Tiered`` and ``Sharded``) and the
+directory store's plain files (``_dir_blobs``) keep them; the ``Prefixed`` adapter maps
+names onto its wrapped store's blobs. ``Store._blob_backend_for(facade)`` builds one for
+*facade*, the store the caller holds: the backend itself, or a ``ReadOnly`` or ``Cached``
+adapter over it, which thereby shares the backend's own blobs (one blob, seen both ways).
 
 :class:`ChunkedBlobs` is built only on the backend contract (like ``_series``), so a
 multi-GB value never has to fit in memory, whatever the backend. Storage (in the internal
@@ -439,11 +442,27 @@ class BlobReader(io.RawIOBase):
         self._chunk_size = chunk_size
         self._pos = 0
         self._cached: tuple[int, bytes] | None = None
+        # What the caller sees: the store that opened it and the name it asked for. Not
+        # the same as ``_store``/``_name`` (which read the bytes) through ``Prefixed``.
+        self._owner = store
+        self._shown = name
+
+    def _present(self, owner: Store, name: str) -> BlobReader:
+        """Show this reader as opened by *owner* under *name*: its name is *name*, and
+        it stops when *owner* closes too (a ``Prefixed`` adapter hands out its wrapped
+        store's readers)."""
+        self._owner = owner
+        self._shown = name
+        return self
+
+    def _check_store(self) -> None:
+        self._owner._check_open()
+        self._store._check_open()
 
     @property
     def name(self) -> str:
         """The blob name."""
-        return self._name
+        return self._shown
 
     @property
     def size(self) -> int:
@@ -493,7 +512,7 @@ class BlobReader(io.RawIOBase):
         cached = self._cached
         if cached is not None and cached[0] == index:
             return cached[1]
-        self._store._check_open()
+        self._check_store()
         value = self._chunk(index)
         self._cached = (index, value)
         return value
@@ -545,7 +564,7 @@ class BlobReader(io.RawIOBase):
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
-        return f"<{type(self).__name__} {self._name!r} size={self._size}{state}>"
+        return f"<{type(self).__name__} {self._shown!r} size={self._size}{state}>"
 
 
 class ChunkedReader(BlobReader):

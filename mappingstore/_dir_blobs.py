@@ -1,8 +1,9 @@
-"""Blobs of the directory store as plain files: the ``_blob_backend`` of ``DirectoryStore``.
+"""Blobs of the directory store as plain files: the ``_blob_backend_for`` of ``DirectoryStore``.
 
 Every other backend keeps a blob as chunk records (``_blobs.ChunkedBlobs``). A directory
 already is a file store, so here a blob is **one file** (layout in
-``docs/backends/directory.md``)::
+``docs/backends/directory.md``), also when it is written or read through a ``ReadOnly``
+or ``Cached`` adapter (the *facade*, see :class:`DirectoryBlobs`)::
 
     <root>/.blobs/<ns-name>/                 one directory per namespace holding blobs
     <root>/.blobs/<ns-name>/.namespace       the namespace in UTF-8
@@ -73,6 +74,7 @@ from .errors import CorruptValueError, IntegrityError, MissingKeyError, StoreCor
 
 if TYPE_CHECKING:
     from ._directory import DirectoryStore
+    from ._store import Store
 
 __all__ = ["DirectoryBlobs", "remove_abandoned_uploads"]
 
@@ -105,17 +107,25 @@ def _pread_exact(fd: int, n: int, offset: int, what: str) -> bytes:
 
 
 class DirectoryBlobs(Blobs):
-    """Blobs of a :class:`~mappingstore.DirectoryStore` as plain files (module docstring)."""
+    """Blobs of a :class:`~mappingstore.DirectoryStore` as plain files (module docstring).
 
-    store: DirectoryStore
+    Two stores take part. *files*, the directory store, owns everything on disk: the
+    root, its lock, the temp directory, ``durable``. ``store`` (the facade: *files*
+    itself, or a ``ReadOnly`` or ``Cached`` adapter over it) is the store the caller
+    holds, and supplies what depends on who asks: the namespace, the closed, read-only
+    and batch checks, the codec and the ``encrypt`` default. So a blob written through
+    an adapter is the directory store's own file, and an adapter's read-only view or
+    closing applies to blobs as to records.
+    """
 
-    def __init__(self, store: DirectoryStore) -> None:
+    def __init__(self, store: Store, files: DirectoryStore) -> None:
         super().__init__(store)
+        self.files = files
 
     # -- paths --------------------------------------------------------------------------
 
     def _base(self) -> str:
-        return f"{self.store._root}/{BLOBS_DIR}/{encode_name(self.store._ns)}"
+        return f"{self.files._root}/{BLOBS_DIR}/{encode_name(self.store._ns)}"
 
     def _paths(self, name: str) -> tuple[str, str, str | None]:
         """(plain file, sealed file, name file or None) of blob *name*."""
@@ -127,15 +137,15 @@ class DirectoryBlobs(Blobs):
         if not os.path.isdir(path):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path)
-            self.store._sync_dir(parent)
+            self.files._sync_dir(parent)
 
     # -- writing ------------------------------------------------------------------------
 
     def _put(self, name: str, src: IO[bytes], encrypt: bool | None, chunk_size: int) -> int:
-        store = self.store
-        sealed = store._encrypt_default if encrypt is None else encrypt
-        tmp = f"{store._tmp}/{UPLOAD_PREFIX}{current_pid()}-{os.urandom(8).hex()}"
-        with store._exclusive(), _io(f"cannot start an upload in {store._root!r}"):
+        files = self.files
+        sealed = self.store._encrypt_default if encrypt is None else encrypt
+        tmp = f"{files._tmp}/{UPLOAD_PREFIX}{current_pid()}-{os.urandom(8).hex()}"
+        with files._exclusive(), _io(f"cannot start an upload in {files._root!r}"):
             # Created and locked under the store's lock: see upload_in_progress().
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             try:
@@ -149,8 +159,8 @@ class DirectoryBlobs(Blobs):
                 size = self._write_sealed(fd, name, src, chunk_size)
             else:
                 size = self._write_plain(fd, src)
-            with _io(f"cannot write to {store._root!r}"):
-                if store._durable:
+            with _io(f"cannot write to {files._root!r}"):
+                if files._durable:
                     os.fsync(fd)
             self._commit(name, tmp, sealed)
         except BaseException:
@@ -165,16 +175,16 @@ class DirectoryBlobs(Blobs):
         size = 0
         while data := _read_full(src, _COPY):
             self.store._check_open()
-            with _io(f"cannot write to {self.store._root!r}"):
+            with _io(f"cannot write to {self.files._root!r}"):
                 _write_all(fd, data)
             size += len(data)
         return size
 
     def _write_sealed(self, fd: int, name: str, src: IO[bytes], chunk_size: int) -> int:
-        store = self.store
+        store, where = self.store, f"cannot write to {self.files._root!r}"
         header = _HEAD.pack(SEAL_MAGIC, SEAL_VERSION, 0, 0, chunk_size, 0, os.urandom(16))
         ns, key = _ns(store), _aad_key(name)
-        with _io(f"cannot write to {store._root!r}"):
+        with _io(where):
             _write_all(fd, header)
         size = index = 0
         data = _read_full(src, chunk_size)
@@ -185,7 +195,7 @@ class DirectoryBlobs(Blobs):
             final = not following
             record = store._encode(ns, key, data, True, context=_context(header, index, final))
             store._check_open()
-            with _io(f"cannot write to {store._root!r}"):
+            with _io(where):
                 _write_all(fd, _LEN.pack(len(record)) + record)
             size += len(data)
             index += 1
@@ -194,29 +204,31 @@ class DirectoryBlobs(Blobs):
             data = following
 
     def _commit(self, name: str, tmp: str, sealed: bool) -> None:
-        store = self.store
+        files = self.files
         plain, seal, named = self._paths(name)
         base = self._base()
-        store._check_open()  # a closed store's lock must not be reopened
-        with store._exclusive(), _io(f"cannot store blob {name!r} in {store._root!r}"):
-            blobs = f"{store._root}/{BLOBS_DIR}"
-            self._ensure_dir(blobs, store._root)
+        # A closed store's lock must not be reopened (an adapter is closed with its store).
+        self.store._check_open()
+        files._check_open()
+        with files._exclusive(), _io(f"cannot store blob {name!r} in {files._root!r}"):
+            blobs = f"{files._root}/{BLOBS_DIR}"
+            self._ensure_dir(blobs, files._root)
             if not os.path.isdir(base):
-                store._make_ns_dir(store._ns, base, parent=blobs)
+                files._make_ns_dir(self.store._ns, base, parent=blobs)
             if named is not None:
                 self._write_name(named, name)
             target, other = (seal, plain) if sealed else (plain, seal)
             if sealed:
                 self._ensure_dir(os.path.dirname(seal), base)
             os.replace(tmp, target)
-            store._sync_dir(os.path.dirname(target))
+            files._sync_dir(os.path.dirname(target))
             # The sealed file wins while both exist: plain -> sealed is visible at the
             # rename above, sealed -> plain at this unlink (see the module docstring).
             try:
                 os.unlink(other)
             except _MISSING:
                 return
-            store._sync_dir(os.path.dirname(other))
+            files._sync_dir(os.path.dirname(other))
 
     def _write_name(self, path: str, name: str) -> None:
         data = name.encode("utf-8")
@@ -225,12 +237,12 @@ class DirectoryBlobs(Blobs):
             return
         if held is not None:
             raise StoreCorruptError(f"{path!r} names another blob (hash collision or damage)")
-        store = self.store
+        files = self.files
         self._ensure_dir(os.path.dirname(path), self._base())
-        tmp = store._tmp_path()
-        store._write_file(tmp, data)
+        tmp = files._tmp_path()
+        files._write_file(tmp, data)
         os.replace(tmp, path)
-        store._sync_dir(os.path.dirname(path))
+        files._sync_dir(os.path.dirname(path))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -258,22 +270,22 @@ class DirectoryBlobs(Blobs):
         return None
 
     def _open(self, name: str) -> BlobReader:
-        store = self.store
-        with _io(f"cannot open blob {name!r} in {store._root!r}"):
+        files = self.files
+        with _io(f"cannot open blob {name!r} in {files._root!r}"):
             found = self._try_open(name)
-            if found is None and not store._flock.held:
+            if found is None and not files._flock.held:
                 # A plain -> sealed switch between our two opens hides both files from a
                 # lock-free reader; under the shared lock no switch is half done. A reader
                 # that cannot take the lock (no access to .lock) answers from what it saw.
                 try:
-                    store._flock.acquire(False)
+                    files._flock.acquire(False)
                 except (OSError, RuntimeError):
                     pass
                 else:
                     try:
                         found = self._try_open(name)
                     finally:
-                        store._flock.release()
+                        files._flock.release()
         if found is None:
             raise MissingKeyError(name)
         fd, sealed = found
@@ -285,7 +297,7 @@ class DirectoryBlobs(Blobs):
     def _names(self) -> list[str]:
         base = self._base()
         found: set[str] = set()
-        with _io(f"cannot list the blobs of {self.store._root!r}"):
+        with _io(f"cannot list the blobs of {self.files._root!r}"):
             for directory in (base, f"{base}/{SEALED_DIR}"):
                 try:
                     entries = list(os.scandir(directory))
@@ -314,9 +326,9 @@ class DirectoryBlobs(Blobs):
     # -- deleting -----------------------------------------------------------------------
 
     def _delete(self, name: str) -> None:
-        store = self.store
+        files = self.files
         plain, seal, named = self._paths(name)
-        with store._exclusive(), _io(f"cannot delete blob {name!r} in {store._root!r}"):
+        with files._exclusive(), _io(f"cannot delete blob {name!r} in {files._root!r}"):
             removed = False
             # The plain file first: while the sealed one exists it hides the plain one.
             for path in (plain, seal):
@@ -325,7 +337,7 @@ class DirectoryBlobs(Blobs):
                 except _MISSING:
                     continue
                 removed = True
-                store._sync_dir(os.path.dirname(path))
+                files._sync_dir(os.path.dirname(path))
             if not removed:
                 raise MissingKeyError(name)
             if named is not None:
@@ -335,11 +347,11 @@ class DirectoryBlobs(Blobs):
     def _cleanup(self, older_than: float) -> int:
         # Upload files are locked by their writer, so an abandoned one is known for sure:
         # no grace period is needed and *older_than* is not used.
-        store = self.store
+        files = self.files
         base = self._base()
         removed = 0
-        with store._exclusive(), _io(f"cannot purge the blobs of {store._root!r}"):
-            removed += remove_abandoned_uploads(store._tmp)
+        with files._exclusive(), _io(f"cannot purge the blobs of {files._root!r}"):
+            removed += remove_abandoned_uploads(files._tmp)
             sealed_dir = f"{base}/{SEALED_DIR}"
             # A plain file beside a sealed one of the same name is hidden by it (a kind
             # switch interrupted by a crash).
@@ -385,7 +397,7 @@ class PlainFileReader(BlobReader):
     it holds is only unlinked). Reads straight into the caller's buffer.
     """
 
-    def __init__(self, store: DirectoryStore, name: str, fd: int) -> None:
+    def __init__(self, store: Store, name: str, fd: int) -> None:
         self._fd = fd
         super().__init__(store, name, 0, _COPY)
         try:
@@ -395,7 +407,7 @@ class PlainFileReader(BlobReader):
             raise
 
     def _piece(self, pos: int, limit: int) -> bytes:
-        self._store._check_open()
+        self._check_store()
         n = min(limit, _COPY, self._size - pos)
         with _io(f"cannot read blob {self._name!r}"):
             data = os.pread(self._fd, n, pos)
@@ -405,7 +417,7 @@ class PlainFileReader(BlobReader):
 
     def readinto(self, buffer: Any) -> int:
         self._check()
-        self._store._check_open()
+        self._check_store()
         out = memoryview(buffer).cast("B")
         want = min(len(out), max(self._size - self._pos, 0))
         done = 0
@@ -429,7 +441,7 @@ class SealedFileReader(BlobReader):
     """A :class:`BlobReader` over an open sealed blob file: frames are authenticated one
     by one as they are read (one cached); the last one at open."""
 
-    def __init__(self, store: DirectoryStore, name: str, fd: int) -> None:
+    def __init__(self, store: Store, name: str, fd: int) -> None:
         self._fd = fd
         self._what = what = f"blob file of {name!r}"
         super().__init__(store, name, 0, 1)

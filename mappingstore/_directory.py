@@ -284,7 +284,8 @@ class DirectoryStore(Store):
     valid record files with names this backend produces. POSIX only (``flock``).
 
     Blobs (:meth:`put_file`) are one plain file each under ``<root>/.blobs/``, not chunk
-    records (``mappingstore._dir_blobs``); adapters around this store use chunk records.
+    records (``mappingstore._dir_blobs``); so are the blobs of ``ReadOnly``, ``Cached`` and
+    ``Prefixed`` adapters around it (``Tiered`` and ``Sharded`` keep chunk records).
     """
 
     scheme: ClassVar[str] = "dir"
@@ -581,11 +582,12 @@ class DirectoryStore(Store):
                 found.append(internal_ns("blob", ns))
         return found
 
-    def _blob_backend(self) -> Blobs:
-        """Blobs as one plain file each, not chunk records (see ``_dir_blobs``)."""
+    def _blob_backend_for(self, facade: Store) -> Blobs:
+        """Blobs as one plain file each, not chunk records (see ``_dir_blobs``), also
+        through ``ReadOnly`` and ``Cached`` adapters (*facade*)."""
         from ._dir_blobs import DirectoryBlobs
 
-        return DirectoryBlobs(self)
+        return DirectoryBlobs(facade, files=self)
 
     # -- writing ------------------------------------------------------------------------
 

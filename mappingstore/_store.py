@@ -1052,15 +1052,29 @@ class Store(MutableMapping[str, Any]):
     # -- large values as streams --------------------------------------------------------
 
     def _blob_backend(self) -> Blobs:
-        """Backend hook: the object that keeps this store's blobs (see ``_blobs.Blobs``).
+        """The object that keeps this store's blobs (see ``_blobs.Blobs``); the public blob
+        methods only dispatch to it. Called once per blob operation.
 
-        The default stores each blob as chunk records through the raw methods, which is
-        right for every backend and adapter; a backend with a better native form (the
-        directory store's plain files) overrides this. Called once per blob operation.
+        Not a hook: override :meth:`_blob_backend_for`, so that adapters can reach it.
+        """
+        return self._blob_backend_for(self)
+
+    def _blob_backend_for(self, facade: Store) -> Blobs:
+        """Backend hook: the blobs *facade* presents, kept by this store.
+
+        *facade* is this store, or an adapter that shows this store's key space 1:1
+        (:class:`~mappingstore.ReadOnly` and :class:`~mappingstore.Cached` delegate here;
+        :class:`~mappingstore.Prefixed` maps the names onto the wrapped store's blobs):
+        it supplies the namespace, the closed, read-only and batch checks and the codec,
+        while this store keeps the bytes, so a blob is the same one through the store and
+        through the adapter. The default stores each blob as chunk records through
+        *facade*'s raw methods, which is right for every backend and for the adapters over
+        several stores (``Tiered``, ``Sharded``); a backend with a better native form (the
+        directory store's plain files) overrides this.
         """
         from ._blobs import ChunkedBlobs
 
-        return ChunkedBlobs(self)
+        return ChunkedBlobs(facade)
 
     def put_file(
         self,

@@ -6,15 +6,27 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from .._keys import internal_ns
 from .._store import KEEP, Op, Record, Store
 from ..errors import InvalidOptionError, OptionTypeError
 from ._base import META_NS, Adapter, add_query
 
+if TYPE_CHECKING:
+    from .._blobs import Blobs
+
 __all__ = ["CacheInfo", "Cached"]
 
 _STRIPES = 64  # generation counters: a write bumps one stripe, not the whole cache
+_BLOB_NS = internal_ns("blob")  # + namespace: chunked blobs (_blobs.ChunkedBlobs)
+
+
+def _uncached(ns: str) -> bool:
+    """Records that go straight to the store: the metadata (it belongs to the store) and
+    blob chunks (up to 64 MiB each: caching them would hold whole blobs in memory, which
+    is what streaming avoids; a reader caches its one chunk itself)."""
+    return ns == META_NS or ns.startswith(_BLOB_NS)
 
 
 class CacheInfo(NamedTuple):
@@ -52,6 +64,10 @@ class Cached(Adapter):
 
     ``maxsize`` counts entries, not bytes. Thread-safe: no lock is held while the store
     is called, and a read that raced a write never puts an old record back in the cache.
+
+    **Blobs** are the wrapped store's own, kept in its own form (a directory store's blob
+    files): a blob written through the store reads through the cache and the other way
+    round. Blobs are never cached: chunk records bypass the cache, as the metadata does.
     """
 
     scheme: ClassVar[str] = "cached"
@@ -201,8 +217,12 @@ class Cached(Adapter):
 
     # -- reads (docstrings inherited) ---------------------------------------------------
 
+    def _blob_backend_for(self, facade: Store) -> Blobs:
+        # The wrapped store keeps the bytes in its own form; *facade* checks and encodes.
+        return self._inner._blob_backend_for(facade)
+
     def _get_record(self, ns: str, key: str) -> Record | None:
-        if ns == META_NS:
+        if _uncached(ns):
             return self._inner._get_record(ns, key)
         ck = (ns, key)
         hit, rec, token = self._lookup(ck)
@@ -223,7 +243,7 @@ class Cached(Adapter):
         out: list[bytes | None] = [None] * len(keys)
         missing: list[int] = []
         for i, key in enumerate(keys):
-            hit, rec, _ = self._lookup((ns, key)) if ns != META_NS else (False, None, (0, 0))
+            hit, rec, _ = (False, None, (0, 0)) if _uncached(ns) else self._lookup((ns, key))
             if hit:
                 out[i] = None if rec is None else rec[0]
             else:
@@ -251,7 +271,7 @@ class Cached(Adapter):
     # -- writes: the store first, then the cache ----------------------------------------
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        if ns == META_NS:
+        if _uncached(ns):
             self._inner._put(ns, key, data, expires)
             return
         ck = (ns, key)
@@ -264,7 +284,7 @@ class Cached(Adapter):
             self._finish(writes, results)
 
     def _delete(self, ns: str, key: str) -> bool:
-        if ns == META_NS:
+        if _uncached(ns):
             return self._inner._delete(ns, key)
         ck = (ns, key)
         writes = self._begin([ck])
@@ -277,18 +297,18 @@ class Cached(Adapter):
         return existed
 
     def _apply(self, ops: Sequence[Op]) -> None:
-        writes = self._begin((op.ns, op.key) for op in ops if op.ns != META_NS)
+        writes = self._begin((op.ns, op.key) for op in ops if not _uncached(op.ns))
         results: dict[tuple[str, str], Any] = {}
         try:
             self._inner._apply(ops)
             for op in ops:
-                if op.ns != META_NS:
+                if not _uncached(op.ns):
                     results[(op.ns, op.key)] = None if op.data is None else (op.data, op.expires)
         finally:
             self._finish(writes, results)
 
     def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
-        if ns == META_NS:
+        if _uncached(ns):
             self._inner._update(ns, key, fn)
             return
         ck = (ns, key)

@@ -3,14 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
+from .._blobs import BlobReader, Blobs
 from .._keys import check_key
 from .._store import Op, Record, Store
-from ..errors import OptionTypeError
+from ..errors import MissingKeyError, OptionTypeError
 from ._base import META_NS, Adapter, add_query
 
 __all__ = ["Prefixed"]
+
+
+class _PrefixedBlobs(Blobs):
+    """The blobs of a :class:`Prefixed` adapter: the wrapped store's blobs named
+    ``prefix + name``, kept in the wrapped store's own form (a directory store's files).
+
+    ``store`` (the adapter, or a ``ReadOnly``/``Cached`` over it) makes the checks; the
+    wrapped store's :class:`Blobs` (*inner*) repeats its own and encodes: a blob is bound
+    to its full name, exactly as if it had been written through the wrapped store.
+    """
+
+    def __init__(self, facade: Store, inner: Blobs, prefix: str) -> None:
+        super().__init__(facade)
+        self._inner = inner
+        self._prefix = prefix
+
+    def _put(self, name: str, src: IO[bytes], encrypt: bool | None, chunk_size: int) -> int:
+        return self._inner.put_file(
+            self._prefix + name, src, encrypt=encrypt, chunk_size=chunk_size
+        )
+
+    def _open(self, name: str) -> BlobReader:
+        try:
+            reader = self._inner.open(self._prefix + name)
+        except MissingKeyError:
+            raise MissingKeyError(name) from None
+        return reader._present(self.store, name)
+
+    def _delete(self, name: str) -> None:
+        try:
+            self._inner.delete(self._prefix + name)
+        except MissingKeyError:
+            raise MissingKeyError(name) from None
+
+    def _names(self) -> list[str]:
+        # Sorted names sharing a prefix stay sorted without it.
+        prefix, cut = self._prefix, len(self._prefix)
+        return [n[cut:] for n in self._inner.names() if n.startswith(prefix) and len(n) > cut]
+
+    def _cleanup(self, older_than: float) -> int:
+        # Leftovers of crashed uploads carry no usable name: all of the namespace's go.
+        return self._inner.cleanup(older_than)
 
 
 class Prefixed(Adapter):
@@ -26,6 +69,10 @@ class Prefixed(Adapter):
     Encrypted values are bound to the *full* stored key, so a value read through the
     adapter is also readable through the wrapped store as ``prefix + key`` and a
     ciphertext moved between prefixes fails its check.
+
+    Blobs too: the blob ``"k"`` is the wrapped store's blob ``prefix + "k"``, in that
+    store's own form (a directory store's file), and ``blob_names`` lists only those
+    inside the prefix. ``purge_blobs`` cleans the whole wrapped namespace.
 
     Costs: ``len`` counts by scanning the prefix range (one streaming query); ``clear``
     deletes the range in one atomic write. ``purge_expired`` purges the whole wrapped
@@ -63,6 +110,13 @@ class Prefixed(Adapter):
         for key in keys:
             if len(key) > cut:  # the prefix itself would be the empty key: not ours
                 yield key[cut:]
+
+    # -- blobs: the wrapped store's, under the full name ----------------------------------
+
+    def _blob_backend_for(self, facade: Store) -> Blobs:
+        # Not chunk records through our raw methods: those would be keyed
+        # prefix + "M:<len>:<name>", a blob the wrapped store never lists.
+        return _PrefixedBlobs(facade, self._inner._blob_backend(), self._prefix)
 
     # -- codec: bind encrypted values to the full stored key -----------------------------
 

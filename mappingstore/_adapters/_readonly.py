@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from .._store import Op, Record, Store
 from ..errors import ReadOnlyError
 from ._base import Adapter, add_query
+
+if TYPE_CHECKING:
+    from .._blobs import Blobs
 
 __all__ = ["ReadOnly"]
 
@@ -19,6 +22,10 @@ class ReadOnly(Adapter):
     ``ReadOnly`` to code that must not write, keep the store for yourself). The raw write
     methods refuse too, so even code reaching below the public API cannot write through
     it. Reads see every write made through the wrapped store at once (nothing is cached).
+
+    Blobs are the wrapped store's own (a directory store's blob files included):
+    ``open``, ``get_file`` and ``blob_names`` read them; ``put_file``, ``delete_file`` and
+    ``purge_blobs`` raise ``ReadOnlyError``.
 
     Thread-safe as the wrapped store is; shared between processes as it is.
     """
@@ -37,6 +44,10 @@ class ReadOnly(Adapter):
         return f"<ReadOnly{state} of {self._inner!r}>"
 
     # -- reads: delegated (docstrings inherited) ----------------------------------------
+
+    def _blob_backend_for(self, facade: Store) -> Blobs:
+        # The wrapped store keeps the bytes in its own form; *facade* (read-only) checks.
+        return self._inner._blob_backend_for(facade)
 
     def _get_record(self, ns: str, key: str) -> Record | None:
         return self._inner._get_record(ns, key)
