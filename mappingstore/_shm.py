@@ -426,13 +426,20 @@ class SharedMemoryStore(Store):
                 seg = self._wseg()
             nsb, nsh = self._ns_cache.get(ns) or self._ns_entry(ns)
             kb = key.encode("utf-8")
-            h = zlib.crc32(kb, nsh)
-            idx, free = self._find(seg, nsb, kb, h)
+            q = seg.q
+            e = self._hot.get(key) if ns == self._ns else None
+            if e is not None and e[0] == seg.gen and q[e[2]] == e[3]:
+                # The slot this instance last saw the key in still holds that very record
+                # (records are immutable, offsets never reused within a generation): it
+                # is the key's slot, and its hash is in the slot value. No probing.
+                idx, free, h = e[2], -1, e[3] >> 32
+            else:
+                h = zlib.crc32(kb, nsh)
+                idx, free = self._find(seg, nsb, kb, h)
             exp = INF if expires is None else expires
             dl = len(data)
             rest = TAIL.pack(0, dl, exp, len(nsb), len(kb)) + nsb + kb
             size = (4 + len(rest) + dl + 7) & ~7
-            q = seg.q
             end = q[Q_END]
             if end + size > seg.size or (
                 idx < 0 and q[free] == EMPTY and (q[Q_USED] + 1) * 2 > seg.cap
@@ -454,7 +461,12 @@ class SharedMemoryStore(Store):
                     q[Q_USED] += 1  # before publishing: a crash may only over-count
             q[idx] = v
         finally:
-            lock.release()
+            lock.depth -= 1  # lock.release() inlined
+            try:
+                if not lock.depth:
+                    fcntl.flock(lock.fd, fcntl.LOCK_UN)
+            finally:
+                lock.rlock.release()
         if ns == self._ns and dl <= _HOT_DATA_MAX:
             hot = self._hot
             if len(hot) >= _HOT_MAX:

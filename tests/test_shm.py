@@ -24,6 +24,7 @@ import textwrap
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -181,6 +182,49 @@ def test_second_open_keeps_data_and_sees_writes_at_once(name: str) -> None:
     b.close()
     with SharedMemoryStore(name) as c:
         assert len(c) == 50
+
+
+def test_a_set_never_trusts_a_slot_another_instance_changed(name: str) -> None:
+    """A set reuses the slot its instance last saw the key in only while that slot still
+    holds the very record it saw: after another instance overwrote, deleted, re-created
+    or moved the key (a rebuild), the set finds the key again and never leaves two live
+    copies of it."""
+    with SharedMemoryStore(name) as a, SharedMemoryStore(name) as b:
+        a.update({f"k{i}": i for i in range(20)})
+        for i in range(20):
+            assert a[f"k{i}"] == i  # every key in a's cache of locations
+        b["k1"] = "b overwrote"
+        a["k1"] = "a again"
+        del b["k2"]
+        b["k2"] = "b re-created"  # may take the same slot, with another record
+        a["k2"] = "a again"
+        del b["k3"]
+        # Another key takes k3's freed slot (a key hashing to it, found white-box): a's
+        # remembered slot for k3 now holds that key's record, which a must not overwrite.
+        seg, slot = a._seg, a._hot["k3"][2]
+        nsh = a._ns_entry(a._ns)[1]
+        squatter = next(
+            f"s{n}"
+            for n in range(10**6)
+            if seg.t0 + (zlib.crc32(f"s{n}".encode(), nsh) & seg.mask) == slot
+        )
+        b[squatter] = "in k3's old slot"
+        assert b._hot[squatter][2] == slot
+        a["k3"] = "a re-created"
+        assert a[squatter] == b[squatter] == "in k3's old slot"
+        del b[squatter]
+        b.update({f"other{i}": "x" * 100 for i in range(5_000)})  # rebuilds the segment
+        a["k4"] = "after rebuilds"
+        for store in (a, b):
+            assert store["k1"] == store["k2"] == "a again"
+            assert store["k3"] == "a re-created" and store["k4"] == "after rebuilds"
+            assert len(store) == 5_020
+            assert sorted(k for k in store if k.startswith("k")) == sorted(
+                f"k{i}" for i in range(20)
+            )
+            del store["k5"]
+            assert "k5" not in a and "k5" not in b
+            store["k5"] = 5
 
 
 def test_readonly_instance_reads_while_others_write(name: str) -> None:
