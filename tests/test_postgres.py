@@ -813,3 +813,116 @@ if StoreTests is not None:
             yield make
             for store in opened:
                 store.close()
+
+
+# -- the connection that opened a store serves it until a second one is needed -------------
+
+
+def _sessions(admin: Any, app: str) -> int:
+    row = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+    ).fetchone()
+    return int(row[0])
+
+
+def test_one_thread_uses_one_connection_and_no_pool(admin: Any, tables: Tables) -> None:
+    app = f"msone{uuid.uuid4().hex[:8]}"
+    with PostgresStore(POSTGRES_URL, table=tables(), application_name=app) as store:
+        store["a"] = 1
+        assert list(store) == ["a"] and len(store) == 1
+        store.modify("a", lambda v: v + 1)
+        with store.batch():
+            store["b"] = 2
+        assert store._pool is None
+        assert _sessions(admin, app) == 1
+    assert _wait_sessions(admin, app, 0) == 0  # closing the store closed it
+
+
+def _wait_sessions(admin: Any, app: str, count: int) -> int:
+    """Sessions of *app*, polled until there are *count* (a closed connection's server
+    process leaves ``pg_stat_activity`` a moment after the client is gone)."""
+    deadline = time.monotonic() + 10
+    while (now := _sessions(admin, app)) != count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return now
+
+
+@pytest.mark.parametrize("max_size", [2, 3])
+def test_concurrent_use_never_exceeds_pool_max_size(
+    admin: Any, tables: Tables, max_size: int
+) -> None:
+    """A second connection needed at once makes the store create its pool: the opening
+    connection counts toward ``pool_max_size`` until it is retired, then the pool grows
+    back to full size; the server never sees more than ``pool_max_size`` sessions."""
+    app = f"msmax{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(
+        POSTGRES_URL,
+        table=tables(),
+        application_name=app,
+        pool_max_size=max_size,
+        pool_timeout=30,
+    )
+    store["held"] = 0
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _sessions(conn, app))
+                time.sleep(0.005)
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(value: int) -> int:  # keeps a connection busy inside modify()
+        inside.set()
+        assert release.wait(30)
+        return value + 1
+
+    def work(t: int) -> None:
+        for i in range(60):
+            store[f"{t}-{i}"] = i
+            assert sum(1 for _ in store) >= 1
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    holder = threading.Thread(target=store.modify, args=("held", hold))
+    holder.start()
+    assert inside.wait(30)
+    store["while held"] = 1  # needs a second connection at once: the pool starts
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    release.set()
+    holder.join()
+    for th in threads:
+        th.join()
+    stop.set()
+    watcher.join()
+    assert len(store) == 362 and store["held"] == 1
+    assert store._pool is not None and store._direct is None  # the pool took over
+    assert store._pool.max_size == max_size  # grown back to the full size
+    assert 2 <= peak[0] <= max_size
+    store.close()
+    assert _wait_sessions(admin, app, 0) == 0
+
+
+def test_pool_max_size_1_and_min_size_2_keep_the_pool(pg: Callable[..., PostgresStore]) -> None:
+    store = pg(pool_max_size=1)
+    store["a"] = 1
+    assert store._direct is None and store._pool is not None
+    store = pg(pool_min_size=2)
+    store["a"] = 1
+    assert store._direct is None and store._pool is not None
+
+
+def test_a_terminated_opening_connection_is_replaced(admin: Any, tables: Tables) -> None:
+    app = f"msterm{uuid.uuid4().hex[:8]}"
+    with PostgresStore(POSTGRES_URL, table=tables(), application_name=app) as store:
+        store["k"] = 1
+        assert store._direct is not None
+        _terminate(admin, app)
+        assert store["k"] == 1  # the read retried on a pooled connection
+        store["k"] = 2
+        assert store.modify("k", lambda v: v + 1) == 3
+        assert store._direct is None

@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._postgres import (
     _CHUNK,
+    _RECONNECT_WINDOW,
     _SHORT,
     PostgresStore,
     _batch,
@@ -95,10 +96,9 @@ class NativePostgres:
         # fast path prepares statements itself); these connections only ever run
         # statements through psycopg, so they may prepare (explicitly, below).
         kwargs = {**store._connect_kwargs, "prepare_threshold": 5}
-        # How long the pool keeps reconnecting after an outage: the sync pool's (it
-        # exists once the store is open: reading the metadata used it).
-        sync_pool = store._pool
-        reconnect = float(getattr(sync_pool, "reconnect_timeout", 300.0))
+        # How long the pool keeps reconnecting after an outage: as long as the sync
+        # store's own pool (which may not exist: see PostgresStore._bootstrap).
+        reconnect = _RECONNECT_WINDOW
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             store._conninfo,
             kwargs=kwargs,
