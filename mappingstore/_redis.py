@@ -7,6 +7,7 @@ Key layout, scripts and the reasoning behind them: ``_redis_lua`` and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import random
@@ -28,7 +29,7 @@ from ._redis_client import (
     make_client,
     parse_redis_url,
 )
-from ._redis_layout import PREFIX_RE, Layout, bucket, unescape_namespace
+from ._redis_layout import PREFIX_RE, Layout, bucket, count_of, unescape_namespace
 from ._store import KEEP, Op, Record, Store
 from .errors import (
     InvalidOptionError,
@@ -40,6 +41,12 @@ from .errors import (
 
 __all__ = ["RedisStore"]
 
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:  # redis-py's own packer wraps this in per-argument Python checks: ~0.3 us each
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack_command = None
+
 T = TypeVar("T")
 _MAX_PX = 10**15  # ~31,700 years: beyond this Redis rejects the expiry time
 _FIRST_CHUNK = 128
@@ -47,6 +54,8 @@ _MAX_CHUNK = 4096  # Lua's unpack() limit is ~8,000 values
 #: Lease of the exclusive-section lock: a holder that dies releases it after this long.
 _LOCK_LEASE_MS = 60_000
 _LOCK_TIMEOUT = 60.0
+#: ``RedisStore._pool`` before its first use (decided lazily, outside open and close).
+_UNDECIDED: Any = object()
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
@@ -263,13 +272,62 @@ class RedisStore(Store):
         except (rex.RedisError, rex.RedisClusterException, OSError):
             pass  # the next attempt reports the real problem
 
+    # The hot commands (GET, MGET, EXISTS, EVALSHA) of a store on its own standalone client
+    # skip redis-py's ``execute_command``: with our retries off it only adds bookkeeping
+    # (a retry wrapper, observability hooks, response-callback lookup), about 8 us a call,
+    # as much as the whole server-side cost of a write. The command goes straight onto a
+    # pooled connection and the reply is read back, exactly what ``execute_command`` does
+    # underneath: the same packer, parser, pool (fork-safe) and exceptions, so ``_run``
+    # classifies failures the same way. A client passed in keeps redis-py's own path.
+
+    _pool: Any = _UNDECIDED
+
+    def _direct_pool(self) -> Any:
+        """The connection pool the hot commands use directly, or ``None`` (decided once)."""
+        pool = None
+        client = self._client
+        if self._owns and not self._cluster and getattr(client, "connection", None) is None:
+            pool = client.connection_pool
+            get = pool.get_connection
+            # redis-py 5 requires a command name (ignored); 6 and later deprecate it.
+            param = inspect.signature(get).parameters.get("command_name")
+            if param is not None and param.default is inspect.Parameter.empty:
+                self._get_conn: Callable[[], Any] = lambda: get("_")
+            else:
+                self._get_conn = get
+        self._pool = pool
+        return pool
+
+    def _command(self, *args: Any, packed: bytes | None = None, **options: Any) -> Any:
+        """Send one command and return its raw reply (see above). *packed*: the same
+        command already in wire form (for a fixed command sent often); *options* are
+        redis-py's (e.g. ``keys=``), for the client path only."""
+        pool = self._pool
+        if pool is _UNDECIDED:
+            pool = self._direct_pool()
+        if pool is None:
+            return self._client.execute_command(*args, **options)
+        conn = self._get_conn()
+        try:
+            if packed is None and _pack_command is not None:
+                packed = _pack_command(args)
+            if packed is None:
+                conn.send_command(*args)
+            else:
+                conn.send_packed_command((packed,))
+            return conn.read_response()
+        finally:
+            # A failed send or read has already disconnected the connection (redis-py's
+            # Connection does so itself), so the pool reconnects it before reuse.
+            pool.release(conn)
+
     def _evalsha(self, script: lua.Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         try:
-            return self._client.evalsha(script.sha, len(keys), *keys, *args)
+            return self._command("EVALSHA", script.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
             # A restarted or new server has an empty script cache; EVAL caches it again.
             # NOSCRIPT means nothing ran, so this is safe for writes too.
-            return self._client.eval(script.source, len(keys), *keys, *args)
+            return self._command("EVAL", script.source, len(keys), *keys, *args)
 
     def _eval(
         self, script: lua.Script, keys: Sequence[bytes], args: Sequence[Any], *, write: bool
@@ -354,12 +412,12 @@ class RedisStore(Store):
     def _get(self, ns: str, key: str) -> bytes | None:
         # docstring inherited
         dkey = self._data_key(ns, key)
-        return self._run("GET", False, lambda: self._client.get(dkey))  # type: ignore[no-any-return]
+        return self._run("GET", False, lambda: self._command("GET", dkey, keys=[dkey]))  # type: ignore[no-any-return]
 
     def _contains(self, ns: str, key: str) -> bool:
         # docstring inherited
         dkey = self._data_key(ns, key)
-        return bool(self._run("EXISTS", False, lambda: self._client.exists(dkey)))
+        return bool(self._run("EXISTS", False, lambda: self._command("EXISTS", dkey, keys=[dkey])))
 
     def _read_rec(self, dkey: bytes) -> tuple[bytes, int, int] | None:
         raw = self._eval(lua.GETREC, [dkey], [], write=False)
@@ -427,6 +485,16 @@ class RedisStore(Store):
 
     def _count(self, ns: str) -> int:
         # docstring inherited
+        if not self._cluster:
+            # One MGET of the bucket counters (kept by the write scripts): O(1) and no
+            # script; the COUNT script only when some key of the namespace has an expiry.
+            lay = self._layouts.get(ns) or self._layout(ns)
+            keys, packed = lay.counters, lay.count_command
+            n = count_of(
+                self._run("MGET", False, lambda: self._command("MGET", *keys, packed=packed))
+            )
+            if n is not None:
+                return n
         return sum(int(n) for n in self._read_all(lua.COUNT, self._groups(ns), []))
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
@@ -435,7 +503,7 @@ class RedisStore(Store):
             return []
         dkeys = [self._data_key(ns, k) for k in keys]
         if not self._cluster:
-            return self._run("MGET", False, lambda: list(self._client.mget(dkeys)))
+            return self._run("MGET", False, lambda: list(self._command("MGET", *dkeys, keys=dkeys)))
         # Cluster: one MGET per slot (bucket), pipelined to every node at once.
         by_slot: dict[bytes, list[int]] = {}
         for i, dk in enumerate(dkeys):

@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 import zlib
 
-__all__ = ["BUCKETS", "PREFIX_RE", "Layout", "bucket", "escape_namespace", "unescape_namespace"]
+__all__ = [
+    "BUCKETS",
+    "PREFIX_RE",
+    "Layout",
+    "bucket",
+    "count_of",
+    "escape_namespace",
+    "unescape_namespace",
+]
 
 #: A namespace is split over this many buckets (hash tags, so cluster slots).
 BUCKETS = 16
@@ -37,13 +45,31 @@ def unescape_namespace(text: bytes) -> str:
 class Layout:
     """Redis key names of one namespace (computed once per namespace)."""
 
-    __slots__ = ("bases", "flat", "pairs")
+    __slots__ = ("bases", "count_command", "counters", "flat", "pairs")
 
     def __init__(self, prefix: bytes, ns: str) -> None:
         esc = escape_namespace(ns)
         self.bases = [prefix + b":{" + esc + b":%02x}:" % b for b in range(BUCKETS)]
         self.pairs = [(base + b"i", base + b"x") for base in self.bases]
         self.flat = [key for pair in self.pairs for key in pair]
+        #: The counter of every bucket (``len()``; see ``_redis_lua``).
+        self.counters = [base + b"c" for base in self.bases]
+        #: ``MGET`` of the counters in wire form (RESP), built once.
+        self.count_command = b"*%d\r\n$4\r\nMGET\r\n" % (len(self.counters) + 1) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(key), key) for key in self.counters
+        )
+
+
+def count_of(counters: list[bytes | None]) -> int | None:
+    """The live record count from an ``MGET`` of ``Layout.counters``, or ``None`` when
+    some bucket holds expiring keys (then only the COUNT script, which compares expiry
+    times with the server's clock, knows how many are still live).
+
+    A counter is ``index entries + expiry entries * 2**32``: the sum stays below 2**32
+    exactly when no bucket has an expiry entry (and the namespace fewer than 2**32 keys;
+    beyond that the COUNT script answers too)."""
+    total = sum(map(int, filter(None, counters)))
+    return None if total >> 32 else total
 
 
 def bucket(kb: bytes) -> int:

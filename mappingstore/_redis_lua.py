@@ -9,12 +9,24 @@ live in one cluster slot and one script may touch them together::
                                   (lexicographic order, so prefix ranges are O(log n))
     ms:{<esc(ns)>:<bb>}:x         expiries: sorted set key -> PXAT milliseconds, holding
                                   only keys that have an expiry (a subset of the index)
+    ms:{<esc(ns)>:<bb>}:c         counters: ZCARD(I) + ZCARD(X) * 2^32, an integer
+                                  string (absent when 0, i.e. when the bucket is empty)
 
 Every script receives bucket index keys as (I, X) pairs. Scripts compute "now" with the
 server's ``TIME`` so that counts agree with the server's own expiry of the records; an
 index entry whose expiry score is below now is dead (Redis expires a key when
 ``now > at``). Scripts never use ``KEYS``/``SCAN``. Record keys are derived inside a script
 from the bucket's index key (same hash tag, hence same slot, which Redis Cluster allows).
+
+The counters exist for ``len()``: on a standalone server it is one ``MGET`` of the 16
+counters of a namespace (one native command, no script) when no bucket has an expiring
+key (every counter below 2^32), and the COUNT script only otherwise. Every script that
+adds to or removes from an index or expiry set adjusts its bucket's counter in the same
+script (atomically), from the replies of ``ZADD``/``ZREM`` (which count what really
+changed); the counter's name is derived from the index key, like record keys. Packing
+both counts in one integer halves the keys ``len()`` reads; it is exact while a bucket
+holds fewer than 2^32 keys and one script changes fewer than 2^21 expiries of a bucket
+(Lua numbers are doubles: 2^53), far beyond what a request (512 MB at most) can carry.
 """
 
 from __future__ import annotations
@@ -42,27 +54,41 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Add dn index entries and de expiry entries to the bucket's counter (its name derived
+-- from I: same hash tag); the counter is deleted when the bucket becomes empty.
+local function counted(I, dn, de)
+  local d = dn + de * 4294967296
+  if d ~= 0 then
+    local C = string.sub(I, 1, -2) .. 'c'
+    if redis.call('INCRBY', C, d) <= 0 then redis.call('DEL', C) end
+  end
+end
 -- Drop dead index entries, bounded, and only once enough have piled up: keeps a
 -- TTL-heavy namespace's index small without making every write pay for it.
 local function prune(I, X, now)
   if redis.call('ZCOUNT', X, '-inf', '(' .. now) < 64 then return end
   local dead = redis.call('ZRANGEBYSCORE', X, '-inf', '(' .. now, 'LIMIT', 0, 256)
-  redis.call('ZREM', X, unpack(dead))
-  redis.call('ZREM', I, unpack(dead))
+  local de = redis.call('ZREM', X, unpack(dead))
+  counted(I, -redis.call('ZREM', I, unpack(dead)), -de)
 end
--- Call cmd(key, list[i..j]) in slices (Lua's unpack is limited to a few thousand values).
+-- Call cmd(key, list[i..j]) in slices (Lua's unpack is limited to a few thousand values);
+-- returns the sum of the integer replies.
 local function sliced(cmd, key, list)
   local n = #list
   local i = 1
+  local sum = 0
   while i <= n do
     local j = math.min(i + 999, n)
+    local r
     if key then
-      redis.call(cmd, key, unpack(list, i, j))
+      r = redis.call(cmd, key, unpack(list, i, j))
     else
-      redis.call(cmd, unpack(list, i, j))
+      r = redis.call(cmd, unpack(list, i, j))
     end
+    if type(r) == 'number' then sum = sum + r end
     i = j + 1
   end
+  return sum
 end
 """
 
@@ -79,17 +105,19 @@ local I, X, D = KEYS[1], KEYS[2], KEYS[3]
 local m, px = ARGV[1], ARGV[3]
 if px == '' then
   redis.call('SET', D, ARGV[2])
-  redis.call('ZADD', I, 0, m)
+  local dn = redis.call('ZADD', I, 0, m)
+  local de = 0
   if redis.call('EXISTS', X) == 1 then
-    redis.call('ZREM', X, m)
+    de = -redis.call('ZREM', X, m)
     prune(I, X, now_ms())
   end
+  counted(I, dn, de)
 else
   local now = now_ms()
   local at = now + tonumber(px)
   redis.call('SET', D, ARGV[2], 'PXAT', string.format('%d', at))
-  redis.call('ZADD', X, at, m)
-  redis.call('ZADD', I, 0, m)
+  local de = redis.call('ZADD', X, at, m)
+  counted(I, redis.call('ZADD', I, 0, m), de)
   prune(I, X, now)
 end
 return 1
@@ -102,8 +130,8 @@ DELETE = _script(
     """
 local live = redis.call('EXISTS', KEYS[3])
 if live == 1 then redis.call('DEL', KEYS[3]) end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+local dn = redis.call('ZREM', KEYS[1], ARGV[1])
+counted(KEYS[1], -dn, -redis.call('ZREM', KEYS[2], ARGV[1]))
 return live
 """,
 )
@@ -140,20 +168,20 @@ end
 local px = ARGV[5]
 if px == 'D' then
   redis.call('DEL', D)
-  redis.call('ZREM', I, m)
-  redis.call('ZREM', X, m)
+  local dn = redis.call('ZREM', I, m)
+  counted(I, -dn, -redis.call('ZREM', X, m))
 elseif px == 'K' then
   redis.call('SET', D, ARGV[6], 'KEEPTTL')
-  redis.call('ZADD', I, 0, m)
+  counted(I, redis.call('ZADD', I, 0, m), 0)
 elseif px == '' then
   redis.call('SET', D, ARGV[6])
-  redis.call('ZADD', I, 0, m)
-  redis.call('ZREM', X, m)
+  local dn = redis.call('ZADD', I, 0, m)
+  counted(I, dn, -redis.call('ZREM', X, m))
 else
   local at = now_ms() + tonumber(px)
   redis.call('SET', D, ARGV[6], 'PXAT', string.format('%d', at))
-  redis.call('ZADD', X, at, m)
-  redis.call('ZADD', I, 0, m)
+  local de = redis.call('ZADD', X, at, m)
+  counted(I, redis.call('ZADD', I, 0, m), de)
 end
 return {2}
 """,
@@ -174,6 +202,7 @@ for b = 1, #KEYS / 2 do
   local np, nq = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
   local hasx = redis.call('EXISTS', X) == 1
+  local dn, de = 0, 0
   if np > 0 then
     local mset, zadd, ms = {}, {}, {}
     for i = 0, np - 1 do
@@ -186,8 +215,8 @@ for b = 1, #KEYS / 2 do
     end
     a = a + 2 * np
     sliced('MSET', false, mset)
-    sliced('ZADD', I, zadd)
-    if hasx then sliced('ZREM', X, ms) end
+    dn = dn + sliced('ZADD', I, zadd)
+    if hasx then de = de - sliced('ZREM', X, ms) end
   end
   if nq > 0 then
     local gone, dkeys = {}, {}
@@ -199,18 +228,19 @@ for b = 1, #KEYS / 2 do
       else
         local at = now + tonumber(px)
         redis.call('SET', base .. m, v, 'PXAT', string.format('%d', at))
-        redis.call('ZADD', X, at, m)
-        redis.call('ZADD', I, 0, m)
+        de = de + redis.call('ZADD', X, at, m)
+        dn = dn + redis.call('ZADD', I, 0, m)
         hasx = true
       end
     end
     a = a + 3 * nq
     if #gone > 0 then
       sliced('DEL', false, dkeys)
-      sliced('ZREM', I, gone)
-      if hasx then sliced('ZREM', X, gone) end
+      dn = dn - sliced('ZREM', I, gone)
+      if hasx then de = de - sliced('ZREM', X, gone) end
     end
   end
+  counted(I, dn, de)
   if hasx then prune(I, X, now) end
 end
 return 1
@@ -310,8 +340,8 @@ for i = 1, #KEYS, 2 do
     local ks = {}
     for j = 1, #ms do ks[j] = base .. ms[j] end
     redis.call('DEL', unpack(ks))
-    redis.call('ZREM', I, unpack(ms))
-    redis.call('ZREM', X, unpack(ms))
+    local dn = redis.call('ZREM', I, unpack(ms))
+    counted(I, -dn, -redis.call('ZREM', X, unpack(ms)))
     removed = removed + #ms
   end
 end
@@ -330,8 +360,8 @@ for i = 1, #KEYS, 2 do
   while true do
     local dead = redis.call('ZRANGEBYSCORE', X, '-inf', '(' .. now, 'LIMIT', 0, 1000)
     if #dead == 0 then break end
-    redis.call('ZREM', X, unpack(dead))
-    redis.call('ZREM', I, unpack(dead))
+    local de = redis.call('ZREM', X, unpack(dead))
+    counted(I, -redis.call('ZREM', I, unpack(dead)), -de)
     n = n + #dead
   end
 end

@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 from .. import _redis_lua as lua
 from .._redis import Call, RedisStore, iter_args, iter_next, iter_rows
 from .._redis_client import backoff_delay, classify, client_settings
+from .._redis_layout import count_of
 from .._store import Op
 from ..errors import MappingStoreError
 
@@ -113,8 +114,15 @@ class NativeRedis:
         return bool(await self._run("EXISTS", False, lambda: self._client.exists(dkey)))
 
     async def count(self, ns: str) -> int:
-        flat = self._store._layout(ns).flat
-        return int(await self._eval((lua.COUNT, flat, []), write=False))
+        lay = self._store._layout(ns)
+        if not self._store._cluster:
+            # As the sync store: one MGET of the bucket counters the write scripts keep;
+            # the COUNT script only when some key of the namespace has an expiry.
+            counters = lay.counters
+            n = count_of(await self._run("MGET", False, lambda: self._client.mget(counters)))
+            if n is not None:
+                return n
+        return int(await self._eval((lua.COUNT, lay.flat, []), write=False))
 
     async def get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
