@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, ClassVar
 
+from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_url
 from .errors import (
@@ -58,9 +59,14 @@ _LIVE = "(expires IS NULL OR expires > ?3)"
 # common item without a TTL.
 _GET = f"SELECT value, expires FROM {TABLE} WHERE ns = ? AND key = ?"
 _CONTAINS = f"SELECT expires FROM {TABLE} WHERE ns = ? AND key = ?"
-# Columns in the order of an Op (ns, key, data, expires): executemany() takes Ops as they
-# are, without building a tuple per row.
+# Columns in the order of an Op (ns, key, data, expires). sqlite3 binds int, float, str and
+# bytearray parameters directly, but sends None and bytes through its adapter registry
+# (a failed attribute lookup that builds an exception, about 0.3 us each on CPython 3.11):
+# a record without expiry is written with a NULL literal, and a small value is bound as a
+# bytearray (copying up to _COPY_MAX bytes costs less than that lookup).
 _PUT = f"INSERT OR REPLACE INTO {TABLE} (ns, key, value, expires) VALUES (?, ?, ?, ?)"
+_PUT_FOREVER = f"INSERT OR REPLACE INTO {TABLE} (ns, key, value, expires) VALUES (?, ?, ?, NULL)"
+_COPY_MAX = 16384
 # Deletes only a live record, so the row count says whether one existed; an expired row
 # stays (invisible) until it is overwritten or purge_expired() runs.
 _DELETE_LIVE = f"DELETE FROM {TABLE} WHERE ns = ?1 AND key = ?2 AND {_LIVE}"
@@ -140,11 +146,21 @@ class _ForkGate:
     The write path takes no lock: each thread counts its own writes (a write first
     counts itself, then looks at ``forking``; a fork first sets ``forking``, then sums
     the counts, so one of the two always sees the other).
+
+    Closing a connection is held back the same way (:meth:`close`): it frees memory
+    under SQLite's allocator mutex, and a child forked meanwhile inherits that mutex
+    locked and hangs at its first SQLite call. A thread's connection is closed when the
+    thread ends, so this happened whenever a thread that had used the store ended as
+    another forked (``tests/torture/test_fork_safety.py``).
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        # Reentrant: a connection's finalizer may run (and close it) in a thread that
+        # already holds the lock, the forking thread included.
+        self.cond = threading.Condition(threading.RLock())
         self.forking = False
+        self.forker: int | None = None
+        self.closing = 0  # connections being closed
         self.local = threading.local()
         self.threads: weakref.WeakSet[_ThreadWrites] = weakref.WeakSet()
 
@@ -182,13 +198,32 @@ class _ForkGate:
             with self.cond:
                 self.cond.notify_all()
 
+    def close(self, conn: sqlite3.Connection) -> None:
+        """Close *conn*, holding ``fork()`` back meanwhile (see the class docstring).
+
+        Counted in one shared number, not per thread: this runs as a finalizer, also
+        while a thread is ending, when its thread-local state may already be gone.
+        """
+        me = threading.get_ident()
+        with self.cond:
+            while self.forking and self.forker != me:
+                self.cond.wait()
+            self.closing += 1
+        try:
+            conn.close()
+        finally:
+            with self.cond:
+                self.closing -= 1
+                self.cond.notify_all()
+
     def before_fork(self) -> None:
         # The forking thread's own open transaction cannot end while it forks: not waited.
         mine = self._mine()
         deadline = time.monotonic() + _FORK_WAIT
         with self.cond:
             self.forking = True
-            while sum(w.active for w in self.threads) > mine.active:
+            self.forker = threading.get_ident()
+            while self.closing or sum(w.active for w in self.threads) > mine.active:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -197,6 +232,7 @@ class _ForkGate:
     def after_fork_in_parent(self) -> None:
         with self.cond:
             self.forking = False
+            self.forker = None
             self.cond.notify_all()
 
     def after_fork_in_child(self) -> None:
@@ -252,6 +288,16 @@ def _prefix_end(prefix: str) -> str | None:
     return None
 
 
+_NS, _KEY, _DATA = itemgetter(0), itemgetter(1), itemgetter(2)
+_DELETE_KIND, _FOREVER_KIND, _PUT_KIND = 0, 1, 2
+
+
+def _op_kind(op: Op) -> int:
+    if op.data is None:
+        return _DELETE_KIND
+    return _FOREVER_KIND if op.expires is None else _PUT_KIND
+
+
 def _float_option(text: str) -> float:
     try:
         return float(text)
@@ -275,7 +321,7 @@ class _Conn:
         self.depth = 0
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
-        self.finalizer = weakref.finalize(self, conn.close)
+        self.finalizer = weakref.finalize(self, _GATE.close, conn)
         # Not at interpreter exit: the main thread would close connections that daemon
         # threads are still writing with (tracebacks, or a segfault mid-statement). The
         # OS closes the descriptor, and every acknowledged write is already committed.
@@ -322,6 +368,7 @@ class SQLiteStore(Store):
         "the file (synchronous=FULL: survives power loss too)"
     )
     shared_across_processes: ClassVar[bool] = True
+    _fast = False  # until __init__ has finished: see there
 
     def __init__(
         self,
@@ -348,6 +395,11 @@ class SQLiteStore(Store):
             self.close()
             raise
         self._start()
+        # The common write (a plain value without TTL, no dot names, writable) takes an
+        # inlined path in __setitem__, in and out of a batch (bench/bench_core.py).
+        self._fast = not (
+            self._dot or self._readonly or self._encrypt_default or self._default_ttl is not None
+        )
 
     # -- opening ------------------------------------------------------------------------
 
@@ -739,13 +791,36 @@ class SQLiteStore(Store):
         return self._stream(sql, params, column)
 
     def _stream(self, sql: str, params: tuple[Any, ...], column: int | None) -> Iterator[Any]:
+        if column is None:  # whole rows, one at a time: values may be large
+            return self._stream_rows(sql, params)
+        # One column (keys): chain() steps through each page in C, with no Python frame
+        # per key. The pages grow from one row, so bool(store) or next(iter(store))
+        # still reads a single row.
+        return itertools.chain.from_iterable(self._column_pages(sql, params, column))
+
+    def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[Any]:
+        with self._reading(sql, params) as cursor:
+            yield from cursor  # C-level iteration
+
+    def _column_pages(
+        self, sql: str, params: tuple[Any, ...], column: int
+    ) -> Iterator[Iterator[Any]]:
+        with self._reading(sql, params) as cursor:
+            pick = itemgetter(column)
+            size = 1
+            while rows := cursor.fetchmany(size):
+                yield map(pick, rows)
+                size = min(size * 8, _FETCH)
+
+    @contextlib.contextmanager
+    def _reading(self, sql: str, params: tuple[Any, ...]) -> Iterator[sqlite3.Cursor]:
+        """A cursor over *sql* on a pooled reader connection, returned to the pool at the end."""
         reader = self._take_reader()
         cursor: sqlite3.Cursor | None = None
         try:
             try:
                 cursor = reader.conn.execute(sql, params)
-                # C-level iteration: no Python frame per row.
-                yield from cursor if column is None else map(itemgetter(column), cursor)
+                yield cursor
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
         finally:
@@ -810,6 +885,20 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
+    def __setitem__(self, key: str, value: Any) -> None:
+        # docstring inherited. Store.set() inlined for the common write; an ASCII key needs
+        # no further check. Anything else (and every error) takes the general path.
+        if self._fast and type(key) is str and key and key.isascii() and not self._closed:
+            data = wrap_plain(pack(value))
+            if self._nbatch:  # Store._rput() inlined: a batch of many sets runs this per item
+                batch = getattr(self._tls, "batch", None)
+                if batch is not None:
+                    batch.ops[(self._ns, key)] = (data, None)
+                    return
+            self._put(self._ns, key, data, None)
+            return
+        self.set(key, value)
+
     def _get_record(self, ns: str, key: str) -> Record | None:
         row = self._point(_GET, ns, key)
         if row is None or (row[1] is not None and row[1] <= self._clock()):
@@ -839,13 +928,19 @@ class SQLiteStore(Store):
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
         lock = self._memlock
+        value: bytes | bytearray = bytearray(data) if len(data) <= _COPY_MAX else data
+        params: tuple[Any, ...]
+        if expires is None:
+            sql, params = _PUT_FOREVER, (ns, key, value)
+        else:
+            sql, params = _PUT, (ns, key, value, expires)
         _GATE.enter()
         try:
             if lock is None:
-                self._cursor().execute(_PUT, (ns, key, data, expires))
+                self._cursor().execute(sql, params)
             else:
                 with lock:
-                    self._cursor().execute(_PUT, (ns, key, data, expires))
+                    self._cursor().execute(sql, params)
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         finally:
@@ -878,6 +973,21 @@ class SQLiteStore(Store):
         if self._nbatch or self._dot or self._closed:
             return super().__iter__()
         return self._iter_keys(self._ns, "")
+
+    def _iter_pairs(self) -> Iterator[tuple[str, Any]]:
+        # docstring inherited. Outside a batch, decode straight from the stream: two
+        # generator layers and a call less per item (items() is measured in bench_core).
+        if self._nbatch or self._dot or self._closed:
+            return super()._iter_pairs()
+        return self._decoded_items(self._ns)
+
+    def _decoded_items(self, ns: str) -> Iterator[tuple[str, Any]]:
+        decode = self._decode
+        for key, data in self._iter_items(ns, ""):
+            if data[:2] == PLAIN_HEADER:
+                yield key, decode_plain(data)
+            else:
+                yield key, decode(ns, key, data)
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         sql, params = self._select("key", ns, prefix)
@@ -921,15 +1031,23 @@ class SQLiteStore(Store):
             return
         with self._exclusive():
             conn = self._conn()
-            if not [op for op in ops if op.data is None]:  # the common batch: only writes
-                conn.executemany(_PUT, ops)
+            # The common batch, only writes without expiry, as one executemany fed from C
+            # (no Python call per row; see _PUT for the bytearray copy).
+            if not [op for op in ops if op.data is None or op.expires is not None]:
+                data: Iterator[bytes | bytearray] = map(_DATA, ops)
+                if max(map(len, map(_DATA, ops))) <= _COPY_MAX:
+                    data = map(bytearray, data)
+                rows = zip(map(_NS, ops), map(_KEY, ops), data, strict=True)
+                conn.executemany(_PUT_FOREVER, rows)
                 return
-            # Consecutive puts and deletes go in one executemany each, in order.
-            for is_put, group in itertools.groupby(ops, key=lambda op: op.data is not None):
-                if is_put:
+            # Consecutive ops of one kind go in one executemany each, in order.
+            for kind, group in itertools.groupby(ops, key=_op_kind):
+                if kind == _PUT_KIND:
                     conn.executemany(_PUT, group)
+                elif kind == _FOREVER_KIND:
+                    conn.executemany(_PUT_FOREVER, [op[:3] for op in group])
                 else:
-                    conn.executemany(_DELETE, [(op.ns, op.key) for op in group])
+                    conn.executemany(_DELETE, [op[:2] for op in group])
 
     def _clear(self, ns: str) -> None:
         self._write(_CLEAR, (ns,))

@@ -48,6 +48,8 @@ from collections.abc import (
     Sequence,
     ValuesView,
 )
+from itertools import repeat
+from operator import add
 from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from . import _crypto
@@ -933,7 +935,10 @@ class Store(MutableMapping[str, Any]):
         self._end_batch()
         if batch.ops:
             self._check_open()
-            self._apply([Op(ns, k, d, e) for (ns, k), (d, e) in batch.ops.items()])
+            # Each Op is (ns, key) + (data, expires), built in C: Op(...) runs the Python
+            # __new__ of a NamedTuple, about 100 ns more per op (a batch may hold many).
+            ops = batch.ops
+            self._apply(list(map(tuple.__new__, repeat(Op), map(add, ops.keys(), ops.values()))))
 
     def _end_batch(self) -> None:
         self._tls.batch = None
