@@ -316,9 +316,12 @@ def unpack_slice(payload: bytes, start: int, stop: int) -> list[Any]:
 _CRC_AT_2 = struct.Struct(">I").unpack_from
 
 
+_HEADER_CRC = struct.Struct(">2sI").pack
+
+
 def wrap_plain(payload: bytes) -> bytes:
     """Frame a plain msgpack payload as a checked record."""
-    return PLAIN_HEADER + zlib.crc32(payload).to_bytes(4, "big") + payload
+    return _HEADER_CRC(PLAIN_HEADER, zlib.crc32(payload)) + payload
 
 
 def decode_plain(record: bytes) -> Any:
@@ -327,8 +330,10 @@ def decode_plain(record: bytes) -> Any:
     # One slice and an int compare: this is every plain read's path.
     if len(record) < 7 or zlib.crc32(payload) != _CRC_AT_2(record, 2)[0]:
         raise CorruptValueError("stored value is damaged: checksum mismatch")
-    try:  # unpack() inlined: this is every plain read's path
-        return _unpackb(payload)
+    try:  # unpack() and _unpackb() inlined: this is every plain read's path
+        return msgpack.unpackb(
+            payload, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True
+        )
     except _DECODE_ERRORS as exc:
         raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
 
