@@ -140,49 +140,45 @@ def _test_url(name: str, example: str, token: str) -> str:
     options = dict(urllib.parse.parse_qsl(base.query))
     options.update(urllib.parse.parse_qsl(urllib.parse.urlsplit(example).query))
     if name == "postgres":
-        options["table"] = f"docs_{options.get('table', 'mappingstore')}_{token}"[:63]
+        options["table"] = f"docs_{token}_{options.get('table', 'mappingstore')}"[:63]
         if "schema" in options:
-            options["schema"] = f"docs_{options['schema']}_{token}"[:63]
+            options["schema"] = f"docs_{token}_{options['schema']}"[:63]
+    else:
+        options["prefix"] = f"docs{token}.{options.get('prefix', 'ms')}"[:64]
     return urllib.parse.urlunsplit(base._replace(query=urllib.parse.urlencode(options)))
 
 
 @contextlib.contextmanager
-def _server_cleanup(names: set[str]) -> Iterator[None]:
-    """Remove what a page's examples created on the test servers: keys, tables, schemas.
-
-    The suite runs tests one at a time, so everything new on the server is the page's.
-    """
-    if "redis" not in names and "postgres" not in names:
+def _server_cleanup(names: set[str], token: str) -> Iterator[None]:
+    """Remove what a page's examples created on the test servers: the Redis keys under
+    the page's prefix, the PostgreSQL tables and schemas named with its *token* (see
+    :func:`_test_url`). Nothing else is touched, so other test runs may share the
+    servers."""
+    try:
         yield
-        return
-    with contextlib.ExitStack() as stack:
+    finally:
         if "redis" in names:
             import redis
 
-            client = stack.enter_context(redis.Redis.from_url(servers.REDIS_URL))
-            keys_before = set(client.scan_iter(count=1000))
+            with redis.Redis.from_url(servers.REDIS_URL) as client:
+                keys = list(client.scan_iter(match=f"docs{token}.*".encode(), count=1000))
+                for i in range(0, len(keys), 500):
+                    client.delete(*keys[i : i + 500])
         if "postgres" in names:
             import psycopg
+            from psycopg import sql
 
-            conn = stack.enter_context(psycopg.connect(servers.POSTGRES_URL, autocommit=True))
-            schemas_before, tables_before = _pg_objects(conn)
-        try:
-            yield
-        finally:
-            if "redis" in names:
-                new_keys = set(client.scan_iter(count=1000)) - keys_before
-                if new_keys:
-                    client.delete(*new_keys)
-            if "postgres" in names:
-                from psycopg import sql
-
+            with psycopg.connect(servers.POSTGRES_URL, autocommit=True) as conn:
                 schemas, tables = _pg_objects(conn)
-                for schema, table in sorted(tables - tables_before):
-                    drop = sql.SQL("DROP TABLE IF EXISTS {}.{} CASCADE")
-                    conn.execute(drop.format(sql.Identifier(schema), sql.Identifier(table)))
-                for schema in sorted(schemas - schemas_before):
-                    drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                    conn.execute(drop.format(sql.Identifier(schema)))
+                mine = f"docs_{token}_"
+                for schema, table in sorted(tables):
+                    if table.startswith(mine) or schema.startswith(mine):
+                        drop = sql.SQL("DROP TABLE IF EXISTS {}.{} CASCADE")
+                        conn.execute(drop.format(sql.Identifier(schema), sql.Identifier(table)))
+                for schema in sorted(schemas):
+                    if schema.startswith(mine):
+                        drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                        conn.execute(drop.format(sql.Identifier(schema)))
 
 
 def _pg_objects(conn: Any) -> tuple[set[str], set[tuple[str, str]]]:
@@ -253,7 +249,7 @@ def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         _server_ready(name)
     token = uuid.uuid4().hex[:8]
     try:
-        with _server_cleanup(needs):
+        with _server_cleanup(needs, token):
             try:
                 for block in blocks:
                     _run_block(block, namespace, token)
@@ -306,9 +302,40 @@ def test_server_blocks_get_the_test_servers_urls(tmp_path: Path) -> None:
     namespace: dict[str, Any] = {}
     for block in blocks_of(page):
         _run_block(block, namespace, "tok")
-    assert namespace["r"] == servers.REDIS_URL + "?namespace=x"
-    assert namespace["p"] == servers.POSTGRES_URL + "?table=docs_kv_tok"
-    assert namespace["q"] == servers.POSTGRES_URL + "?table=docs_mappingstore_tok"
+    assert namespace["r"] == servers.REDIS_URL + "?namespace=x&prefix=docstok.ms"
+    assert namespace["p"] == servers.POSTGRES_URL + "?table=docs_tok_kv"
+    assert namespace["q"] == servers.POSTGRES_URL + "?table=docs_tok_mappingstore"
+
+
+def test_cleanup_removes_only_what_the_page_made() -> None:
+    """Other test runs may share the servers: the clean-up after a page removes the keys
+    and tables named with the page's token, never what appeared meanwhile elsewhere (it
+    once deleted every key created on the server while a page ran)."""
+    _server_ready("redis")
+    _server_ready("postgres")
+    import psycopg
+    import redis
+    from psycopg import sql
+
+    token, other = uuid.uuid4().hex[:8], f"other{uuid.uuid4().hex[:8]}"
+    with (
+        redis.Redis.from_url(servers.REDIS_URL) as client,
+        psycopg.connect(servers.POSTGRES_URL, autocommit=True) as conn,
+    ):
+        try:
+            with _server_cleanup({"redis", "postgres"}, token):
+                client.set(f"docs{token}.ms:k", 1)
+                client.set(f"{other}:k", 1)  # another run's key, written meanwhile
+                for table in (f"docs_{token}_kv", other):
+                    conn.execute(sql.SQL("CREATE TABLE {} (k int)").format(sql.Identifier(table)))
+            assert client.exists(f"docs{token}.ms:k") == 0
+            assert client.exists(f"{other}:k") == 1
+            _, tables = _pg_objects(conn)
+            names = {table for _, table in tables}
+            assert f"docs_{token}_kv" not in names and other in names
+        finally:
+            client.delete(f"{other}:k")
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(other)))
 
 
 def test_every_docs_page_was_collected() -> None:
