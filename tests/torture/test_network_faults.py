@@ -295,8 +295,13 @@ def report(
     verdict: Verdict,
     recovery: dict[str, list[float]],
     faults: dict[str, int],
+    hits: int | None = None,
 ) -> None:
-    """Record the figures, then assert every promise (figures first: they help debugging)."""
+    """Record the figures, then assert every promise (figures first: they help debugging).
+
+    *hits*: how many faults are known to have struck work in flight, where a struck write
+    may rightly succeed (a retry that was safe): then the check that the faults reached
+    the workload counts those instead of the failures."""
     worst = max((max(times) for times in recovery.values() if times), default=0.0)
     figure("writes attempted", verdict.attempted, backend=backend, **faults)
     figure("writes acknowledged", verdict.acknowledged, backend=backend)
@@ -323,7 +328,7 @@ def report(
     assert verdict.unexpected_keys == 0
     assert worst < RECOVERY_BOUND, {k: max(v) for k, v in recovery.items() if v}
     # The faults must actually have hit the workload, or the test proves nothing.
-    assert sum(verdict.failures.values()) > 0
+    assert (hits if hits is not None else sum(verdict.failures.values())) > 0
     assert verdict.acknowledged > verdict.attempted // 2
 
 
@@ -480,6 +485,10 @@ def test_postgres_backends_terminated_during_writes(
             "of busy sessions": faults["terminate busy"],
             "sessions terminated": faults["sessions terminated"],
         },
+        # A session terminated while running a statement or inside a transaction struck
+        # a write in flight; the store retries it when that is safe (nothing was
+        # committed), so every struck write may well succeed.
+        hits=faults["terminate busy"],
     )
 
 
