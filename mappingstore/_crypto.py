@@ -57,18 +57,22 @@ except ImportError:  # pragma: no cover - a PyNaCl that moved its cffi module
 
 
 def _aead_encrypt(plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+    """``nonce || ciphertext || tag``, built in one buffer."""
     if _lib is None:  # pragma: no cover
-        return bytes(
+        return nonce + bytes(
             nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
         )
-    out = _ffi.new("unsigned char[]", len(plaintext) + _TAG_SIZE)
-    out_len = _ffi.new("unsigned long long *")
+    size = len(plaintext) + _TAG_SIZE
+    out = _ffi.new("unsigned char[]", _NONCE_SIZE + size)
+    _ffi.memmove(out, nonce, _NONCE_SIZE)
+    # The ciphertext length is always the plaintext's + the tag's: no length out-parameter.
     rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        out, out_len, plaintext, len(plaintext), aad, len(aad), _ffi.NULL, nonce, key
-    )
+        out + _NONCE_SIZE, _ffi.NULL, plaintext, len(plaintext), aad, len(aad), _ffi.NULL,
+        nonce, key,
+    )  # fmt: skip
     if rc != 0:  # pragma: no cover - libsodium does not fail here for valid sizes
         raise nacl.exceptions.CryptoError("encryption failed")
-    return bytes(_ffi.buffer(out, out_len[0]))
+    return bytes(_ffi.buffer(out, _NONCE_SIZE + size))
 
 
 def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
@@ -76,14 +80,14 @@ def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> by
         return bytes(
             nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
         )
-    out = _ffi.new("unsigned char[]", max(len(ciphertext) - _TAG_SIZE, 1))
-    out_len = _ffi.new("unsigned long long *")
+    size = len(ciphertext) - _TAG_SIZE  # the caller checked it is >= 0
+    out = _ffi.new("unsigned char[]", max(size, 1))
     rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        out, out_len, _ffi.NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key
+        out, _ffi.NULL, _ffi.NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key
     )
     if rc != 0:
         raise nacl.exceptions.CryptoError("authentication failed")
-    return bytes(_ffi.buffer(out, out_len[0]))
+    return bytes(_ffi.buffer(out, size))
 
 
 class Cipher:
@@ -97,8 +101,7 @@ class Cipher:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         """Return ``nonce || ciphertext || tag``; a fresh random nonce every call."""
-        nonce = os.urandom(_NONCE_SIZE)
-        return nonce + _aead_encrypt(plaintext, aad, nonce, self._key)
+        return _aead_encrypt(plaintext, aad, os.urandom(_NONCE_SIZE), self._key)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         """Authenticate and decrypt; any failure raises :class:`IntegrityError`."""
