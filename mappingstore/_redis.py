@@ -41,11 +41,19 @@ from .errors import (
 
 __all__ = ["RedisStore"]
 
-_pack_command: Callable[[tuple[Any, ...]], bytes] | None
-try:  # redis-py's own packer wraps this in per-argument Python checks: ~0.3 us each
-    from hiredis import pack_command as _pack_command
-except ImportError:  # pragma: no cover - hiredis is optional
-    _pack_command = None
+
+def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis's command packer (redis-py's own wraps it in per-argument Python checks:
+    ~0.3 us each), or ``None`` without hiredis (the ``redis`` extra installs it)."""
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - a redis-py installed without the extra
+        return None
+    packer: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+    return packer
+
+
+_pack_command = _hiredis_packer()
 
 T = TypeVar("T")
 _MAX_PX = 10**15  # ~31,700 years: beyond this Redis rejects the expiry time

@@ -616,3 +616,33 @@ def test_cluster_error_after_a_sent_write_is_unknown() -> None:
     assert classify(exc, write=False, what="op").retry
     exc.__context__ = redis.ConnectionError("Error 111 connecting to 127.0.0.1:7000.")
     assert classify(exc, write=True, what="op").retry  # nothing was sent
+
+
+@pytest.mark.parametrize("hiredis", [True, False], ids=["hiredis", "redis-py packer"])
+def test_direct_commands_with_and_without_hiredis(
+    prefix: str, monkeypatch: pytest.MonkeyPatch, hiredis: bool
+) -> None:
+    """The store's own client sends its hot commands straight onto a pooled connection,
+    packed by hiredis when it is installed and by redis-py's own packer otherwise: both
+    give the same results, errors included, and leave the connection usable."""
+    from mappingstore import _redis
+
+    if not hiredis:
+        monkeypatch.setattr(_redis, "_pack_command", None)
+    elif _redis._pack_command is None:
+        pytest.skip("hiredis is not installed")
+    with RedisStore(REDIS_URL, prefix=prefix) as store:
+        store["a"] = {"v": 1}
+        store.set("t", "x", ttl=60)
+        assert store["a"] == {"v": 1} and "a" in store and "zz" not in store
+        assert store.get_many(["a", "zz", "t"]) == {"a": {"v": 1}, "t": "x"}
+        assert len(store) == 2 and sorted(store) == ["a", "t"]
+        del store["t"]
+        assert len(store) == 1
+        assert store.modify("n", lambda v: v + 1, default=0) == 1
+        with pytest.raises(KeyError):
+            store["zz"]
+        assert store._pool is not None  # the direct path was taken, not execute_command
+        store.client.script_flush()  # NOSCRIPT on the next EVALSHA: EVAL, then cached
+        store["b"] = 2
+        assert dict(store) == {"a": {"v": 1}, "n": 1, "b": 2}
