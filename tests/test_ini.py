@@ -376,18 +376,24 @@ def count_writes(store: IniStore) -> list[int]:
     return calls
 
 
-def test_parsed_once_and_reloaded_only_when_the_file_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "r.ini"
-    parses = [0]
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[n]``: how many times an INI file has been parsed since the test started."""
+    count = [0]
     real = _Doc.parse.__func__  # type: ignore[attr-defined]
 
     def counting(cls: type[_Doc], text: str) -> _Doc:
-        parses[0] += 1
+        count[0] += 1
         return real(cls, text)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(_Doc, "parse", classmethod(counting))
+    return count
+
+
+def test_parsed_once_and_reloaded_only_when_the_file_changes(
+    tmp_path: Path, parses: list[int]
+) -> None:
+    path = tmp_path / "r.ini"
     with IniStore(path) as a, IniStore(path, namespace="other") as b:
         a.update({f"k{i}": i for i in range(1000)})
         parses[0] = 0
@@ -463,17 +469,7 @@ def test_last_close_releases_the_parsed_file(tmp_path: Path) -> None:
         assert d["k"] == 3
 
 
-def test_reopening_an_unchanged_file_parses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    parses = [0]
-    real = _Doc.parse.__func__  # type: ignore[attr-defined]
-
-    def counting(cls: type[_Doc], text: str) -> _Doc:
-        parses[0] += 1
-        return real(cls, text)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(_Doc, "parse", classmethod(counting))
+def test_reopening_an_unchanged_file_parses_nothing(tmp_path: Path, parses: list[int]) -> None:
     paths = [tmp_path / f"f{i}.ini" for i in range(6)]
     for i, path in enumerate(paths):
         with IniStore(path, durable=False) as store:
@@ -646,19 +642,11 @@ class TestIniConformance(StoreTests):
 
 
 def test_a_key_the_changed_file_cannot_hold_is_missing_without_a_parse(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, parses: list[int]
 ) -> None:
     """After another process's write, looking up a key whose last name part is nowhere
     in the file (and with no ``%`` escape in it) needs no parse; every other lookup
     parses, so a key spelled by hand in any form INI allows is still found."""
-    parses = [0]
-    real = _Doc.parse.__func__  # type: ignore[attr-defined]
-
-    def counting(cls: type[_Doc], text: str) -> _Doc:
-        parses[0] += 1
-        return real(cls, text)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(_Doc, "parse", classmethod(counting))
     path = tmp_path / "probe.ini"
     with IniStore(path) as store:
         store.update({f"key{i}": i for i in range(10)})
