@@ -512,7 +512,10 @@ class _Shared:
 
     def release(self) -> None:
         cls = type(self)
-        with cls._guard, self.mem:
+        # ``mem`` first: a thread inside a write of this file (holding ``mem``) may open
+        # or close a store (taking ``_guard``); waiting for ``mem`` while holding
+        # ``_guard`` would deadlock with it.
+        with self.mem, cls._guard:
             self.users -= 1
             if self.users > 0:
                 return
