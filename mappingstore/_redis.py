@@ -324,9 +324,18 @@ class RedisStore(Store):
             else:
                 conn.send_packed_command((packed,))
             return conn.read_response()
-        finally:
+        except rex.ResponseError:
+            raise  # an error reply (NOSCRIPT...): read in full, the connection is in step
+        except BaseException:
             # A failed send or read has already disconnected the connection (redis-py's
-            # Connection does so itself), so the pool reconnects it before reuse.
+            # Connection does so itself), but an exception raised between the send and
+            # the read (a signal handler's: KeyboardInterrupt, a timeout alarm) has not:
+            # the reply would still be on its way, and the next command on this
+            # connection would read it as its own. Drop the connection: the pool
+            # reconnects it before reuse.
+            conn.disconnect()
+            raise
+        finally:
             pool.release(conn)
 
     def _evalsha(self, script: lua.Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
