@@ -531,12 +531,22 @@ class _Shared:
                     total -= size
             self.pin, self.sig, self.digest, self.doc = -1, None, None, _Doc()
 
-    def set(self, doc: _Doc, sig: tuple[int, ...], fd: int, data: bytes | None) -> None:
-        """Make *doc* (parsed from or written as *data*) the current document."""
+    def set(
+        self,
+        doc: _Doc,
+        sig: tuple[int, ...],
+        fd: int,
+        data: bytes | None,
+        digest: bytes | None = None,
+    ) -> None:
+        """Make *doc* (parsed from or written as *data*, whose digest the caller may
+        already have) the current document."""
         if self.pin >= 0:
             os.close(self.pin)
         self.doc, self.sig, self.pin = doc, sig, fd
-        self.digest = None if data is None else _digest(data)
+        if digest is None and data is not None:
+            digest = _digest(data)
+        self.digest = digest
         self.size = 0 if data is None else len(data)
 
 
@@ -714,13 +724,14 @@ class IniStore(Store):
                     break
                 chunks.append(chunk)
             data = b"".join(chunks)
-            text = data.decode("utf-8")
-            if probe is not None and _absent(probe, text):
-                os.close(fd)
-                return None
-            if shared.digest is not None and shared.digest == _digest(data):
+            digest = _digest(data)
+            if digest == shared.digest:
                 doc = shared.doc  # the bytes of the document we have: no need to parse
             else:
+                text = data.decode("utf-8")
+                if probe is not None and _absent(probe, text):
+                    os.close(fd)
+                    return None
                 doc = _Doc.parse(text)
         except BaseException as exc:
             os.close(fd)
@@ -730,7 +741,7 @@ class IniStore(Store):
                 raise BackendError(f"cannot read {self._file!r}: {exc}") from exc
             raise
         sig = (st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        shared.set(doc, sig, fd, data)
+        shared.set(doc, sig, fd, data, digest)
         return doc
 
     def _write(self, doc: _Doc) -> None:
