@@ -30,7 +30,7 @@ from mappingstore.errors import (
     UnknownSchemeError,
     WrongPasswordError,
 )
-from tests.servers import POSTGRES_URL, REDIS_URL, unavailable
+from tests.servers import POSTGRES_URL, REDIS_URL, drop_redis_keys, redis_client, unavailable
 
 BACKENDS = ["memory", "sqlite", "dir", "ini", "redis", "postgres"]
 
@@ -72,19 +72,11 @@ class Backend:
 
 
 def _redis_cleanup(run: str) -> Iterator[None]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        unavailable(f"Redis at {REDIS_URL}", exc)
+    client = redis_client()
     try:
         yield
     finally:
-        names = list(client.scan_iter(match=run.encode() + b"*", count=1000))
-        if names:
-            client.delete(*names)
+        drop_redis_keys(client, run)
         client.close()
 
 

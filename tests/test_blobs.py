@@ -27,7 +27,7 @@ from mappingstore.errors import (
     OptionTypeError,
     ReadOnlyError,
 )
-from tests.servers import POSTGRES_URL, REDIS_URL, unavailable
+from tests.servers import POSTGRES_URL, REDIS_URL, drop_redis_keys, redis_client, unavailable
 
 MiB = 1 << 20
 Factory = Callable[..., Store]
@@ -35,21 +35,13 @@ BACKENDS = ["memory", "sqlite", "dir", "ini", "shm", "redis", "postgres"]
 
 
 def _redis_factory(stack: list[Callable[[], None]]) -> Factory:
-    redis = pytest.importorskip("redis")
+    client = redis_client(socket_timeout=10)  # skips (laptop) without redis-py
     from mappingstore import RedisStore
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        unavailable(f"Redis at {REDIS_URL}", exc)
     prefix = f"b{uuid.uuid4().hex[:12]}"
 
     def drop() -> None:
-        names = list(client.scan_iter(match=prefix.encode() + b"*", count=1000))
-        for i in range(0, len(names), 500):
-            client.delete(*names[i : i + 500])
+        drop_redis_keys(client, prefix)
         client.close()
 
     stack.append(drop)

@@ -161,9 +161,7 @@ def _server_cleanup(names: set[str], token: str) -> Iterator[None]:
             import redis
 
             with redis.Redis.from_url(servers.REDIS_URL) as client:
-                keys = list(client.scan_iter(match=f"docs{token}.*".encode(), count=1000))
-                for i in range(0, len(keys), 500):
-                    client.delete(*keys[i : i + 500])
+                servers.drop_redis_keys(client, f"docs{token}.")
         if "postgres" in names:
             import psycopg
             from psycopg import sql

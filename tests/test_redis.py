@@ -40,40 +40,19 @@ from mappingstore.errors import (
 )
 from mappingstore.testing import HOSTILE_NAMESPACE_PAIRS, StoreFactory, StoreTests
 from tests.redis_cluster import PrivateRedis, require_binaries
-from tests.servers import REDIS_URL, unavailable
+from tests.servers import REDIS_URL, drop_redis_keys, redis_client, unavailable
 
 redis = pytest.importorskip("redis")
 
 pytestmark = pytest.mark.redis
 
 
-def _server_ok() -> Any:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        unavailable(f"Redis at {REDIS_URL}", exc)
-    return client
-
-
 @pytest.fixture(scope="module")
 def raw() -> Iterator[Any]:
     """A plain redis-py client on the test database (ground truth, cleanup)."""
-    client = _server_ok()
+    client = redis_client()
     yield client
     client.close()
-
-
-def _drop_prefix(client: Any, prefix: str) -> None:
-    batch = []
-    for name in client.scan_iter(match=prefix.encode() + b"*", count=1000):
-        batch.append(name)
-        if len(batch) >= 500:
-            client.delete(*batch)
-            batch.clear()
-    if batch:
-        client.delete(*batch)
 
 
 @pytest.fixture
@@ -81,7 +60,7 @@ def prefix(raw: Any) -> Iterator[str]:
     """A key prefix of this test's own: an independent store on the shared server."""
     name = f"t{uuid.uuid4().hex[:12]}"
     yield name
-    _drop_prefix(raw, name)
+    drop_redis_keys(raw, name)
 
 
 @pytest.fixture
@@ -105,7 +84,7 @@ class TestRedis(StoreTests):
             return RedisStore(REDIS_URL, prefix=f"{run}-{name.encode().hex()}"[:64], **options)
 
         yield open_
-        _drop_prefix(raw, run)
+        drop_redis_keys(raw, run)
 
 
 # -- URLs, options, redaction ------------------------------------------------------------

@@ -27,7 +27,7 @@ from mappingstore import _redis_lua as lua
 from mappingstore._redis_layout import Layout, count_of
 from mappingstore.errors import MappingStoreError
 from tests.redis_cluster import PrivateRedis, require_binaries
-from tests.servers import REDIS_URL, unavailable
+from tests.servers import REDIS_URL, drop_redis_keys, redis_client
 
 redis = pytest.importorskip("redis")
 
@@ -39,12 +39,7 @@ LONG = 600.0  # a TTL that never runs out during a test
 
 @pytest.fixture(scope="module")
 def raw() -> Iterator[Any]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        unavailable(f"Redis at {REDIS_URL}", exc)
+    client = redis_client()
     yield client
     client.close()
 
@@ -53,9 +48,7 @@ def raw() -> Iterator[Any]:
 def prefix(raw: Any) -> Iterator[str]:
     name = f"d{uuid.uuid4().hex[:12]}"
     yield name
-    names = list(raw.scan_iter(match=name.encode() + b"*", count=1000))
-    for i in range(0, len(names), 500):
-        raw.delete(*names[i : i + 500])
+    drop_redis_keys(raw, name)
 
 
 def script_count(store: RedisStore) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import mappingstore
 from mappingstore import Store
-from tests.servers import POSTGRES_URL, REDIS_URL, unavailable
+from tests.servers import POSTGRES_URL, REDIS_URL, drop_redis_keys, unavailable
 
 #: Every persistent backend (the issue's list). Redis Cluster is a Redis deployment and is
 #: covered where a test says so.
@@ -76,9 +76,7 @@ class Target:
 
             client = redis.Redis.from_url(REDIS_URL)
             try:
-                names = list(client.scan_iter(match=self.name.encode() + b"*", count=1000))
-                for i in range(0, len(names), 500):
-                    client.delete(*names[i : i + 500])
+                drop_redis_keys(client, self.name)
             finally:
                 client.close()
         elif self.backend == "postgres":
