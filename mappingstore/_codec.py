@@ -178,30 +178,27 @@ def _unpackb_nested(data: bytes) -> Any:
     return _nest(_unpackb, data)
 
 
-_PACKER = threading.local()
-_UNSET: Any = object()
+# Idle Packers. msgpack.packb() builds a new Packer per call, which costs about as much as
+# packing a small value, so pack() reuses them (bench/bench_core.py). A pack takes one out
+# of the pool (list.pop and list.append are atomic) and puts it back when done: a call
+# that runs while another pack is busy (another thread, a finalizer or a value's own method
+# running during packing) gets another Packer, never the busy buffer. The pool holds at
+# most one Packer per concurrent pack. A Packer that raised is dropped.
+_PACKERS: list[msgpack.Packer] = []
 
 
 def pack(value: Any) -> bytes:
     """msgpack-encode *value*; unsupported types raise :class:`SerializationError`."""
-    # msgpack.packb() builds a new Packer per call, which costs about as much as packing a
-    # small value: reuse one Packer per thread (bench/bench_core.py). It is taken out while
-    # it packs, so a re-entrant call (a finalizer or a value's own method running during
-    # packing) uses a fresh one instead of writing into the busy buffer. A Packer empties
-    # its buffer when pack() raises, so a failed value leaves nothing behind.
-    packer = getattr(_PACKER, "packer", _UNSET)
     try:
-        if packer is None:
-            return _packb(value)
-        if packer is _UNSET:
-            packer = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
-        _PACKER.packer = None
         try:
-            return packer.pack(value)  # type: ignore[no-any-return]
-        finally:
-            _PACKER.packer = packer
+            packer = _PACKERS.pop()
+        except IndexError:
+            packer = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        data: bytes = packer.pack(value)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"cannot serialize value: {exc}") from exc
+    _PACKERS.append(packer)
+    return data
 
 
 def _tz(offset: int | None, zone: str | None, name: str | None) -> _dt.tzinfo | None:
@@ -265,7 +262,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _unpackb(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
+    # raw=False and use_list=True are msgpack's defaults (>= 1.0); spelling them out costs
+    # keyword parsing on every read.
+    return msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
 
 
 _DECODE_ERRORS = (
@@ -324,6 +323,14 @@ def wrap_plain(payload: bytes) -> bytes:
     return _HEADER_CRC(PLAIN_HEADER, zlib.crc32(payload)) + payload
 
 
+def unwrap_plain(record: bytes) -> bytes | None:
+    """The payload of a plain record whose checksum holds, else ``None``."""
+    if record[:2] != PLAIN_HEADER or len(record) < 7:
+        return None
+    payload = record[6:]
+    return payload if zlib.crc32(payload) == _CRC_AT_2(record, 2)[0] else None
+
+
 def decode_plain(record: bytes) -> Any:
     """Check and decode a plain record (the caller has already seen its header)."""
     payload = record[6:]
@@ -331,9 +338,7 @@ def decode_plain(record: bytes) -> Any:
     if len(record) < 7 or zlib.crc32(payload) != _CRC_AT_2(record, 2)[0]:
         raise CorruptValueError("stored value is damaged: checksum mismatch")
     try:  # unpack() and _unpackb() inlined: this is every plain read's path
-        return msgpack.unpackb(
-            payload, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True
-        )
+        return msgpack.unpackb(payload, ext_hook=_ext_hook, strict_map_key=False)
     except _DECODE_ERRORS as exc:
         raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
 

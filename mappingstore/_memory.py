@@ -4,15 +4,51 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
+
+import msgpack
 
 from . import _crypto
-from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
+from ._codec import _DECODE_ERRORS, _ext_hook, pack, unwrap_plain, wrap_plain
 from ._store import Op, Record, Store
 from ._url import parse_url
-from .errors import InvalidURLError
+from .errors import CorruptValueError, InvalidURLError
 
 __all__ = ["MemoryStore"]
+
+
+# What a memory store holds per key. A plain value is kept bare: its msgpack payload
+# without the record frame (header and CRC32), because the frame guards against damage on
+# a medium, and an immutable bytes object in this process has none. The common entry, a
+# bare payload without expiry, is that bytes object itself (one indirection less on every
+# read); any other is a tuple (body, expires, bare). The frame is added whenever a record
+# leaves the store (_get, _get_record, _iter_items: export, adapters, the generic paths),
+# so everything outside sees the ordinary checked record. A record that comes in through
+# _put is checked on entry: a plain record whose CRC holds is kept bare; anything else (an
+# encrypted record, or a damaged one, which then reads as damaged, as on every backend) is
+# kept framed.
+_Entry: TypeAlias = "bytes | tuple[bytes, float | None, bool]"
+
+
+def _entry(data: bytes, expires: float | None) -> _Entry:
+    payload = unwrap_plain(data)
+    if payload is None:
+        return (data, expires, False)
+    return payload if expires is None else (payload, expires, True)
+
+
+def _expires(entry: _Entry) -> float | None:
+    return entry[1] if isinstance(entry, tuple) else None
+
+
+def _framed(entry: _Entry) -> bytes:
+    if isinstance(entry, tuple):
+        return wrap_plain(entry[0]) if entry[2] else entry[0]
+    return wrap_plain(entry)
+
+
+def _record(entry: _Entry) -> Record:
+    return (_framed(entry), _expires(entry))
 
 
 class _Space:
@@ -25,14 +61,20 @@ class _Space:
         # Odd while a multi-key _apply is half done: lock-free readers that see an odd or
         # changed value retry under the lock, so a batch is seen all or nothing.
         self.seq = 0
-        self.spaces: dict[str, dict[str, Record]] = {}
+        # One dict per namespace, never replaced or removed once made (an empty one is an
+        # empty namespace), so an instance can keep a reference to its own.
+        self.spaces: dict[str, dict[str, _Entry]] = {}
         self.expiring: dict[str, int] = {}  # records ever written with an expiry, per ns
         self.key = _crypto.random_key()  # for encrypt=True without a password
+
+    def bucket(self, ns: str) -> dict[str, _Entry]:
+        with self.lock:
+            return self.spaces.setdefault(ns, {})
 
 
 _NAMED: dict[str, _Space] = {}
 _NAMED_LOCK = threading.Lock()
-_EMPTY: dict[str, Record] = {}
+_EMPTY: dict[str, _Entry] = {}
 
 
 class MemoryStore(Store):
@@ -61,6 +103,7 @@ class MemoryStore(Store):
         else:
             with _NAMED_LOCK:
                 self._space = _NAMED.setdefault(self._name, _Space())
+        self._bucket = self._space.bucket(self._ns)
         self._start()
         # The common case (plain values, no dot names, no default TTL, writable) takes an
         # inlined path in __getitem__/__setitem__: a memory store's cost is all Python
@@ -72,21 +115,32 @@ class MemoryStore(Store):
 
     def __getitem__(self, key: str) -> Any:
         # docstring inherited
-        if self._fast and type(key) is str and key and key.isascii() and not self._nbatch:
+        # No key check: only valid keys are ever stored, so a str found is a valid key, and
+        # one not found (or invalid) takes the general path, which checks it.
+        if self._fast and type(key) is str and not self._nbatch:
             space = self._space
             seq = space.seq
             # A dict lookup is atomic; the sequence check replaces the lock.
-            rec = space.spaces.get(self._ns, _EMPTY).get(key)
+            entry = self._bucket.get(key)
             if seq & 1 or space.seq != seq:
                 with space.lock:
-                    rec = space.spaces.get(self._ns, _EMPTY).get(key)
-            if rec is not None and not self._closed:
-                expires = rec[1]
-                if expires is None or expires > self._clock():
-                    data = rec[0]
-                    if data[:2] == PLAIN_HEADER:
-                        return decode_plain(data)
-                    return self._decode(self._ns, key, data)
+                    entry = self._bucket.get(key)
+            if entry is not None and not self._closed:
+                if type(entry) is bytes:
+                    body = entry
+                elif isinstance(entry, tuple):
+                    expires = entry[1]
+                    if expires is not None and expires <= self._clock():
+                        return super().__getitem__(key)  # expired: removed there
+                    if not entry[2]:
+                        return self._decode(self._ns, key, entry[0])
+                    body = entry[0]
+                try:  # codec.unpack() inlined: this is every read's path
+                    return msgpack.unpackb(body, ext_hook=_ext_hook, strict_map_key=False)
+                except _DECODE_ERRORS as exc:
+                    raise CorruptValueError(
+                        f"stored value cannot be decoded: {type(exc).__name__}"
+                    ) from exc
         return super().__getitem__(key)
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -99,13 +153,13 @@ class MemoryStore(Store):
             and not self._nbatch
             and not self._closed
         ):
-            data = wrap_plain(pack(value))
-            space = self._space
-            with space.lock:
-                bucket = space.spaces.get(self._ns)
-                if bucket is None:
-                    bucket = space.spaces[self._ns] = {}
-                bucket[key] = (data, None)
+            entry = pack(value)
+            lock = self._space.lock  # excludes modify, batches and the other locked paths
+            lock.acquire()
+            try:
+                self._bucket[key] = entry
+            finally:
+                lock.release()
             return
         self.set(key, value)
 
@@ -131,36 +185,36 @@ class MemoryStore(Store):
 
     # -- backend contract ---------------------------------------------------------------
 
+    def _entry_live(self, ns: str, key: str) -> _Entry | None:
+        """The live entry of *key* (an expired one is removed); call under the lock."""
+        bucket = self._space.spaces.get(ns, _EMPTY)
+        entry = bucket.get(key)
+        if entry is None:
+            return None
+        expires = _expires(entry)
+        if expires is not None and expires <= self._clock():
+            del bucket[key]
+            return None
+        return entry
+
     def _get_record(self, ns: str, key: str) -> Record | None:
-        space = self._space
-        with space.lock:
-            rec = space.spaces.get(ns, _EMPTY).get(key)
-            if rec is None:
-                return None
-            expires = rec[1]
-            if expires is not None and expires <= self._clock():
-                del space.spaces[ns][key]
-                return None
-            return rec
+        with self._space.lock:
+            entry = self._entry_live(ns, key)
+        return None if entry is None else _record(entry)
 
     def _get(self, ns: str, key: str) -> bytes | None:
-        space = self._space
-        with space.lock:
-            rec = space.spaces.get(ns, _EMPTY).get(key)
-            if rec is None:
-                return None
-            if rec[1] is not None and rec[1] <= self._clock():
-                del space.spaces[ns][key]
-                return None
-            return rec[0]
+        with self._space.lock:
+            entry = self._entry_live(ns, key)
+        return None if entry is None else _framed(entry)
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        entry = _entry(data, expires)
         space = self._space
         with space.lock:
             bucket = space.spaces.get(ns)
             if bucket is None:
                 bucket = space.spaces[ns] = {}
-            bucket[key] = (data, expires)
+            bucket[key] = entry
             if expires is not None:
                 space.expiring[ns] = space.expiring.get(ns, 0) + 1
 
@@ -170,20 +224,22 @@ class MemoryStore(Store):
             bucket = space.spaces.get(ns)
             if not bucket:
                 return False
-            rec = bucket.pop(key, None)
+            entry = bucket.pop(key, None)
             if not bucket:
-                del space.spaces[ns]
                 space.expiring.pop(ns, None)
-            return rec is not None and (rec[1] is None or rec[1] > self._clock())
+            if entry is None:
+                return False
+            expires = _expires(entry)
+            return expires is None or expires > self._clock()
 
-    def _live(self, ns: str) -> list[tuple[str, Record]]:
+    def _live(self, ns: str) -> list[tuple[str, _Entry]]:
         # A snapshot: iteration never fails because another thread changed the dict.
         with self._space.lock:
             items = list(self._space.spaces.get(ns, _EMPTY).items())
             if not self._space.expiring.get(ns):
                 return items
         now = self._clock()
-        return [(k, r) for k, r in items if r[1] is None or r[1] > now]
+        return [(k, e) for k, e in items if type(e) is bytes or e[1] is None or e[1] > now]
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         for key, _ in self._live(ns):
@@ -191,9 +247,9 @@ class MemoryStore(Store):
                 yield key
 
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
-        for key, rec in self._live(ns):
+        for key, entry in self._live(ns):
             if key.startswith(prefix):
-                yield key, rec[0]
+                yield key, _framed(entry)
 
     def _count(self, ns: str) -> int:
         with self._space.lock:
@@ -223,17 +279,19 @@ class MemoryStore(Store):
 
     def _clear(self, ns: str) -> None:
         with self._space.lock:
-            self._space.spaces.pop(ns, None)
+            bucket = self._space.spaces.get(ns)
+            if bucket is not None:
+                bucket.clear()
             self._space.expiring.pop(ns, None)
 
     def _purge_expired(self, ns: str) -> int:
         now = self._clock()
         with self._space.lock:
             bucket = self._space.spaces.get(ns, _EMPTY)
-            dead = [k for k, r in bucket.items() if r[1] is not None and r[1] <= now]
+            dead = [k for k, e in bucket.items() if (x := _expires(e)) is not None and x <= now]
             for k in dead:
                 del bucket[k]
-            self._space.expiring[ns] = sum(1 for r in bucket.values() if r[1] is not None)
+            self._space.expiring[ns] = sum(1 for e in bucket.values() if _expires(e) is not None)
             return len(dead)
 
     def _namespaces(self) -> Iterable[str]:
@@ -243,3 +301,4 @@ class MemoryStore(Store):
     def _close(self) -> None:
         if self._name is None:
             self._space = _Space()  # a private store's data goes with it
+            self._bucket = self._space.bucket(self._ns)

@@ -165,3 +165,98 @@ def test_memory_url_options() -> None:
         assert store.namespace == "x"
         assert store.dot_names
         assert store.info()["default_ttl"] == 60.0
+
+
+# -- the stored form: plain values kept bare, records framed when they leave ---------------
+
+
+def test_records_leaving_the_store_are_checked_records() -> None:
+    from mappingstore._codec import PLAIN_HEADER, decode_plain, unwrap_plain
+
+    s = MemoryStore()
+    s["plain"] = {"a": [1, 2]}
+    s.set("ttl", (1, 2), ttl=60)
+    s.set("sealed", "secret", encrypt=True)
+    raw = dict(s._iter_items(s.namespace))
+    assert set(raw) == {"plain", "ttl", "sealed"}
+    for key in ("plain", "ttl"):
+        assert raw[key][:2] == PLAIN_HEADER and unwrap_plain(raw[key]) is not None
+        assert s._get(s.namespace, key) == raw[key]
+        rec = s._get_record(s.namespace, key)
+        assert rec is not None and rec[0] == raw[key]
+    assert decode_plain(raw["plain"]) == {"a": [1, 2]}
+    assert raw["sealed"][:2] == ENCRYPTED_HEADER
+    rec = s._get_record(s.namespace, "ttl")
+    assert rec is not None and rec[1] is not None
+    # Copied raw into another store, every record reads back the same.
+    other = MemoryStore()
+    for key, data in raw.items():
+        other._put(other.namespace, key, data, None)
+    assert other["plain"] == {"a": [1, 2]} and other["ttl"] == (1, 2)
+
+
+def test_a_damaged_record_put_raw_reads_as_damaged_and_changes_nothing_else() -> None:
+    s = MemoryStore()
+    s["good"] = 1
+    good = s._get(s.namespace, "good")
+    assert good is not None
+    bad = bytearray(good)
+    bad[-1] ^= 0x01
+    s._put(s.namespace, "bad", bytes(bad), None)
+    with pytest.raises(mappingstore.CorruptValueError):
+        s["bad"]
+    assert s._get(s.namespace, "bad") == bytes(bad)  # kept as it came, never "repaired"
+    assert s["good"] == 1
+
+
+def test_fast_paths_honour_ttl_and_per_item_encryption() -> None:
+    now = [1000.0]
+    s = MemoryStore(clock=lambda: now[0])
+    s.set("t", {"v": 1}, ttl=10)
+    s.set("e", [1, 2], encrypt=True)
+    s["p"] = "x"
+    assert (s["t"], s["e"], s["p"]) == ({"v": 1}, [1, 2], "x")
+    now[0] += 11
+    with pytest.raises(KeyError):
+        s["t"]
+    assert sorted(s) == ["e", "p"] and len(s) == 2
+    s["t"] = 5  # an overwrite without TTL clears the expiry
+    now[0] += 100
+    assert s["t"] == 5
+
+
+def test_clear_empties_every_instance_of_a_named_store() -> None:
+    name = f"clear-{uuid.uuid4().hex}"
+    a, b = MemoryStore(name), MemoryStore(name)
+    try:
+        a["k"] = 1
+        assert b["k"] == 1
+        b.clear()
+        assert "k" not in a and len(a) == 0
+        with pytest.raises(KeyError):
+            a["k"]
+        a["k"] = 2  # the instance's own bucket is still the shared one
+        assert b["k"] == 2
+        del b["k"]
+        assert a.namespaces() == [] and b.namespaces() == []
+        a["j"] = 3
+        assert b["j"] == 3
+    finally:
+        MemoryStore.drop(name)
+
+
+def test_the_packer_pool_holds_one_per_concurrent_pack() -> None:
+    from mappingstore import _codec
+
+    def work() -> None:
+        for j in range(500):
+            _codec.pack({"j": j})
+
+    before = len(_codec._PACKERS)
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(_codec._PACKERS) <= before + 6  # reused, not one per call
+    assert len({id(p) for p in _codec._PACKERS}) == len(_codec._PACKERS)
