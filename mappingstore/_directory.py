@@ -47,7 +47,7 @@ import msgpack
 
 from ._filelock import (
     LOCKED_FILE_OPTIONS,
-    FileLock,
+    LockHandle,
     current_pid,
     lock_timeout_option,
     locked_file_url,
@@ -319,13 +319,13 @@ class DirectoryStore(Store):
         if self._readonly:
             if not os.path.isfile(self._marker):
                 raise StoreNotFoundError(f"no mappingstore directory at {self._root!r}")
-            self._flock = FileLock(
+            self._flock = LockHandle.open(
                 os.path.join(self._root, ".lock"), create=False, timeout=lock_timeout
             )
         else:
             with _io(f"cannot create {self._root!r}"):
                 os.makedirs(self._root, exist_ok=True)
-            self._flock = FileLock(os.path.join(self._root, ".lock"), timeout=lock_timeout)
+            self._flock = LockHandle.open(os.path.join(self._root, ".lock"), timeout=lock_timeout)
             try:
                 with self._exclusive():
                     self._init_root()

@@ -8,6 +8,11 @@ file description: each :class:`FileLock` opens its own, so instances, threads an
 processes all exclude each other, and the kernel releases the lock when its holder dies
 (no stale lock after ``kill -9``, nothing to clean up).
 
+Stores take their lock through :meth:`LockHandle.open`: every store of one lock file in a
+process shares one :class:`FileLock` (with its own timeout), so it is re-entrant across
+them in a thread. With a description each, a write made through a second store of the
+same file from inside a write of the first, in one thread, would wait for itself.
+
 After ``fork()`` a child shares its parent's open file description (and so its lock
 state); the lock notices the new pid and opens a fresh description before first use.
 """
@@ -21,7 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from ._url import file_url, parse_bool
 from .errors import BackendError, InvalidOptionError, LockTimeoutError
@@ -29,6 +34,7 @@ from .errors import BackendError, InvalidOptionError, LockTimeoutError
 __all__ = [
     "LOCKED_FILE_OPTIONS",
     "FileLock",
+    "LockHandle",
     "current_pid",
     "lock_timeout_option",
     "locked_file_url",
@@ -126,6 +132,13 @@ def locked_file_url(scheme: str, path: str, durable: bool, lock_timeout: float |
     return file_url(scheme, path, query)
 
 
+class _Default:
+    """The type of :data:`_DEFAULT`: "the lock's own timeout"."""
+
+
+_DEFAULT = _Default()
+
+
 class FileLock:
     """An exclusive or shared ``flock`` on *path*, re-entrant in the owning thread.
 
@@ -170,11 +183,11 @@ class FileLock:
         self._fd, self._pid, self._depth = fd, _pid[0], 0
         return fd
 
-    def _flock(self, fd: int, mode: int) -> None:
-        if self._timeout is None:
+    def _flock(self, fd: int, mode: int, timeout: float | None) -> None:
+        if timeout is None:
             fcntl.flock(fd, mode)
             return
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
             try:
@@ -183,21 +196,23 @@ class FileLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise LockTimeoutError(
-                        f"lock {self.path!r} still held by another process after {self._timeout} s"
+                        f"lock {self.path!r} still held by another process after {timeout} s"
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def acquire(self, exclusive: bool = True) -> bool:
-        """Take the lock (blocking up to the timeout); True if this call locked the file
-        (the outermost level), False if the thread already held it."""
+    def acquire(self, exclusive: bool = True, timeout: float | _Default | None = _DEFAULT) -> bool:
+        """Take the lock (blocking up to the timeout: the lock's own unless *timeout* is
+        given); True if this call locked the file (the outermost level), False if the
+        thread already held it."""
         self._rlock.acquire()
         try:
             fd = self._descriptor()
             outermost = not self._depth
             if outermost:
                 mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-                self._flock(fd, mode)
+                wait = self._timeout if isinstance(timeout, _Default) else timeout
+                self._flock(fd, mode, wait)
                 self._mode = mode
             elif exclusive and self._mode != fcntl.LOCK_EX:
                 raise RuntimeError("cannot upgrade a shared file lock to an exclusive one")
@@ -250,3 +265,94 @@ class FileLock:
             if self._fd >= 0 and self._pid == _pid[0]:
                 os.close(self._fd)
             self._fd, self._depth = -1, 0
+
+
+class LockHandle:
+    """One store's use of the process's :class:`FileLock` on a lock file.
+
+    :meth:`open` hands out handles on one shared lock per file (by real path), counted;
+    each handle waits for other processes with its own *timeout*; the last
+    :meth:`close` closes the lock.
+    """
+
+    __slots__ = ("_closed", "_lock", "_timeout")
+
+    _locks: ClassVar[dict[str, tuple[FileLock, int]]] = {}
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, lock: FileLock, timeout: float | None) -> None:
+        self._lock, self._timeout, self._closed = lock, timeout, False
+
+    @classmethod
+    def open(cls, path: str, *, create: bool = True, timeout: float | None = None) -> LockHandle:
+        """A handle on the process's lock of *path*."""
+        key = os.path.realpath(path)
+        with cls._guard:
+            entry = cls._locks.get(key)
+            if entry is None:
+                lock, users = FileLock(path, create=create), 0
+            else:
+                lock, users = entry
+                if create:
+                    lock._create = True
+            cls._locks[key] = (lock, users + 1)
+        return cls(lock, timeout)
+
+    @property
+    def lock(self) -> FileLock:
+        """The shared lock."""
+        return self._lock
+
+    def acquire(self, exclusive: bool = True) -> bool:
+        """:meth:`FileLock.acquire` with this handle's timeout."""
+        return self._lock.acquire(exclusive, self._timeout)
+
+    def release(self) -> None:
+        """:meth:`FileLock.release`."""
+        self._lock.release()
+
+    @property
+    def held(self) -> bool:
+        """True if the calling thread holds the lock (through any handle)."""
+        return self._lock.held
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the exclusive lock for the block."""
+        self.acquire(True)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the shared lock for the block (or the exclusive one if already held)."""
+        self.acquire(False)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Give the handle back (idempotent); the last one closes the lock file."""
+        cls = type(self)
+        with cls._guard:
+            if self._closed:
+                return
+            self._closed = True
+            key = os.path.realpath(self._lock.path)
+            entry = cls._locks.get(key)
+            if entry is None or entry[0] is not self._lock:
+                last = True  # its entry went with a fork or a path change: only ours
+            elif entry[1] > 1:
+                cls._locks[key] = (self._lock, entry[1] - 1)
+                last = False
+            else:
+                del cls._locks[key]
+                last = True
+        if last:  # outside the guard: closing waits for a thread inside the lock
+            self._lock.close()
+
+
+renew_after_fork(LockHandle, "_guard")

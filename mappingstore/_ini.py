@@ -36,7 +36,7 @@ from typing import Any, ClassVar, TypeVar
 from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._filelock import (
     LOCKED_FILE_OPTIONS,
-    FileLock,
+    LockHandle,
     lock_timeout_option,
     locked_file_url,
     renew_after_fork,
@@ -634,7 +634,9 @@ class IniStore(Store):
         # file again, or in another namespace, parses nothing if it did not change).
         self._s = _Shared.acquire(self._file)
         self._released = False
-        self._flock = FileLock(os.path.join(self._dir, f".{name}.lock"), timeout=lock_timeout)
+        self._flock = LockHandle.open(
+            os.path.join(self._dir, f".{name}.lock"), timeout=lock_timeout
+        )
         try:
             if self._readonly:
                 if not os.path.isfile(self._file):
