@@ -61,14 +61,13 @@ from ._directory import (
     BLOBS_DIR,
     SEALED_DIR,
     UPLOAD_PREFIX,
-    _io,
     _read,
     _write_all,
     decode_name,
     encode_name,
     upload_in_progress,
 )
-from ._filelock import current_pid
+from ._filelock import current_pid, io_errors
 from ._keys import tagged_key
 from .errors import CorruptValueError, IntegrityError, MissingKeyError, StoreCorruptError
 
@@ -145,7 +144,7 @@ class DirectoryBlobs(Blobs):
         files = self.files
         sealed = self.store._encrypt_default if encrypt is None else encrypt
         tmp = f"{files._tmp}/{UPLOAD_PREFIX}{current_pid()}-{os.urandom(8).hex()}"
-        with files._exclusive(), _io(f"cannot start an upload in {files._root!r}"):
+        with files._exclusive(), io_errors(f"cannot start an upload in {files._root!r}"):
             # Created and locked under the store's lock: see upload_in_progress().
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             try:
@@ -159,7 +158,7 @@ class DirectoryBlobs(Blobs):
                 size = self._write_sealed(fd, name, src, chunk_size)
             else:
                 size = self._write_plain(fd, src)
-            with _io(f"cannot write to {files._root!r}"):
+            with io_errors(f"cannot write to {files._root!r}"):
                 if files._durable:
                     os.fsync(fd)
             self._commit(name, tmp, sealed)
@@ -175,7 +174,7 @@ class DirectoryBlobs(Blobs):
         size = 0
         while data := _read_full(src, _COPY):
             self.store._check_open()
-            with _io(f"cannot write to {self.files._root!r}"):
+            with io_errors(f"cannot write to {self.files._root!r}"):
                 _write_all(fd, data)
             size += len(data)
         return size
@@ -184,7 +183,7 @@ class DirectoryBlobs(Blobs):
         store, where = self.store, f"cannot write to {self.files._root!r}"
         header = _HEAD.pack(SEAL_MAGIC, SEAL_VERSION, 0, 0, chunk_size, 0, os.urandom(16))
         ns, key = _ns(store), _aad_key(name)
-        with _io(where):
+        with io_errors(where):
             _write_all(fd, header)
         size = index = 0
         data = _read_full(src, chunk_size)
@@ -195,7 +194,7 @@ class DirectoryBlobs(Blobs):
             final = not following
             record = store._encode(ns, key, data, True, context=_context(header, index, final))
             store._check_open()
-            with _io(where):
+            with io_errors(where):
                 _write_all(fd, _LEN.pack(len(record)) + record)
             size += len(data)
             index += 1
@@ -210,7 +209,7 @@ class DirectoryBlobs(Blobs):
         # A closed store's lock must not be reopened (an adapter is closed with its store).
         self.store._check_open()
         files._check_open()
-        with files._exclusive(), _io(f"cannot store blob {name!r} in {files._root!r}"):
+        with files._exclusive(), io_errors(f"cannot store blob {name!r} in {files._root!r}"):
             blobs = f"{files._root}/{BLOBS_DIR}"
             self._ensure_dir(blobs, files._root)
             if not os.path.isdir(base):
@@ -271,7 +270,7 @@ class DirectoryBlobs(Blobs):
 
     def _open(self, name: str) -> BlobReader:
         files = self.files
-        with _io(f"cannot open blob {name!r} in {files._root!r}"):
+        with io_errors(f"cannot open blob {name!r} in {files._root!r}"):
             found = self._try_open(name)
             if found is None and not files._flock.held:
                 # A plain -> sealed switch between our two opens hides both files from a
@@ -297,7 +296,7 @@ class DirectoryBlobs(Blobs):
     def _names(self) -> list[str]:
         base = self._base()
         found: set[str] = set()
-        with _io(f"cannot list the blobs of {self.files._root!r}"):
+        with io_errors(f"cannot list the blobs of {self.files._root!r}"):
             for directory in (base, f"{base}/{SEALED_DIR}"):
                 try:
                     entries = list(os.scandir(directory))
@@ -328,7 +327,7 @@ class DirectoryBlobs(Blobs):
     def _delete(self, name: str) -> None:
         files = self.files
         plain, seal, named = self._paths(name)
-        with files._exclusive(), _io(f"cannot delete blob {name!r} in {files._root!r}"):
+        with files._exclusive(), io_errors(f"cannot delete blob {name!r} in {files._root!r}"):
             removed = False
             # The plain file first: while the sealed one exists it hides the plain one.
             for path in (plain, seal):
@@ -350,7 +349,7 @@ class DirectoryBlobs(Blobs):
         files = self.files
         base = self._base()
         removed = 0
-        with files._exclusive(), _io(f"cannot purge the blobs of {files._root!r}"):
+        with files._exclusive(), io_errors(f"cannot purge the blobs of {files._root!r}"):
             removed += remove_abandoned_uploads(files._tmp)
             sealed_dir = f"{base}/{SEALED_DIR}"
             # A plain file beside a sealed one of the same name is hidden by it (a kind
@@ -409,7 +408,7 @@ class PlainFileReader(BlobReader):
     def _piece(self, pos: int, limit: int) -> bytes:
         self._check_store()
         n = min(limit, _COPY, self._size - pos)
-        with _io(f"cannot read blob {self._name!r}"):
+        with io_errors(f"cannot read blob {self._name!r}"):
             data = os.pread(self._fd, n, pos)
         if not data:
             raise CorruptValueError(f"blob file of {self._name!r} shrank while open")
@@ -421,7 +420,7 @@ class PlainFileReader(BlobReader):
         out = memoryview(buffer).cast("B")
         want = min(len(out), max(self._size - self._pos, 0))
         done = 0
-        with _io(f"cannot read blob {self._name!r}"):
+        with io_errors(f"cannot read blob {self._name!r}"):
             while done < want:
                 n = os.preadv(self._fd, [out[done:want]], self._pos)
                 if not n:
@@ -446,7 +445,7 @@ class SealedFileReader(BlobReader):
         self._what = what = f"blob file of {name!r}"
         super().__init__(store, name, 0, 1)
         try:
-            with _io(f"cannot read {what}"):
+            with io_errors(f"cannot read {what}"):
                 file_size = os.fstat(fd).st_size
                 header = _pread_exact(fd, _HEAD.size, 0, what)
                 # Every frame but the last has the length of the first one.
@@ -475,7 +474,7 @@ class SealedFileReader(BlobReader):
 
     def _frame(self, index: int, final: bool) -> bytes:
         offset = _HEAD.size + index * self._stride
-        with _io(f"cannot read {self._what}"):
+        with io_errors(f"cannot read {self._what}"):
             length = _LEN.unpack(_pread_exact(self._fd, 4, offset, self._what))[0]
             end = offset + 4 + length
             if final and end != os.fstat(self._fd).st_size:

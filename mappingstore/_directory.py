@@ -49,6 +49,7 @@ from ._filelock import (
     LOCKED_FILE_OPTIONS,
     LockHandle,
     current_pid,
+    io_errors,
     lock_timeout_option,
     locked_file_url,
 )
@@ -224,17 +225,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _io(what: str) -> Iterator[None]:
-    """Convert OS errors to :class:`BackendError` once, at the boundary."""
-    try:
-        yield
-    except MappingStoreError:
-        raise
-    except OSError as exc:
-        raise BackendError(f"{what}: {exc}") from exc
-
-
 _counter = itertools.count()
 
 #: Temp files of blob uploads (``_dir_blobs``) start with this. They are written without
@@ -323,7 +313,7 @@ class DirectoryStore(Store):
                 os.path.join(self._root, ".lock"), create=False, timeout=lock_timeout
             )
         else:
-            with _io(f"cannot create {self._root!r}"):
+            with io_errors(f"cannot create {self._root!r}"):
                 os.makedirs(self._root, exist_ok=True)
             self._flock = LockHandle.open(os.path.join(self._root, ".lock"), timeout=lock_timeout)
             try:
@@ -353,7 +343,7 @@ class DirectoryStore(Store):
     # -- opening, locking, recovery -----------------------------------------------------
 
     def _init_root(self) -> None:
-        with _io(f"cannot open {self._root!r}"):
+        with io_errors(f"cannot open {self._root!r}"):
             if os.path.exists(self._marker):
                 with open(self._marker, "rb") as f:
                     if f.read() != _MARKER_TEXT:
@@ -429,7 +419,7 @@ class DirectoryStore(Store):
                 # Written to a temp file and renamed, a journal is complete or absent: a
                 # bad one means damaged storage. It cannot be replayed; say so loudly.
                 self._log.error("discarding a damaged batch journal in %r", self._root)
-        with _io(f"cannot replay the batch journal in {self._root!r}"):
+        with io_errors(f"cannot replay the batch journal in {self._root!r}"):
             if ops:
                 self._log.warning(
                     "replaying an interrupted batch of %d writes in %r", len(ops), self._root
@@ -642,7 +632,7 @@ class DirectoryStore(Store):
         return live
 
     def _delete(self, ns: str, key: str) -> bool:
-        with self._exclusive(), _io(f"cannot delete from {self._root!r}"):
+        with self._exclusive(), io_errors(f"cannot delete from {self._root!r}"):
             existed = self._remove_file(ns, key)
             if existed or os.path.isdir(self._ns_dir(ns)):
                 self._sync_dir(self._ns_dir(ns))
@@ -664,7 +654,7 @@ class DirectoryStore(Store):
         # docstring inherited
         if not ops:
             return
-        with self._exclusive(), _io(f"cannot write to {self._root!r}"):
+        with self._exclusive(), io_errors(f"cannot write to {self._root!r}"):
             if len(ops) == 1:  # one os.replace is atomic on its own: no journal
                 op = ops[0]
                 if op.data is None:
@@ -690,7 +680,7 @@ class DirectoryStore(Store):
     def _clear(self, ns: str) -> None:
         directory = self._ns_dir(ns)
         doomed = self._tmp_path()
-        with self._exclusive(), _io(f"cannot clear {directory!r}"):
+        with self._exclusive(), io_errors(f"cannot clear {directory!r}"):
             try:
                 os.rename(directory, doomed)  # one atomic step, however many keys
             except FileNotFoundError:
@@ -702,7 +692,7 @@ class DirectoryStore(Store):
         directory = self._ns_dir(ns)
         marker = os.path.join(directory, ".expiring")
         removed = 0
-        with self._exclusive(), _io(f"cannot purge {directory!r}"):
+        with self._exclusive(), io_errors(f"cannot purge {directory!r}"):
             if not os.access(marker, os.F_OK):
                 return 0
             now = self._clock()

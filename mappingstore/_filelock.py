@@ -29,13 +29,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from ._url import file_url, parse_bool
-from .errors import BackendError, InvalidOptionError, LockTimeoutError
+from .errors import BackendError, InvalidOptionError, LockTimeoutError, MappingStoreError
 
 __all__ = [
     "LOCKED_FILE_OPTIONS",
     "FileLock",
     "LockHandle",
     "current_pid",
+    "io_errors",
     "lock_timeout_option",
     "locked_file_url",
     "renew_after_fork",
@@ -356,3 +357,15 @@ class LockHandle:
 
 
 renew_after_fork(LockHandle, "_guard")
+
+
+@contextlib.contextmanager
+def io_errors(what: str) -> Iterator[None]:
+    """Turn an ``OSError`` (not already one of ours) into :class:`BackendError`
+    ("*what*: reason"), once, at the file backends' boundary."""
+    try:
+        yield
+    except MappingStoreError:
+        raise
+    except OSError as exc:
+        raise BackendError(f"{what}: {exc}") from exc

@@ -37,6 +37,7 @@ from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._filelock import (
     LOCKED_FILE_OPTIONS,
     LockHandle,
+    io_errors,
     lock_timeout_option,
     locked_file_url,
     renew_after_fork,
@@ -576,16 +577,6 @@ renew_after_fork(_Shared, "_guard")
 # -- the store -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _io(what: str) -> Iterator[None]:
-    try:
-        yield
-    except MappingStoreError:
-        raise
-    except OSError as exc:
-        raise BackendError(f"{what}: {exc}") from exc
-
-
 class IniStore(Store):
     """Values in one human-readable INI file, shared by every process on the host.
 
@@ -644,9 +635,9 @@ class IniStore(Store):
                 with self._s.mem:
                     self._fresh()
             else:
-                with _io(f"cannot create {self._file!r}"):
+                with io_errors(f"cannot create {self._file!r}"):
                     os.makedirs(self._dir, exist_ok=True)
-                with self._exclusive(), _io(f"cannot open {self._file!r}"):
+                with self._exclusive(), io_errors(f"cannot open {self._file!r}"):
                     self._clean_temps()
                     if not os.path.exists(self._file):
                         self._write(_Doc())
@@ -790,7 +781,7 @@ class IniStore(Store):
             self._flock.release()
 
     def _mutate(self, edit: Callable[[_Doc], T]) -> T:
-        with self._exclusive(), _io(f"cannot write {self._file!r}"):
+        with self._exclusive(), io_errors(f"cannot write {self._file!r}"):
             doc = self._fresh()
             try:
                 result = edit(doc)
