@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+import logging
 import math
 import os
 import random
@@ -59,14 +61,88 @@ T = TypeVar("T")
 _MAX_PX = 10**15  # ~31,700 years: beyond this Redis rejects the expiry time
 _FIRST_CHUNK = 128
 _MAX_CHUNK = 4096  # Lua's unpack() limit is ~8,000 values
-#: Lease of the exclusive-section lock: a holder that dies releases it after this long.
-_LOCK_LEASE_MS = 60_000
+#: Lease of the exclusive-section lock: a holder that dies releases it after this long; a
+#: live one renews it while its section runs (see _Renewer).
+_LOCK_LEASE_MS = 10_000
 _LOCK_TIMEOUT = 60.0
 #: ``RedisStore._pool`` before its first use (decided lazily, outside open and close).
 _UNDECIDED: Any = object()
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+
+
+class _Renewer:
+    """Renews the leases of the exclusive sections running in this process.
+
+    One daemon thread, started on first need (again in a forked child), renews each held
+    lease once a third of it has passed, so a section may run as long as it needs while
+    a holder that dies (or loses its server) frees the lock within one lease. Sections
+    shorter than a third of the lease (nearly all) cost it nothing but two dict updates.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._held: dict[int, tuple[Callable[[], Any], float, float]] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, renew: Callable[[], Any], lease_s: float) -> int:
+        """Renew with *renew()* every third of *lease_s* until :meth:`drop`."""
+        if self._pid != os.getpid():
+            self._start()  # a forked child: the parent's thread and state are not ours
+        period = lease_s / 3
+        with self._cond:
+            ident = next(self._ids)
+            self._held[ident] = (renew, period, time.monotonic() + period)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="mappingstore-redis-lease", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return ident
+
+    def drop(self, ident: int) -> None:
+        with self._cond:
+            self._held.pop(ident, None)
+
+    def _run(self) -> None:
+        log = logging.getLogger("mappingstore")
+        while True:
+            with self._cond:
+                if not self._held:
+                    self._cond.wait(30)
+                    if not self._held:
+                        self._thread = None  # idle: the next hold() starts a new one
+                        return
+                    continue
+                now = time.monotonic()
+                due = [(i, fn, p) for i, (fn, p, at) in self._held.items() if at <= now]
+                if not due:
+                    self._cond.wait(min(at for _, _, at in self._held.values()) - now)
+                    continue
+                for i, fn, p in due:
+                    self._held[i] = (fn, p, now + p)
+            for i, fn, _ in due:
+                try:
+                    if not fn():
+                        log.warning("a store lock lease ran out before its section ended")
+                        self.drop(i)
+                except Exception as exc:  # the next round tries again; the lease may hold
+                    log.debug("renewing a store lock lease failed: %s", exc)
+
+
+_RENEWER = _Renewer()
 
 #: One script call: (script, keys, args). The sync store and the async driver
 #: (``aio/_redis.py``) build their calls with the functions and methods below.
@@ -678,8 +754,9 @@ class RedisStore(Store):
     # lease lock in Redis (SET NX PX with a random token; released by a compare-and-delete
     # script, so an expired lease is never released by its old holder). Re-entrant per
     # thread; threads of one process queue on the store's own lock first, so only one of
-    # them polls Redis. Limit (documented): a section longer than the lease (60 s) could
-    # overlap the next holder; every section here is one short read-modify-write.
+    # them polls Redis. The lease is renewed while the section runs (_Renewer), so a
+    # section can be long, and a holder that dies frees the lock within one lease (10 s).
+    # A holder cut off from the server for a whole lease loses it (logged at release).
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -695,28 +772,37 @@ class RedisStore(Store):
         with self._lock:
             token = os.urandom(16)
             self._acquire_lock(token)
+            key, lease_ms = self._lock_key, _LOCK_LEASE_MS
+            renewal = _RENEWER.hold(
+                lambda: self._client.eval(_RENEW, 1, key, token, lease_ms), lease_ms / 1000
+            )
             local.depth = 1
             try:
                 yield
             finally:
                 local.depth = 0
-                self._run(
-                    "UNLOCK", False, lambda: self._client.eval(_RELEASE, 1, self._lock_key, token)
+                _RENEWER.drop(renewal)
+                released = self._run(
+                    "UNLOCK", False, lambda: self._client.eval(_RELEASE, 1, key, token)
                 )
+                if not released:
+                    self._log.warning(
+                        "the store lock of %s expired before its section ended", self.url
+                    )
 
     @property
     def _lock_key(self) -> bytes:
         return self._prefix + b":lock"
 
     def _acquire_lock(self, token: bytes) -> None:
-        key = self._lock_key
+        key, lease = self._lock_key, _LOCK_LEASE_MS
         deadline = time.monotonic() + _LOCK_TIMEOUT
         delay = 0.0005
         while True:
             # Retrying SET NX is safe: if an attempt whose reply was lost did take the
             # lock, the token check below finds it ours.
             taken = self._run(
-                "LOCK", False, lambda: self._client.set(key, token, nx=True, px=_LOCK_LEASE_MS)
+                "LOCK", False, lambda: self._client.set(key, token, nx=True, px=lease)
             )
             if taken or self._run("GET", False, lambda: self._client.get(key)) == token:
                 return

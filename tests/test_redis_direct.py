@@ -479,7 +479,7 @@ def test_server_killed_under_writes_keeps_counters_exact(
     from mappingstore import _redis
 
     # A kill inside delete_many's exclusive section leaves its lease behind (persisted
-    # in the AOF): the next section waits for the lease to run out (60 s, documented).
+    # in the AOF): the next section waits for the lease to run out (10 s, documented).
     # A short lease keeps this test short; the lease itself is tested elsewhere.
     monkeypatch.setattr(_redis, "_LOCK_LEASE_MS", 1_000)
     stop = threading.Event()
