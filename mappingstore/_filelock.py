@@ -140,7 +140,35 @@ class _Default:
 _DEFAULT = _Default()
 
 
-class FileLock:
+class _Blocks:
+    """``exclusive()`` and ``shared()`` blocks over ``acquire(exclusive)`` and ``release()``."""
+
+    def acquire(self, exclusive: bool = True) -> bool:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the exclusive lock for the block."""
+        self.acquire(True)
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the shared lock for the block (or the exclusive one if already held)."""
+        self.acquire(False)
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class FileLock(_Blocks):
     """An exclusive or shared ``flock`` on *path*, re-entrant in the owning thread.
 
     Threads of one process are serialised by an ``RLock`` first, so a thread that
@@ -232,24 +260,6 @@ class FileLock:
         finally:
             self._rlock.release()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the exclusive lock for the block."""
-        self.acquire(True)
-        try:
-            yield
-        finally:
-            self.release()
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        """Hold the shared lock for the block (or the exclusive one if already held)."""
-        self.acquire(False)
-        try:
-            yield
-        finally:
-            self.release()
-
     @property
     def held(self) -> bool:
         """True if the calling thread holds the lock."""
@@ -268,7 +278,7 @@ class FileLock:
             self._fd, self._depth = -1, 0
 
 
-class LockHandle:
+class LockHandle(_Blocks):
     """One store's use of the process's :class:`FileLock` on a lock file.
 
     :meth:`open` hands out handles on one shared lock per file (by real path), counted;
@@ -316,24 +326,6 @@ class LockHandle:
     def held(self) -> bool:
         """True if the calling thread holds the lock (through any handle)."""
         return self._lock.held
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the exclusive lock for the block."""
-        self.acquire(True)
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        """Hold the shared lock for the block (or the exclusive one if already held)."""
-        self.acquire(False)
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     def close(self) -> None:
         """Give the handle back (idempotent); the last one closes the lock file."""

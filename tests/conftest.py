@@ -12,6 +12,9 @@ Profiles (pick one with ``MAPPINGSTORE_HYPOTHESIS_PROFILE``):
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -61,3 +64,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+# -- Redis tests on the shared server (each test under a key prefix of its own) ----------
+
+
+@pytest.fixture(scope="module")
+def raw() -> Iterator[Any]:
+    """A plain redis-py client on the test database (ground truth, cleanup)."""
+    from tests.servers import redis_client
+
+    client = redis_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(raw: Any) -> Iterator[str]:
+    """A key prefix of this test's own: an independent store on the shared server; its
+    keys, and nothing else, are deleted afterwards."""
+    from tests.servers import drop_redis_keys
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    yield name
+    drop_redis_keys(raw, name)

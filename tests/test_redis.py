@@ -40,27 +40,11 @@ from mappingstore.errors import (
 )
 from mappingstore.testing import HOSTILE_NAMESPACE_PAIRS, StoreFactory, StoreTests
 from tests.redis_cluster import PrivateRedis, require_binaries
-from tests.servers import REDIS_URL, drop_redis_keys, redis_client, unavailable
+from tests.servers import REDIS_URL, drop_redis_keys, unavailable
 
 redis = pytest.importorskip("redis")
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture(scope="module")
-def raw() -> Iterator[Any]:
-    """A plain redis-py client on the test database (ground truth, cleanup)."""
-    client = redis_client()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(raw: Any) -> Iterator[str]:
-    """A key prefix of this test's own: an independent store on the shared server."""
-    name = f"t{uuid.uuid4().hex[:12]}"
-    yield name
-    drop_redis_keys(raw, name)
 
 
 @pytest.fixture

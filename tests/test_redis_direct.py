@@ -15,7 +15,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from mappingstore import _redis_lua as lua
 from mappingstore._redis_layout import Layout, count_of
 from mappingstore.errors import MappingStoreError
 from tests.redis_cluster import PrivateRedis, require_binaries
-from tests.servers import REDIS_URL, drop_redis_keys, redis_client
+from tests.servers import REDIS_URL
 
 redis = pytest.importorskip("redis")
 
@@ -35,20 +34,6 @@ pytestmark = pytest.mark.redis
 
 SHORT = 0.03  # a TTL that is over by the time the next check runs (the test sleeps past it)
 LONG = 600.0  # a TTL that never runs out during a test
-
-
-@pytest.fixture(scope="module")
-def raw() -> Iterator[Any]:
-    client = redis_client()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(raw: Any) -> Iterator[str]:
-    name = f"d{uuid.uuid4().hex[:12]}"
-    yield name
-    drop_redis_keys(raw, name)
 
 
 def script_count(store: RedisStore) -> int:

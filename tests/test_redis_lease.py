@@ -6,30 +6,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from mappingstore import RedisStore
-from tests.servers import REDIS_URL, drop_redis_keys, redis_client
+from tests.servers import REDIS_URL, redis_client
 
 pytest.importorskip("redis")
-
-
-@pytest.fixture(scope="module")
-def raw() -> Iterator[Any]:
-    client = redis_client()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(raw: Any) -> Iterator[str]:
-    name = f"l{uuid.uuid4().hex[:12]}"
-    yield name
-    drop_redis_keys(raw, name)
 
 
 @pytest.fixture
