@@ -9,7 +9,8 @@ from typing import Any, ClassVar, TypeAlias
 import msgpack
 
 from . import _crypto
-from ._codec import _DECODE_ERRORS, _ext_hook, pack, unwrap_plain, wrap_plain
+from ._codec import _DECODE_ERRORS, _ext_hook, pack, unpack, unwrap_plain, wrap_plain
+from ._keys import check_key
 from ._store import Op, Record, Store
 from ._url import parse_url
 from .errors import CorruptValueError, InvalidURLError
@@ -163,6 +164,32 @@ class MemoryStore(Store):
             return
         self.set(key, value)
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        # docstring inherited
+        if self._dot or self._closed or self._batch() is not None:
+            return super().get_many(keys)
+        checked = [check_key(k) for k in keys]
+        ns = self._ns
+        with self._space.lock:
+            entries = [self._entry_live(ns, k) for k in checked]
+        return {
+            k: self._value(ns, k, e) for k, e in zip(checked, entries, strict=True) if e is not None
+        }
+
+    def _iter_pairs(self) -> Iterator[tuple[str, Any]]:
+        # items() and values(): entries decoded as they are, never framed first
+        if self._dot or self._closed or self._batch() is not None:
+            yield from super()._iter_pairs()
+            return
+        ns = self._ns
+        for key, entry in self._live(ns):
+            yield key, self._value(ns, key, entry)
+
+    def _value(self, ns: str, key: str, entry: _Entry) -> Any:
+        if isinstance(entry, tuple):
+            return unpack(entry[0]) if entry[2] else self._decode(ns, key, entry[0])
+        return unpack(entry)
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
         """``memory://`` (private) or ``memory://NAME`` (shared by name in the process)."""
@@ -201,6 +228,10 @@ class MemoryStore(Store):
         with self._space.lock:
             entry = self._entry_live(ns, key)
         return None if entry is None else _record(entry)
+
+    def _contains(self, ns: str, key: str) -> bool:
+        with self._space.lock:
+            return self._entry_live(ns, key) is not None
 
     def _get(self, ns: str, key: str) -> bytes | None:
         with self._space.lock:

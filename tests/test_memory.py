@@ -260,3 +260,27 @@ def test_the_packer_pool_holds_one_per_concurrent_pack() -> None:
         t.join()
     assert 1 <= len(_codec._PACKERS) <= before + 6  # reused, not one per call
     assert len({id(p) for p in _codec._PACKERS}) == len(_codec._PACKERS)
+
+
+def test_bulk_reads_decode_every_kind_of_entry() -> None:
+    now = [50.0]
+    s = MemoryStore(clock=lambda: now[0])
+    s["plain"] = {"a": 1}
+    s.set("ttl", [1], ttl=5)
+    s.set("gone", 2, ttl=1)
+    s.set("sealed", (3,), encrypt=True)
+    now[0] += 2
+    expected = {"plain": {"a": 1}, "ttl": [1], "sealed": (3,)}
+    assert dict(s.items()) == expected
+    assert sorted(map(repr, s.values())) == sorted(map(repr, expected.values()))
+    assert s.get_many(["plain", "ttl", "gone", "sealed", "missing"]) == expected
+    with pytest.raises(mappingstore.InvalidKeyError):
+        s.get_many(["plain", ""])
+    with s.batch():  # inside a batch the batch's own writes are seen
+        s["plain"] = "new"
+        del s["ttl"]
+        assert s.get_many(["plain", "ttl"]) == {"plain": "new"}
+        assert dict(s.items()) == {"plain": "new", "sealed": (3,)}
+    s.close()
+    with pytest.raises(mappingstore.StoreClosedError):
+        s.get_many(["plain"])
