@@ -17,8 +17,10 @@ segment (see :mod:`._shm_base`).
 
 from __future__ import annotations
 
+import builtins
 import datetime as _dt
 import fcntl
+import struct
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +28,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from . import _codec
-from ._codec import PLAIN_HEADER
+from ._codec import PLAIN_HEADER, pack, wrap_plain
 from ._keys import MISSING
 from ._shm_base import PAGE, SHM_DIR, Handle, check_name
 from ._shm_bytes import SharedBytes
@@ -70,6 +72,11 @@ _IMMUTABLE: frozenset[type] = frozenset(
 )
 _NOVALUE: Any = MISSING  # hot entry: payload not checked by the codec yet
 _CHECKED: Any = object()  # hot entry: payload checked, value mutable (decode per read)
+_CRC = struct.Struct("<I")  # a record's first field
+_HEAD = struct.Struct("<IQ").pack  # flags, len(data): the record header after the crc
+_TAIL_NAMES = struct.Struct("<dII").pack  # expires, len(ns), len(key): the rest of it
+_crc32 = zlib.crc32
+_flock, _LOCK_EX, _LOCK_UN = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
 
 
 def _immutable(value: Any, depth: int = 0) -> bool:
@@ -151,6 +158,8 @@ class SharedMemoryStore(Store):
         self._ns_cache: dict[str, tuple[bytes, int]] = {}
         self._hot: dict[str, tuple[Any, ...]] = {}
         self._plain_dot = not self._dot
+        self._plain_set = False  # see __setitem__; set once the store is open
+        self._nsb, self._nsh = self._ns_entry(self._ns)
         self._h = Handle(
             PREFIX,
             self._name,
@@ -169,6 +178,13 @@ class SharedMemoryStore(Store):
             self._h.close()
             raise
         self._start()
+        self._plain_set = not (
+            self._readonly
+            or self._dot
+            or self._encrypt_default
+            or self._default_ttl is not None
+            or lock_timeout is not None
+        )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SharedMemoryStore:
@@ -282,7 +298,16 @@ class SharedMemoryStore(Store):
         if ns == self._ns and len(data) <= _HOT_DATA_MAX:
             if len(self._hot) >= _HOT_MAX:
                 self._hot.clear()
-            self._hot[key] = (seg.gen, seg.q, idx, v, None if exp == INF else exp, data, _NOVALUE)
+            self._hot[key] = (
+                seg.gen,
+                seg.q,
+                idx,
+                v,
+                None if exp == INF else exp,
+                data,
+                _NOVALUE,
+                None,
+            )
         return data, None if exp == INF else exp
 
     def _get(self, ns: str, key: str) -> bytes | None:
@@ -304,7 +329,7 @@ class SharedMemoryStore(Store):
         # a generation). Immutable values are returned as is; others are decoded again,
         # so every caller still gets its own copy. Entries: (generation, table view,
         # slot index, slot value, expires, data, decoded value | _NOVALUE | _CHECKED,
-        # payload when _CHECKED).
+        # record head for __setitem__ or None, payload when _CHECKED).
         e = self._hot.get(key) if type(key) is str else None
         if (
             e is not None
@@ -316,18 +341,111 @@ class SharedMemoryStore(Store):
         ):
             value = e[6]
             if value is _CHECKED:
-                return _codec._unpackb(e[7])  # decoded fine before: cannot fail now
+                return _codec._unpackb(e[8])  # decoded fine before: cannot fail now
             if value is not _NOVALUE:
                 return value
             data = e[5]
             if data[:2] == PLAIN_HEADER:
                 value = _codec.decode_plain(data)
                 if _immutable(value):
-                    self._hot[key] = (*e[:6], value)
+                    self._hot[key] = (*e[:6], value, e[7])
                 else:
-                    self._hot[key] = (*e[:6], _CHECKED, data[6:])
+                    self._hot[key] = (*e[:6], _CHECKED, e[7], data[6:])
                 return value
         return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        # Fast path for the common set: a str key, no TTL, no encryption, no dot names,
+        # not read-only, no lock_timeout, no batch, a small value. It writes exactly the
+        # record Store.set -> _put writes (check_key passes an ASCII key as is; _encode
+        # is pack + wrap_plain), with _put inlined and specialised: each Python call or
+        # attribute lookup saved is 1-3% of a set (docs/benchmarks.md, shared memory).
+        if not self._plain_set or self._nbatch or type(key) is not str:
+            Store.set(self, key, value)
+            return
+        # head: the record after its crc and before the data (flags, len(data), expires,
+        # the names' lengths, the names). The same for every record of this key without
+        # expiry and with data of this length, so the entry keeps it for the next set.
+        hot = self._hot
+        e = hot.get(key)
+        if e is not None and e[7] is not None:  # the key was checked when e was made
+            data = wrap_plain(pack(value))
+            dl = len(data)
+            head = e[7] if len(e[5]) == dl else _HEAD(0, dl) + e[7][12:]
+        elif key.isascii() and key:
+            data = wrap_plain(pack(value))
+            dl = len(data)
+            kb = key.encode("ascii")
+            head = _HEAD(0, dl) + _TAIL_NAMES(INF, len(self._nsb), len(kb)) + self._nsb + kb
+        else:
+            Store.set(self, key, value)  # check_key decides
+            return
+        if dl > 4096:
+            self._put(self._ns, key, data, None)
+            return
+        lock = self._ilock  # _InodeLock.acquire(None) and release(), inlined
+        rlock = lock.rlock
+        rlock.acquire()
+        depth = lock.depth  # only this thread changes it while it holds rlock
+        if not depth:
+            try:
+                _flock(lock.fd, _LOCK_EX)
+            except BaseException:
+                rlock.release()
+                raise
+        lock.depth = depth + 1
+        try:
+            seg = self._seg
+            if self._ctlq[2] != seg.gen:
+                seg = self._wseg()
+            q = seg.q
+            rest = head + data
+            size = (len(rest) + 11) & ~7  # 4 bytes of crc, 8-byte aligned
+            end = q[Q_END]
+            if e is not None and e[0] == seg.gen and q[e[2]] == e[3] and end + size <= seg.size:
+                # The slot this instance last saw the key in still holds that very record
+                # (see _put): no probing, and the key is already counted in the table.
+                idx = e[2]
+                v = (e[3] >> 32 << 32) | (end >> 3)
+            else:
+                nsb = self._nsb
+                kb = head[28 + len(nsb) :]
+                h = _crc32(kb, self._nsh)
+                idx, free = self._find(seg, nsb, kb, h)
+                if end + size > seg.size or (
+                    idx < 0 and q[free] == EMPTY and (q[Q_USED] + 1) * 2 > seg.cap
+                ):
+                    self._rebuild_with(seg, [(nsb, kb, data, INF)], {idx} if idx >= 0 else set())
+                    return
+                v = (h << 32) | (end >> 3)
+                if idx < 0:
+                    idx = free
+                    if q[idx] == EMPTY:
+                        q[Q_USED] += 1  # before publishing: a crash may only over-count
+            mm = seg.mm
+            mm[end + 4 : end + 4 + len(rest)] = rest
+            _CRC.pack_into(mm, end, _crc32(rest))
+            q[Q_END] = end + size  # commit the space before anyone can point at it
+            q[idx] = v  # publish
+        finally:
+            lock.depth = depth
+            try:
+                if not depth:
+                    _flock(lock.fd, _LOCK_UN)
+            finally:
+                rlock.release()
+        if e is None and len(hot) >= _HOT_MAX:
+            hot.clear()
+        hot[key] = (seg.gen, q, idx, v, None, data, _NOVALUE, head)
+
+    def set(
+        self, key: str, value: Any, *, ttl: float | None = None, encrypt: bool | None = None
+    ) -> None:
+        # docstring inherited
+        if ttl is None and encrypt is None:
+            self.__setitem__(key, value)
+        else:
+            Store.set(self, key, value, ttl=ttl, encrypt=encrypt)
 
     def _contains(self, ns: str, key: str) -> bool:
         return self._get(ns, key) is not None
@@ -406,18 +524,23 @@ class SharedMemoryStore(Store):
         return hit
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        # The hottest write path: the lock and the small-record write are inlined (each
-        # Python call saved is ~5% of a set). Same protocol as _InodeLock.acquire/release.
+        # Every write but __setitem__'s fast path. The lock and the small-record write are
+        # inlined (each Python call saved is ~3% of a set). Same lock protocol as
+        # _InodeLock.acquire/release.
+        hot = self._hot
+        e = hot.get(key) if ns == self._ns else None
+        kb = key.encode("utf-8")
         lock = self._ilock
+        rlock = lock.rlock
         if self._lock_timeout is not None:
             lock.acquire(self._lock_timeout)
         else:
-            lock.rlock.acquire()
+            rlock.acquire()
             if not lock.depth:
                 try:
-                    fcntl.flock(lock.fd, fcntl.LOCK_EX)
+                    _flock(lock.fd, _LOCK_EX)
                 except BaseException:
-                    lock.rlock.release()
+                    rlock.release()
                     raise
             lock.depth += 1
         try:
@@ -425,16 +548,14 @@ class SharedMemoryStore(Store):
             if self._ctlq[2] != seg.gen:
                 seg = self._wseg()
             nsb, nsh = self._ns_cache.get(ns) or self._ns_entry(ns)
-            kb = key.encode("utf-8")
             q = seg.q
-            e = self._hot.get(key) if ns == self._ns else None
             if e is not None and e[0] == seg.gen and q[e[2]] == e[3]:
                 # The slot this instance last saw the key in still holds that very record
                 # (records are immutable, offsets never reused within a generation): it
                 # is the key's slot, and its hash is in the slot value. No probing.
                 idx, free, h = e[2], -1, e[3] >> 32
             else:
-                h = zlib.crc32(kb, nsh)
+                h = _crc32(kb, nsh)
                 idx, free = self._find(seg, nsb, kb, h)
             exp = INF if expires is None else expires
             dl = len(data)
@@ -450,7 +571,7 @@ class SharedMemoryStore(Store):
                 rest += data
                 mm = seg.mm
                 mm[end + 4 : end + 4 + len(rest)] = rest
-                mm[end : end + 4] = zlib.crc32(rest).to_bytes(4, "little")
+                _CRC.pack_into(mm, end, _crc32(rest))
                 v = (h << 32) | (end >> 3)
             else:
                 v = self._write(seg, end, nsb, kb, data, exp, h)
@@ -461,17 +582,16 @@ class SharedMemoryStore(Store):
                     q[Q_USED] += 1  # before publishing: a crash may only over-count
             q[idx] = v
         finally:
-            lock.depth -= 1  # lock.release() inlined
+            depth = lock.depth = lock.depth - 1  # lock.release() inlined
             try:
-                if not lock.depth:
-                    fcntl.flock(lock.fd, fcntl.LOCK_UN)
+                if not depth:
+                    _flock(lock.fd, _LOCK_UN)
             finally:
-                lock.rlock.release()
+                rlock.release()
         if ns == self._ns and dl <= _HOT_DATA_MAX:
-            hot = self._hot
-            if len(hot) >= _HOT_MAX:
+            if e is None and len(hot) >= _HOT_MAX:
                 hot.clear()
-            hot[key] = (seg.gen, q, idx, v, expires, data, _NOVALUE)
+            hot[key] = (seg.gen, q, idx, v, expires, data, _NOVALUE, None)
 
     def _delete(self, ns: str, key: str) -> bool:
         with self._h:
@@ -543,23 +663,30 @@ class SharedMemoryStore(Store):
         self,
         seg: Segment,
         adds: list[tuple[bytes, bytes, bytes, float]],
-        drop: set[int],
+        drop: builtins.set[int],  # (the class's own set() method hides the builtin here)
         drop_ns: bytes | None = None,
     ) -> None:
         """Build the next generation from the live records of *seg* minus *drop*, plus
         *adds*, and publish it (called under the lock)."""
         now = self._clock()
         q, mm = seg.q, seg.mm
+        # The rebuild's cost is a per-write constant (see the head room below), so these
+        # loops are kept tight: empty slots (most of the table) are filtered in one
+        # comprehension, and the size arithmetic is inline.
+        live = [v for v in q[seg.t0 : seg.t0 + seg.cap].tolist() if v > TOMB]
+        if drop:
+            gone = {q[i] for i in drop}  # slot values are unique: one record each
+            live = [v for v in live if v not in gone]
         keep: list[tuple[int, int, int]] = []  # (hash, offset, size)
+        append = keep.append
+        unpack = REC.unpack_from
         total = 0
-        t0 = seg.t0
-        for i, v in enumerate(q[t0 : t0 + seg.cap].tolist()):
-            if v <= TOMB or (drop and t0 + i in drop):
-                continue
+        limit = seg.size - 32
+        for v in live:
             off = (v & M32) << 3
-            if off + 32 > seg.size:
+            if off > limit:
                 raise self._corrupt()
-            _crc, _f, dl, exp, nl, kl = REC.unpack_from(mm, off)
+            _crc, _f, dl, exp, nl, kl = unpack(mm, off)
             if exp <= now:
                 continue  # expired: invisible already, reclaim it
             if (
@@ -568,8 +695,8 @@ class SharedMemoryStore(Store):
                 and mm[off + 32 : off + 32 + nl] == drop_ns
             ):
                 continue
-            size = record_size(nl + kl + dl)
-            keep.append((v >> 32, off, size))
+            size = (39 + nl + kl + dl) & ~7  # record_size(nl + kl + dl)
+            append((v >> 32, off, size))
             total += size
         extra = sum(record_size(len(a[0]) + len(a[1]) + len(a[2])) for a in adds)
         nkeys = len(keep) + len(adds)
@@ -577,8 +704,11 @@ class SharedMemoryStore(Store):
         while cap < 4 * nkeys:
             cap *= 2
         need = total + extra
-        # Head room of 3x the live data (1x above 64 MiB): rebuilds stay rare, so their
-        # cost (a copy of the live records) is a small constant per write.
+        # Head room of 3x the live data (1x above 64 MiB), at least MIN_HEAP (1 MiB):
+        # rebuilds stay rare, so their cost (a copy of the live records, plus ~0.4 ms to
+        # create and map a segment) is a small constant per write. For 1,000 small items
+        # a 256 KiB minimum meant a rebuild every ~3,700 writes, 0.3-0.45 us of each
+        # write's ~3 us; 1 MiB makes it every ~15,000 writes, ~0.1 us (docs/benchmarks.md).
         room = max(MIN_HEAP, need * (3 if need < 64 * 2**20 else 1))
         size = segment_size(cap, need + room)
         if size > self._max_size:
@@ -603,6 +733,7 @@ class SharedMemoryStore(Store):
             self._hot.clear()
 
     def _close(self) -> None:
+        self._plain_set = False
         self._hot.clear()
         try:
             if self._delete_on_close and not self._readonly:

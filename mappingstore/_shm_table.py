@@ -21,6 +21,7 @@ import math
 import mmap
 import struct
 import zlib
+from array import array
 
 from ._shm_base import PAGE
 from .errors import StoreCorruptError
@@ -36,8 +37,9 @@ REC_SIZE = 32
 M32 = 0xFFFFFFFF
 #: Record offsets are stored >> 3 in 32 bits: a data segment holds at most 32 GiB.
 MAX_SEGMENT = 2**35
-MIN_HEAP = 256 * 1024  # smallest free heap a rebuild leaves
+MIN_HEAP = 2**20  # smallest free heap a rebuild leaves (see _rebuild_with)
 FIRST_HEAP = 64 * 1024  # heap of a new store
+_RUN = 2**20  # a rebuild copies records in runs of about this many bytes
 INF = math.inf
 EMPTY, TOMB = 0, 1
 
@@ -141,20 +143,32 @@ def fill(
     mm = old_mm
     nkeys = len(keep) + len(adds)
     nq, nmm, t0, mask = new.q, new.mm, new.t0, new.mask
-    pos = nq[Q_HEAP]
+    pos = flushed = nq[Q_HEAP]
+    # The table is built in a list, then stored in one slice, and records are copied in
+    # runs of up to 1 MiB: fewer, bigger stores into the mapping (this loop runs once per
+    # live record per rebuild; its cost is part of every write's, see _rebuild_with).
+    table = [EMPTY] * new.cap
+    chunks: list[bytes] = []
+    append = chunks.append
     for h, off, rsize in keep:
-        nmm[pos : pos + rsize] = mm[off : off + rsize]
+        append(mm[off : off + rsize])
         i = h & mask
-        while nq[t0 + i]:
+        while table[i]:
             i = (i + 1) & mask
-        nq[t0 + i] = (h << 32) | (pos >> 3)
+        table[i] = (h << 32) | (pos >> 3)
         pos += rsize
+        if pos - flushed >= _RUN:
+            nmm[flushed:pos] = b"".join(chunks)
+            chunks.clear()
+            flushed = pos
+    nmm[flushed:pos] = b"".join(chunks)
     for nsb, kb, data, exp in adds:
         v = write_record(new, pos, nsb, kb, data, exp, zlib.crc32(kb, zlib.crc32(nsb)))
         i = (v >> 32) & mask
-        while nq[t0 + i]:
+        while table[i]:
             i = (i + 1) & mask
-        nq[t0 + i] = v
+        table[i] = v
         pos += record_size(len(nsb) + len(kb) + len(data))
+    nq[t0 : t0 + new.cap] = array("Q", table)
     nq[Q_END] = pos
     nq[Q_USED] = nkeys

@@ -489,6 +489,8 @@ while True:
     size = (i * 7919) % 300_000 + 1
     body = bytes([i % 251]) * size
     s["v"] = {"i": i, "body": body, "crc": zlib.crc32(body)}
+    for k in range(20):  # small records: __setitem__'s fast path
+        s[f"s{k}"] = {"i": i, "body": body[:k * 9], "crc": zlib.crc32(body[:k * 9])}
     s.update({"a": i, "b": i})
     b.set(body + zlib.crc32(body).to_bytes(4, "little"))
 """
@@ -514,6 +516,9 @@ def test_sigkilled_writer_never_leaves_a_torn_value(name: str, kills: int, spawn
                 v = store.get("v")
                 if v is not None:
                     assert zlib.crc32(v["body"]) == v["crc"]
+                small = store.get(f"s{reads % 20}")
+                if small is not None:
+                    assert zlib.crc32(small["body"]) == small["crc"]
                 a, b = store.get("a"), store.get("b")
                 if a is not None and b is not None:
                     assert b >= a  # a batch is never half-visible in the wrong direction
@@ -525,6 +530,9 @@ def test_sigkilled_writer_never_leaves_a_torn_value(name: str, kills: int, spawn
             # after the kill: the last value is whole, and the store still works
             v = store["v"]
             assert zlib.crc32(v["body"]) == v["crc"]
+            for k in range(20):
+                small = store.get(f"s{k}")
+                assert small is None or zlib.crc32(small["body"]) == small["crc"]
             assert store["a"] == store["b"]
             raw = shared.get()
             assert zlib.crc32(raw[:-4]).to_bytes(4, "little") == raw[-4:]
@@ -701,16 +709,19 @@ def test_threads_share_one_instance(name: str) -> None:
         store["n"] = 0
         errors: list[BaseException] = []
 
-        def work() -> None:
+        # Keys are named by the thread's number, not threading.get_ident(): a thread that
+        # finishes before the next one starts hands its ident on, and the two would write
+        # the same 300 keys (901 instead of 1201: a flaky test, not a lost write).
+        def work(t: int) -> None:
             try:
                 for i in range(300):
                     store.modify("n", lambda v: v + 1)
-                    store[f"t{threading.get_ident()}-{i}"] = i
+                    store[f"t{t}-{i}"] = i
                     store.get("n")
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work) for _ in range(4)]
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -826,6 +837,66 @@ def test_shared_bytes_unlink_readonly_and_closed(name: str) -> None:
     with SharedBytes(name, delete_on_close=True) as temp:
         temp.set(b"gone soon")
     assert _files(name) == []
+
+
+def test_every_set_path_writes_the_same_records(name: str) -> None:
+    """__setitem__'s fast path (first set, set after a read, set after a set), its
+    fallbacks (non-ASCII key, big value, TTL, lock_timeout, batch) and _put all write
+    records another instance reads back, checksums included."""
+    from mappingstore.testing import FakeClock
+
+    clock = FakeClock()
+    big = "x" * 10_000
+    with (
+        SharedMemoryStore(name, clock=clock) as w,
+        SharedMemoryStore(name, clock=clock) as r,
+        SharedMemoryStore(name, lock_timeout=5, clock=clock) as t,
+    ):
+        w["new"] = 1  # no cached entry
+        w["new"] = 2  # entry made by the set (same length: the cached record head)
+        for size in (1, 100, 3, 3, 4000, 2):  # the value's length changes
+            w["grow"] = "g" * size
+        r["read"] = "v"
+        assert w["read"] == "v"
+        w["read"] = [1]  # entry made by a read
+        w["é"] = {"a": 1}  # non-ASCII key: Store.set
+        w["é"] = {"a": 2}
+        w["big"] = big  # > 4096 bytes: _put
+        w["big"] = big + "y"
+        t["timeout"] = (1, 2)  # lock_timeout: Store.set and _put
+        w.set("ttl", 1, ttl=10)
+        w["ttl"] = 2  # a plain set clears the expiry
+        w.set("ttl2", 1)
+        w.set("ttl2", 2, ttl=10)
+        with w.batch():
+            w["batched"] = 1
+            assert r.get("batched") is None
+        for key in ("", 5, None):
+            with pytest.raises((KeyError, TypeError, ValueError)):
+                w[key] = 1
+        clock.advance(11)
+        fresh = SharedMemoryStore(name, clock=clock)
+        try:
+            for reader in (r, fresh):
+                assert reader["new"] == 2 and reader["read"] == [1] and reader["grow"] == "gg"
+                assert reader["é"] == {"a": 2} and reader["big"] == big + "y"
+                assert reader["timeout"] == (1, 2) and reader["ttl"] == 2
+                assert "ttl2" not in reader and reader["batched"] == 1
+                assert reader.ttl("ttl") is None
+            keys = ["batched", "big", "grow", "new", "read", "timeout", "ttl", "é"]
+            assert sorted(fresh) == keys
+        finally:
+            fresh.close()
+
+
+def test_sets_survive_many_rebuilds(name: str) -> None:
+    """Enough sets to rebuild the segment several times (the cached slots go stale)."""
+    with SharedMemoryStore(name) as w, SharedMemoryStore(name) as r:
+        gen = w.files()
+        for i in range(40_000):
+            w[f"k{i % 500}"] = i
+        assert w.files() != gen  # rebuilt at least once
+        assert {k: r[k] for k in r} == {f"k{i}": 39_500 + i for i in range(500)}
 
 
 # -- the conformance suite -----------------------------------------------------------------
