@@ -138,13 +138,14 @@ class _InodeLock:
     ``threading.RLock`` orders the threads of this process; ``flock`` orders processes.
     """
 
-    __slots__ = ("depth", "fd", "key", "refs", "rlock")
+    __slots__ = ("depth", "fd", "ghost", "key", "refs", "rlock")
 
     def __init__(self, fd: int, key: tuple[int, int]) -> None:
         self.fd = fd
         self.key = key
         self.rlock = threading.RLock()
         self.depth = 0
+        self.ghost = 0  # levels a forked child inherited without the flock (see fork)
         self.refs = 0
 
     def acquire(self, timeout: float | None) -> None:
@@ -182,6 +183,10 @@ class _InodeLock:
                 delay = min(delay * 2, 0.01)
 
     def release(self) -> None:
+        if not self.depth and self.ghost:  # a child leaving a level entered before fork()
+            self.ghost -= 1
+            self.rlock.release()
+            return
         self.depth -= 1
         try:
             if not self.depth:
@@ -222,7 +227,11 @@ def _unregister_lock(lock: _InodeLock) -> None:
 def _after_fork_in_child() -> None:
     # The child shares the parent's open file descriptions, hence the parent's flock: give
     # it its own (via /proc, same inode), and fresh thread locks (a parent thread may have
-    # held one at fork time).
+    # held one at fork time). A lock the forking thread itself holds (fork() called inside
+    # a locked section) keeps its thread lock, but the flock is the parent's: the levels
+    # entered before fork() become ``ghost`` levels and depth starts at 0, so a write the
+    # child makes inside the section first takes the flock on its own description (it
+    # waits for the parent to leave), and leaving the section releases the ghost levels.
     global _LOCKS_GUARD
     _LOCKS_GUARD = threading.Lock()
     for lock in _LOCKS.values():
@@ -233,8 +242,11 @@ def _after_fork_in_child() -> None:
             lock.fd = -1
         with contextlib.suppress(OSError):
             os.close(old)
-        lock.rlock = threading.RLock()
-        lock.depth = 0
+        if lock.depth > 0 and lock.rlock._is_owned():  # type: ignore[attr-defined]
+            lock.ghost, lock.depth = lock.ghost + lock.depth, 0
+        else:
+            lock.rlock = threading.RLock()
+            lock.depth = lock.ghost = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

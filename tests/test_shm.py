@@ -913,3 +913,40 @@ class TestSharedMemory(StoreTests):
             return SharedMemoryStore(f"{prefix}-{name}", **options)
 
         return open_
+
+
+def test_fork_inside_a_locked_section(name: str) -> None:
+    """A child forked by the thread inside a locked section (a modify function calling
+    fork()) leaves the section normally and then takes the lock for its own writes."""
+    with SharedMemoryStore(name) as store:
+        store["n"] = 0
+        pids: list[int] = []
+
+        def bump(value: Any) -> Any:
+            pid = os.fork()
+            if pid == 0:  # the child, still inside the parent's section
+                pids.append(0)
+                return value + 100
+            pids.append(pid)
+            time.sleep(0.3)  # the child's write must wait for this section to end
+            return value + 1
+
+        parent = os.getpid()
+        try:
+            store.modify("n", bump)
+        except BaseException:
+            if os.getpid() != parent:
+                os._exit(2)  # the child failed to leave the section
+            raise
+        if pids == [0]:  # the child: out of the section, then a write of its own
+            code = 1
+            try:
+                store.modify("child", lambda v: "wrote", default=None)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pids[0], 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store["child"] == "wrote"
+        # The child took the lock for its write, so it wrote after the parent's section.
+        assert store["n"] == 100
