@@ -323,6 +323,9 @@ _ABANDONED: list[Any] = []
 
 
 def _after_fork_in_child() -> None:
+    global _TXNS_LOCK
+    _TXNS_LOCK = threading.Lock()
+    _TXNS.clear()  # the forking thread's open transactions are on the parent's sockets
     for store in list(_STORES.values()):
         store._forget_pool_after_fork()
 
@@ -332,10 +335,28 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Txn(threading.local):
-    """This thread's ``_exclusive()`` transaction, if any."""
+    """This thread's open transaction on one table, if any: an ``_exclusive()`` section,
+    or a ``modify`` whose function is running. Every statement of this thread on the
+    table joins it, through any store of the same connection string and table
+    (:func:`_txn_for`): a store of its own would wait for the row or advisory lock that
+    the transaction holds, and the transaction waits for this thread: a deadlock no
+    timeout ends."""
 
     conn: Conn | None = None
     depth: int = 0
+
+
+#: The _Txn of each (connection string or pool, table) in this process.
+_TXNS: dict[tuple[str, str], _Txn] = {}
+_TXNS_LOCK = threading.Lock()
+
+
+def _txn_for(key: tuple[str, str]) -> _Txn:
+    with _TXNS_LOCK:
+        txn = _TXNS.get(key)
+        if txn is None:
+            txn = _TXNS[key] = _Txn()
+        return txn
 
 
 class PostgresStore(Store):
@@ -409,7 +430,6 @@ class PostgresStore(Store):
                 raise InvalidOptionError(f"{name} must be a number of seconds > 0, got {value!r}")
         self._pool_timeout = float(pool_timeout)
         self._min_size, self._max_size = pool_min_size, pool_max_size
-        self._txn = _Txn()
         self._pool_lock = threading.Lock()
         self._pool: ConnectionPool[Any] | None
         self._retired: ConnectionPool[Any] | None = None
@@ -446,6 +466,9 @@ class PostgresStore(Store):
             **libpq,
         }
         self._url = self._display_url()
+        source = f"pool:{id(conninfo)}" if isinstance(conninfo, ConnectionPool) else conninfo
+        self._txn_key = (source, self.table)
+        self._txn = _txn_for(self._txn_key)
         self._prepare_sql()
         _STORES[id(self)] = self  # stores are unhashable, like dicts
         try:
@@ -710,7 +733,7 @@ class PostgresStore(Store):
         self._direct, self._pool_short = None, 0
         self._waiting = 0
         self._park_lock = threading.Lock()
-        self._txn = _Txn()
+        self._txn = _txn_for(self._txn_key)
         self._pool_lock = threading.Lock()
         if self._owns_pool:
             _ABANDONED.extend(p for p in (self._pool, self._retired) if p is not None)
@@ -1231,7 +1254,14 @@ class PostgresStore(Store):
             row = cur.fetchone()
             now = self._clock()
             live = row is not None and (row[1] is None or row[1] > now)
-            new = fn((bytes(row[0]), row[1]) if live else None)  # type: ignore[index]
+            state = self._txn
+            if not nested:  # the function's own statements on this table join this one
+                state.conn = conn
+            try:
+                new = fn((bytes(row[0]), row[1]) if live else None)  # type: ignore[index]
+            finally:
+                if not nested:
+                    state.conn = None
             end = "" if nested else "; COMMIT"
             if new is KEEP or (new is None and row is None):
                 if not nested:

@@ -926,3 +926,50 @@ def test_a_terminated_opening_connection_is_replaced(admin: Any, tables: Tables)
         store["k"] = 2
         assert store.modify("k", lambda v: v + 1) == 3
         assert store._direct is None
+
+
+# -- a thread's own statements inside its open transaction ----------------------------------
+
+
+def test_a_modify_function_may_write_through_the_store_and_another_store_of_the_table(
+    pg: Callable[..., PostgresStore],
+) -> None:
+    """The function runs while its row is locked: a write of that row through a store of
+    its own would wait for this very thread forever. It joins the transaction instead."""
+    a, b = pg(), pg()
+    a["k"] = 1
+
+    def fn(value: Any) -> Any:
+        a["other"] = 2
+        a["k"] = 5  # the locked row itself
+        b["k"] = 7  # through another store of the table
+        b["seen"] = b["k"]
+        return value + 1
+
+    assert a.modify("k", fn) == 2
+    assert (a["k"], a["other"], b["seen"]) == (2, 2, 7)
+
+    def fails(value: Any) -> Any:
+        a["rolled back"] = True
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        a.modify("k", fails)
+    assert "rolled back" not in a and a["k"] == 2  # the whole transaction rolled back
+
+
+def test_dot_name_sections_nest_across_stores_of_the_table(
+    pg: Callable[..., PostgresStore],
+) -> None:
+    a, b = pg(dot_names=True), pg(dot_names=True)
+    a["p.q"] = 1
+
+    def fn(value: Any) -> Any:
+        b["p.r"] = 3  # b's own exclusive section joins a's (same advisory lock)
+        return value + 1
+
+    assert a.modify("p.q", fn) == 2
+    assert a["p"].to_dict() == {"q": 2, "r": 3}
+    other = pg("other", dot_names=True)  # another table: its own transaction
+    a.modify("p.q", lambda v: (other.__setitem__("x.y", 1), v)[1])
+    assert other["x.y"] == 1
