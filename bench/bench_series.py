@@ -3,13 +3,7 @@
 Usage::
 
     python bench/bench_series.py [--quick] [--backends sqlite,memory,postgres,redis]
-                                 [--rstore-events N]
-
-rstore replays its whole history on every ``apply``, so its event rate falls as the log
-grows (quadratic total time: 10,000 applies take about 14 minutes here). By default it
-is measured on the first 1,000 applies, which flatters it; ``--rstore-events 10000``
-measures it at the issue's full size.
-                                 [--rstore-events N]
+                                 [--rstore-events N] [--clock wall|cpu]
 
 rstore replays its whole history on every ``apply``, so its event rate falls as the log
 grows (quadratic total time: 10,000 applies take about 14 minutes here). By default it
@@ -24,6 +18,7 @@ Every workload runs on fresh stores in a temporary directory.
 from __future__ import annotations
 
 import argparse
+import gc
 import operator
 import os
 import statistics
@@ -35,15 +30,41 @@ from typing import Any
 
 import mappingstore
 
+# time.perf_counter (wall, the default) or time.process_time (--clock cpu: this process's
+# CPU time, steadier on a shared machine) for the reads. Writes and the server backends
+# always use wall time: CPU time would leave out the fsync waits of a commit (rstore
+# commits every apply), the server's work and the waits for it.
+clock: Callable[[], float] = time.perf_counter
 
-def best_of(repeat: int, fn: Callable[[], Any]) -> float:
-    """Median wall time of *repeat* runs of *fn* (seconds)."""
+
+def best_of(repeat: int, fn: Callable[[], Any], *, wall: bool = False) -> float:
+    """Median time of *repeat* runs of *fn* (seconds)."""
+    timer = time.perf_counter if wall else clock
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = timer()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(timer() - start)
     return statistics.median(times)
+
+
+def mean_of(runs: int, fn: Callable[[], Any]) -> float:
+    """Mean time of *runs* back-to-back runs of *fn*, starting from a collected heap.
+
+    For the range windows, whose results (one tuple and one value per point, 50 windows
+    per run) stay alive until the run ends: CPython's full collections, which walk every
+    container in the process, then come about once every one to three runs. The median
+    of three runs counts that cost in every run or in none, depending on its period, and
+    the first runs after a set-up also pay for the set-up's own survivors (the
+    extend calls before them). So each contender starts from ``gc.collect()`` and the
+    time of many runs is averaged: each pays for the collections its own runs cause.
+    The collector stays on, as in a user's process.
+    """
+    gc.collect()
+    start = clock()
+    for _ in range(runs):
+        fn()
+    return (clock() - start) / runs
 
 
 def rstore_available() -> bool:
@@ -55,7 +76,7 @@ def rstore_available() -> bool:
 
 
 def bench_sqlite(
-    points: int, events: int, repeat: int, rstore_events: int
+    points: int, events: int, repeat: int, rstore_events: int, range_runs: int
 ) -> list[tuple[str, float, float | None, str]]:
     rows: list[tuple[str, float, float | None, str]] = []
     data = [(i * 10, {"v": i, "q": i * 0.5}) for i in range(points)]
@@ -69,7 +90,7 @@ def bench_sqlite(
         with ms_store("extend") as s:
             s.series("t").extend(data)
 
-    ms_t = best_of(repeat, ms_extend)
+    ms_t = best_of(repeat, ms_extend, wall=True)
     r_t: float | None = None
     if rstore_available():
         from rstore import Store as RStore
@@ -78,7 +99,7 @@ def bench_sqlite(
             with RStore(f"sqlite://{tmp}/r-extend-{time.perf_counter_ns()}.db", frozen=False) as r:
                 r.extend("t", *data)
 
-        r_t = best_of(repeat, r_extend)
+        r_t = best_of(repeat, r_extend, wall=True)
     rows.append(("sqlite extend (points/s)", points / ms_t, points / r_t if r_t else None, ">= 4x"))
 
     # range over 1% windows, first/last: on one loaded store each
@@ -87,7 +108,7 @@ def bench_sqlite(
     series.extend(data)
     width = points // 100 * 10
     starts = [(i * 7919 % 90) * width for i in range(50)]
-    ms_r = best_of(repeat, lambda: [series.range(a, a + width) for a in starts])
+    ms_r = mean_of(range_runs, lambda: [series.range(a, a + width) for a in starts])
     ms_fl = best_of(repeat, lambda: [(series.first(), series.last()) for _ in range(200)])
     r_r = r_fl = None
     if rstore_available():
@@ -97,7 +118,7 @@ def bench_sqlite(
         with RStore(path, frozen=False) as r:
             r.extend("t", *data)
         with RStore(path) as r:
-            r_r = best_of(repeat, lambda: [r.range("t", a, end=a + width) for a in starts])
+            r_r = mean_of(range_runs, lambda: [r.range("t", a, end=a + width) for a in starts])
             r_fl = best_of(repeat, lambda: [(r.first("t"), r.last("t")) for _ in range(200)])
     rows.append(
         ("sqlite range 1% window (windows/s)", 50 / ms_r, 50 / r_r if r_r else None, ">= 2x")
@@ -113,7 +134,7 @@ def bench_sqlite(
             for i in range(2, events + 1):
                 log.apply({"count": (operator.add, 1)}, i)
 
-    ms_e = best_of(1, ms_events)
+    ms_e = best_of(1, ms_events, wall=True)
     r_e: float | None = None
     r_n = min(events, rstore_events)  # rstore replays all history per apply: quadratic
     if rstore_available():
@@ -125,7 +146,7 @@ def bench_sqlite(
                 for i in range(2, r_n + 1):
                     r.apply("e", {"count": (operator.add, 1)}, i)
 
-        r_e = best_of(1, r_events)
+        r_e = best_of(1, r_events, wall=True)
     rows.append(
         (
             f"sqlite events apply (applies/s; rstore measured on {r_n})",
@@ -161,7 +182,7 @@ def bench_generic(
         series.remove()
         series.extend(data)
 
-    t = best_of(repeat, run)
+    t = best_of(repeat, run, wall=True)
     series.remove()
     store.close()
     peer: float | None = None
@@ -177,7 +198,7 @@ def bench_generic(
                 r.discard()
 
         try:
-            peer = points / best_of(repeat, r_run)
+            peer = points / best_of(repeat, r_run, wall=True)
         except Exception as exc:  # a peer failure is a result to report, not a crash
             print(f"# rstore postgres: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
     return [(f"{label} extend (points/s)", points / t, peer, target)]
@@ -190,14 +211,25 @@ def main() -> None:
     parser.add_argument(
         "--rstore-events", type=int, default=1000, help="applies measured on rstore (default 1000)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="for the reads (range, first/last, current): wall, time.perf_counter "
+        "(default), or cpu, time.process_time, steadier on a loaded machine; writes are "
+        "always timed on the wall clock",
+    )
     args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     points = 20_000 if args.quick else 100_000
     events = 2_000 if args.quick else 10_000
     repeat = 1 if args.quick else 3
+    range_runs = 3 if args.quick else 10
     rows: list[tuple[str, float, float | None, str]] = []
     wanted = args.backends.split(",")
     if "sqlite" in wanted:
-        rows += bench_sqlite(points, events, repeat, args.rstore_events)
+        rows += bench_sqlite(points, events, repeat, args.rstore_events, range_runs)
     if "memory" in wanted:
         rows += bench_generic("memory://", "memory", points, repeat)
     if "postgres" in wanted:

@@ -288,28 +288,52 @@ def unpack(payload: bytes) -> Any:
         raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
 
 
+_ARRAY32 = struct.Struct(">BI").pack  # msgpack "array 32" header: 0xdd, item count
+
+
 def unpack_slice(payload: bytes, start: int, stop: int) -> list[Any]:
     """Decode items ``start:stop`` of a msgpack array without building the others.
 
-    The items before *start* are skipped (parsed, never turned into objects): reading a
-    narrow window of a large packed array costs little more than the window itself.
+    The items before *start* are skipped, never built, in one C call: they are presented to
+    an unpacker as one array under a made-up header, which ``skip()`` passes over whole.
+    The window is then decoded by one ``unpack()`` of the same kind, which stops after its
+    last item. (One ``skip()`` or ``unpack()`` call per item costs a Python call each,
+    about a third of the cost of decoding an item.) Asking for items past the end of
+    the array returns the ones that exist.
     """
     try:
-        unpacker = msgpack.Unpacker(
-            None,
-            ext_hook=_ext_hook,
-            raw=False,
-            strict_map_key=False,
-            max_buffer_size=len(payload) + 1,
-        )
+        unpacker = msgpack.Unpacker(None, max_buffer_size=len(payload) + 5)
         unpacker.feed(payload)
         size = unpacker.read_array_header()
         stop = min(stop, size)
-        for _ in range(start):
-            unpacker.skip()
-        return [unpacker.unpack() for _ in range(max(stop - start, 0))]
-    except (*_DECODE_ERRORS, msgpack.OutOfData) as exc:
+        if start >= stop:
+            return []
+        if start == 0 and stop == size:
+            items = _unpackb(payload)
+        else:
+            pos: int = unpacker.tell()
+            view = memoryview(payload)
+            if start:
+                skipper = msgpack.Unpacker(None, max_buffer_size=len(payload) - pos + 5)
+                skipper.feed(_ARRAY32(0xDD, start))
+                skipper.feed(view[pos:])
+                skipper.skip()
+                pos += skipper.tell() - 5
+            window = msgpack.Unpacker(
+                None,
+                ext_hook=_ext_hook,
+                raw=False,
+                strict_map_key=False,
+                max_buffer_size=len(payload) - pos + 5,
+            )
+            window.feed(_ARRAY32(0xDD, stop - start))
+            window.feed(view[pos:])
+            items = window.unpack()
+    except (*_DECODE_ERRORS, msgpack.UnpackException) as exc:
         raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
+    if type(items) is not list:  # pragma: no cover - the header said array
+        raise CorruptValueError("stored value cannot be decoded: not an array")
+    return items
 
 
 _CRC_AT_2 = struct.Struct(">I").unpack_from

@@ -27,6 +27,9 @@ extending one series lose no point (on backends shared between processes).
 from __future__ import annotations
 
 import bisect
+import gc
+import os
+import threading
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +67,86 @@ def _check_freq(freq: Any) -> int:
     return freq
 
 
+class _GCPause:
+    """Pause CPython's cyclic garbage collector while a window of values is decoded.
+
+    Why: a 1,000-point window builds 1,000 values and 1,000 result tuples, and every 700
+    container allocations (the default threshold) start a collection that walks the young
+    objects again; when the caller keeps the windows, the survivors also pile up into
+    full collections. msgpack's own performance tips say the same ("CPython's GC starts
+    when growing allocated object. This means unpacking may cause useless GC. You can use
+    gc.disable() when unpacking large message": msgpack-python's README, "Performance
+    tips"). msgpack once did this inside ``unpack()`` and stopped because it restored the
+    state wrongly, hence the care below. Nothing decoded here can form a
+    reference cycle, so a pass during the decode finds no garbage. The collector is
+    paused, never skipped: the allocations still count, and the next allocation after the
+    pause collects as usual.
+
+    The collector switch is process-wide, so this keeps one count of open pauses across
+    threads under a lock: the first pause records whether the collector was enabled and
+    disables it, the last one re-enables it only if it was enabled then. A collector the
+    application disabled stays disabled; if two threads decode at once the collector stays
+    off until both are done. Limitation: an application thread that calls
+    ``gc.disable()`` *during* a decode of another thread has that call undone when the
+    decode ends (``gc.isenabled()`` cannot tell who disabled it).
+
+    Use as ``pause = _GCPause()`` then ``try: pause.start(); ... finally: pause.stop()``
+    (not a ``with`` block: ``__exit__`` does not run when ``__enter__`` is interrupted).
+    ``stop`` undoes exactly what ``start`` did, however far it got: a KeyboardInterrupt
+    between two bytecodes of ``start`` leaves neither the count nor the collector changed
+    for good. Each pause covers one chunk's decode (a few hundred µs), never a ``yield``
+    or I/O, so a lazy iteration or a slow backend cannot hold the collector off. A child
+    forked while another thread was decoding starts with no pause open (see
+    :meth:`_after_fork`): that thread does not exist there to end its pause.
+    """
+
+    __slots__ = ("_counted",)
+
+    _lock = threading.RLock()  # re-entrant: a signal handler may decode in the same thread
+    _depth = 0  # open pauses, all threads
+    _resume = False  # the first open pause found the collector enabled
+
+    def __init__(self) -> None:
+        self._counted = False
+
+    def start(self) -> None:
+        cls = _GCPause
+        with cls._lock:
+            # No call between these two statements, so no asynchronous exception either.
+            cls._depth += 1
+            self._counted = True
+            if cls._depth == 1:
+                cls._resume = gc.isenabled()
+                gc.disable()
+
+    def stop(self) -> None:
+        cls = _GCPause
+        with cls._lock:
+            if not self._counted:
+                return
+            self._counted = False
+            cls._depth -= 1
+            if cls._depth == 0 and cls._resume:
+                cls._resume = False
+                gc.enable()
+
+    @staticmethod
+    def _after_fork() -> None:
+        """In a forked child: drop the pauses of the threads that were not copied (the
+        forking thread is not decoding), with a fresh lock in case one of them held it."""
+        cls = _GCPause
+        cls._lock = threading.RLock()
+        if cls._depth:
+            cls._depth = 0
+            if cls._resume:
+                cls._resume = False
+                gc.enable()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_GCPause._after_fork)
+
+
 class Series(MutableMapping[int, Any]):
     """A time series: integer timestamps (negative and zero included) to values.
 
@@ -83,7 +166,8 @@ class Series(MutableMapping[int, Any]):
         self._ns = internal_ns("ts", store._ns)
         self._head_key = tagged_key("H", self._name)
         self._freq = None if freq is None else _check_freq(freq)
-        self._cache: tuple[bytes, dict[str, Any]] | None = None
+        # (raw head record, decoded head, chunk start timestamps) of the last head read
+        self._cache: tuple[bytes, dict[str, Any], list[int]] | None = None
 
     # -- storage helpers ----------------------------------------------------------------
 
@@ -100,7 +184,8 @@ class Series(MutableMapping[int, Any]):
     def _chunk_key(self, cid: int) -> str:
         return f"{tagged_key('C', self._name)}:{cid:x}"
 
-    def _head_record(self) -> dict[str, Any] | None:
+    def _head_entry(self) -> tuple[bytes, dict[str, Any], list[int]] | None:
+        """``(raw head record, head, chunk start timestamps)``, or None for no series."""
         data = self._store._rget(self._ns, self._head_key)
         if data is None:
             return None
@@ -108,7 +193,7 @@ class Series(MutableMapping[int, Any]):
         # Equal raw bytes mean an equal head (an encrypted head has a fresh nonce per write).
         cached = self._cache
         if cached is not None and cached[0] == data:
-            return cached[1]
+            return cached
         head = self._store._decode(self._ns, self._head_key, data)
         try:
             if not (
@@ -121,8 +206,13 @@ class Series(MutableMapping[int, Any]):
                 raise ValueError("bad structure")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptValueError(f"series {self._name!r}: damaged head record") from exc
-        self._cache = (data, head)
-        return head
+        # One tuple, replaced whole: a thread reading it never mixes two versions.
+        cached = self._cache = (data, head, [c[0] for c in head["c"]])
+        return cached
+
+    def _head_record(self) -> dict[str, Any] | None:
+        entry = self._head_entry()
+        return None if entry is None else entry[1]
 
     def _head(self) -> tuple[list[list[int]], int]:
         """The chunk directory (shared with the cache: never mutate it) and the next id."""
@@ -130,6 +220,14 @@ class Series(MutableMapping[int, Any]):
         if head is None:
             return [], 0
         return head["c"], head["n"]
+
+    def _directory(self) -> tuple[list[list[int]], list[int]]:
+        """The chunk directory and its chunk start timestamps (both shared with the cache:
+        never mutate them). The starts let a read find its first chunk by bisection."""
+        entry = self._head_entry()
+        if entry is None:
+            return [], []
+        return entry[1]["c"], entry[2]
 
     def _chunk_raw(self, cid: int) -> tuple[list[int], bytes]:
         """Timestamps and the packed value array of chunk *cid* (values not decoded)."""
@@ -159,7 +257,7 @@ class Series(MutableMapping[int, Any]):
         key = self._chunk_key(cid)
         written[cid] = (ts, vs)
         # Values travel as one packed array inside the chunk, so a reader can decode just
-        # the slice it needs (see _codec.unpack_slice).
+        # the slice it needs (see unpack_slice).
         payload = {"t": ts, "v": pack(vs)}
         return Op(self._ns, key, self._store._encode(self._ns, key, payload), None)
 
@@ -335,24 +433,60 @@ class Series(MutableMapping[int, Any]):
 
     # -- reads --------------------------------------------------------------------------
 
-    def _scan(self, lo: int | None, hi: int | None) -> Iterator[tuple[int, Any]]:
+    def _spans(
+        self, lo: int | None, hi: int | None
+    ) -> Iterator[tuple[int, list[int], bytes, int, int]]:
+        """``(chunk_id, timestamps, packed values, a, b)`` for each chunk holding points of
+        ``lo <= t <= hi``: its points ``a:b`` are the ones in range (values not decoded)."""
         self._store._check_open()
-        chunks, _ = self._head()
-        for i, entry in enumerate(chunks):
-            nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
+        chunks, starts = self._directory()
+        # The first chunk that can hold lo is the last one starting at or before it.
+        first = 0 if lo is None else max(bisect.bisect_right(starts, lo) - 1, 0)
+        for i in range(first, len(chunks)):
+            entry = chunks[i]
             if hi is not None and entry[0] > hi:
                 return
-            if lo is not None and nxt is not None and nxt <= lo:
-                continue
             ts, packed = self._chunk_raw(entry[1])
             a = 0 if lo is None else bisect.bisect_left(ts, lo)
             b = len(ts) if hi is None else bisect.bisect_right(ts, hi)
-            if a >= b:
-                continue
+            if a < b:
+                yield entry[1], ts, packed, a, b
+
+    def _decode_into(
+        self, out: list[tuple[int, Any]], cid: int, ts: list[int], packed: bytes, a: int, b: int
+    ) -> None:
+        """Append points ``a:b`` of chunk *cid* to *out* as ``(timestamp, value)`` pairs.
+
+        One call decodes the values and ``list.extend(zip(...))`` builds the pairs without a
+        Python step per point, with the collector paused (see :class:`_GCPause`).
+        """
+        pause = _GCPause()
+        try:
+            pause.start()
             values = unpack_slice(packed, a, b)
             if len(values) != b - a:
-                raise CorruptValueError(f"series {self._name!r}: damaged chunk {entry[1]}")
-            yield from zip(ts[a:b], values, strict=True)
+                raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}")
+            out.extend(zip(ts[a:b], values, strict=True))
+        finally:
+            pause.stop()
+
+    def _scan(self, lo: int | None, hi: int | None) -> Iterator[tuple[int, Any]]:
+        # Decoded a chunk's slice at a time: the collector is never paused across a yield.
+        for cid, ts, packed, a, b in self._spans(lo, hi):
+            points: list[tuple[int, Any]] = []
+            self._decode_into(points, cid, ts, packed, a, b)
+            yield from points
+
+    def _points(self, lo: int | None, hi: int | None, n: int | None) -> list[tuple[int, Any]]:
+        """The first *n* (``None``: all) points of ``lo <= t <= hi`` as one list."""
+        out: list[tuple[int, Any]] = []
+        for cid, ts, packed, a, b in self._spans(lo, hi):
+            if n is not None:
+                b = min(b, a + n - len(out))
+            self._decode_into(out, cid, ts, packed, a, b)
+            if n is not None and len(out) >= n:
+                break
+        return out
 
     def __getitem__(self, t: int) -> Any:
         t = _check_ts(t)
@@ -363,11 +497,12 @@ class Series(MutableMapping[int, Any]):
     def __contains__(self, t: object) -> bool:
         if isinstance(t, bool) or not isinstance(t, int):
             return False
-        return any(True for _ in self._scan(t, t))
+        # Timestamps only: the chunk's values are not decoded (nor in __iter__, missing).
+        return any(True for _ in self._spans(t, t))
 
     def __iter__(self) -> Iterator[int]:
-        for t, _ in self._scan(None, None):
-            yield t
+        for _, ts, _, a, b in self._spans(None, None):
+            yield from ts[a:b]
 
     def __len__(self) -> int:
         self._store._check_open()
@@ -411,10 +546,7 @@ class Series(MutableMapping[int, Any]):
         if n == 0 or (lo is not None and hi is not None and lo > hi):
             return []
         if step is None:
-            points = self._scan(lo, hi)
-            if n is None:
-                return list(points)
-            return [p for p, _ in zip(points, range(n), strict=False)]
+            return self._points(lo, hi, n)
         out: list[tuple[int, Any]] = []
         last_kept: int | None = None
         for t, v in self._scan(lo, hi):
@@ -442,7 +574,7 @@ class Series(MutableMapping[int, Any]):
         step = _check_freq(step)
         if lo > hi:
             return []
-        present = {t for t, _ in self._scan(lo, hi)}
+        present = {t for _, ts, _, a, b in self._spans(lo, hi) for t in ts[a:b]}
         return [t for t in range(lo, hi + 1, step) if t not in present]
 
     def iscomplete(self, start: int, end: int | None = None, *, freq: int | None = None) -> bool:
