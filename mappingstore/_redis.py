@@ -140,6 +140,7 @@ class _Renewer:
                         self.drop(i)
                 except Exception as exc:  # the next round tries again; the lease may hold
                     log.debug("renewing a store lock lease failed: %s", exc)
+            del due, fn  # hold no store alive between rounds
 
 
 _RENEWER = _Renewer()
@@ -773,8 +774,9 @@ class RedisStore(Store):
             token = os.urandom(16)
             self._acquire_lock(token)
             key, lease_ms = self._lock_key, _LOCK_LEASE_MS
+            client = self._client
             renewal = _RENEWER.hold(
-                lambda: self._client.eval(_RENEW, 1, key, token, lease_ms), lease_ms / 1000
+                lambda: client.eval(_RENEW, 1, key, token, lease_ms), lease_ms / 1000
             )
             local.depth = 1
             try:
