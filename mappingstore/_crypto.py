@@ -9,6 +9,8 @@ Layer 2 of the architecture. The design (see ``docs/security.md``):
 * Each value is sealed with XChaCha20-Poly1305 (``nacl.secret.Aead``), a random 24-byte
   nonce, and associated data that binds it to its store id, namespace and key name, so a
   ciphertext moved anywhere else fails authentication.
+* ``Cipher.seal_records``/``open_records`` do the same for a whole batch of one namespace
+  (``set_many``/``get_many``), sharing the Python-side work; the bytes are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import os
 import struct
 import threading
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +31,7 @@ import nacl.utils
 
 from .errors import IntegrityError, InvalidOptionError, WrongPasswordError
 
-__all__ = ["SECURITY_LEVELS", "Cipher", "KeySlot", "aad_for", "derive_kek"]
+__all__ = ["SECURITY_LEVELS", "Cipher", "KeySlot", "aad_for", "aad_prefix", "derive_kek"]
 
 _ARGON = nacl.pwhash.argon2id
 SECURITY_LEVELS: dict[str, tuple[int, int]] = {
@@ -56,6 +59,19 @@ except ImportError:  # pragma: no cover - a PyNaCl that moved its cffi module
     _ffi = _lib = None
 
 
+_ENCRYPT: Any = None
+_DECRYPT: Any = None
+if _lib is not None:
+    _ENCRYPT = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+    _DECRYPT = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt
+_U32 = struct.Struct(">I").pack
+_LENS = tuple(_U32(n) for n in range(256))  # the length fields of the usual key sizes
+_FAILED = (
+    "encrypted value failed authentication (tampered, truncated, moved "
+    "to another key/namespace/store, or sealed with another key)"
+)
+
+
 def _aead_encrypt(plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
     """``nonce || ciphertext || tag``, built in one buffer."""
     if _lib is None:  # pragma: no cover
@@ -66,32 +82,18 @@ def _aead_encrypt(plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> byt
     out = _ffi.new("unsigned char[]", _NONCE_SIZE + size)
     _ffi.memmove(out, nonce, _NONCE_SIZE)
     # The ciphertext length is always the plaintext's + the tag's: no length out-parameter.
-    rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+    rc = _ENCRYPT(
         out + _NONCE_SIZE, _ffi.NULL, plaintext, len(plaintext), aad, len(aad), _ffi.NULL,
         nonce, key,
     )  # fmt: skip
     if rc != 0:  # pragma: no cover - libsodium does not fail here for valid sizes
         raise nacl.exceptions.CryptoError("encryption failed")
-    return bytes(_ffi.buffer(out, _NONCE_SIZE + size))
-
-
-def _aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
-    if _lib is None:  # pragma: no cover
-        return bytes(
-            nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
-        )
-    size = len(ciphertext) - _TAG_SIZE  # the caller checked it is >= 0
-    out = _ffi.new("unsigned char[]", max(size, 1))
-    rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        out, _ffi.NULL, _ffi.NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key
-    )
-    if rc != 0:
-        raise nacl.exceptions.CryptoError("authentication failed")
-    return bytes(_ffi.buffer(out, size))
+    return _ffi.buffer(out)[:]  # type: ignore[no-any-return]
 
 
 class Cipher:
-    """Seals and opens values with one data key. Thread-safe (stateless per call)."""
+    """Seals and opens values with one data key. Thread-safe (stateless per call: the bulk
+    methods' scratch buffers belong to one call)."""
 
     __slots__ = ("_key",)
 
@@ -105,28 +107,260 @@ class Cipher:
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         """Authenticate and decrypt; any failure raises :class:`IntegrityError`."""
+        return self._open(sealed, 0, aad)
+
+    def seal_record(
+        self,
+        head: bytes,
+        store_id: bytes,
+        namespace: str,
+        key: str,
+        payload: bytes,
+        context: bytes = b"",
+    ) -> bytes:
+        """``head + self.seal(payload, head + aad_for(store_id, namespace, key, context))``,
+        built in one buffer."""
+        # Every set of an encrypted store runs this: aad_prefix() and _aad() are inlined.
+        try:
+            prefix = _PREFIXES[head, store_id, namespace]
+        except KeyError:
+            prefix = aad_prefix(store_id, namespace, head)
+        kb = key.encode("utf-8", "surrogatepass")
+        n = len(kb)
+        aad = prefix + (_LENS[n] if n < 256 else _U32(n)) + kb
+        if context:
+            aad += context
+        if _lib is None:  # pragma: no cover
+            return head + self.seal(payload, aad)
+        hl, size = len(head), len(payload)
+        body = hl + _NONCE_SIZE
+        out = _ffi.new("unsigned char[]", body + size + _TAG_SIZE)
+        buf = _ffi.buffer(out)
+        buf[:body] = head + os.urandom(_NONCE_SIZE)
+        null, key_ = _ffi.NULL, self._key
+        if _ENCRYPT(out + body, null, payload, size, aad, len(aad), null, out + hl, key_):
+            raise nacl.exceptions.CryptoError("encryption failed")  # pragma: no cover
+        return buf[:]  # type: ignore[no-any-return]
+
+    def open_record(
+        self,
+        head: bytes,
+        store_id: bytes,
+        namespace: str,
+        key: str,
+        record: bytes,
+        context: bytes = b"",
+    ) -> bytes:
+        """``self.open(record[len(head):], head + aad_for(store_id, namespace, key, context))``
+        without the intermediate copies (the caller has checked that *record* starts with
+        *head*)."""
+        # Every get of an encrypted store runs this: aad_prefix(), _aad() and _open() are
+        # inlined (each Python call costs about 0.06 µs; a decrypt in all about 1 µs).
+        try:
+            prefix = _PREFIXES[head, store_id, namespace]
+        except KeyError:
+            prefix = aad_prefix(store_id, namespace, head)
+        kb = key.encode("utf-8", "surrogatepass")
+        n = len(kb)
+        aad = prefix + (_LENS[n] if n < 256 else _U32(n)) + kb
+        if context:
+            aad += context
+        hl = len(head)
+        body = hl + _NONCE_SIZE
+        size = len(record) - body - _TAG_SIZE
+        if size < 0 or _lib is None:
+            return self._open(record, hl, aad)  # the error, or no cffi module
+        out = _ffi.new("unsigned char[]", size or 1)
+        if _DECRYPT(
+            out, _ffi.NULL, _ffi.NULL, record[body:], size + _TAG_SIZE, aad, len(aad),
+            record[hl:body], self._key,
+        ):  # fmt: skip
+            raise IntegrityError(_FAILED) from nacl.exceptions.CryptoError("authentication failed")
+        return _ffi.buffer(out, size)[:]  # type: ignore[no-any-return]
+
+    def _open(self, sealed: bytes, at: int, aad: bytes) -> bytes:
+        """Open the ``nonce || ciphertext || tag`` that starts at offset *at* of *sealed*."""
+        if _lib is None:  # pragma: no cover
+            return self._open_slow(sealed[at:], aad)
+        body = at + _NONCE_SIZE
+        size = len(sealed) - body - _TAG_SIZE
+        if size < 0:
+            raise IntegrityError(_FAILED) from ValueError("sealed value too short")
+        out = _ffi.new("unsigned char[]", size or 1)
+        # One libsodium call, no binding layer: nacl.bindings checks every argument and
+        # formats its messages eagerly (about 7 µs of a 9 µs decrypt, measured); ours were
+        # checked above (lengths) and at construction (the key).
+        if _DECRYPT(
+            out, _ffi.NULL, _ffi.NULL, sealed[body:], size + _TAG_SIZE, aad, len(aad),
+            sealed[at:body], self._key,
+        ):  # fmt: skip
+            raise IntegrityError(_FAILED) from nacl.exceptions.CryptoError("authentication failed")
+        return _ffi.buffer(out, size)[:]  # type: ignore[no-any-return]
+
+    def _open_slow(self, sealed: bytes, aad: bytes) -> bytes:  # pragma: no cover
         try:
             if len(sealed) < _NONCE_SIZE + _TAG_SIZE:
                 raise ValueError("sealed value too short")
-            return _aead_decrypt(sealed[_NONCE_SIZE:], aad, sealed[:_NONCE_SIZE], self._key)
+            return bytes(
+                nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                    sealed[_NONCE_SIZE:], aad, sealed[:_NONCE_SIZE], self._key
+                )
+            )
         except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, ValueError) as exc:
-            raise IntegrityError(
-                "encrypted value failed authentication (tampered, truncated, moved "
-                "to another key/namespace/store, or sealed with another key)"
-            ) from exc
+            raise IntegrityError(_FAILED) from exc
+
+    # -- bulk -------------------------------------------------------------------------------
+    # A value costs about 0.55 µs inside libsodium (HChaCha20, two ChaCha20 blocks and
+    # Poly1305 for a small value, measured on the bench machine): one seal()/open() call
+    # through the Store adds 1.7 to 3 µs of Python around it (its own nonce syscall, the
+    # associated data built from scratch, a fresh output buffer, slices and the record
+    # header). The bulk methods below share all of that across a batch: one os.urandom()
+    # for every nonce, the associated data's (head, store, namespace) prefix built once,
+    # one scratch buffer, and the record assembled in that buffer. Same bytes, same
+    # checks: each value still has its own random nonce and its own full associated data.
+
+    def seal_records(
+        self,
+        head: bytes,
+        store_id: bytes,
+        namespace: str,
+        keys: Collection[str],
+        payloads: Iterable[bytes],
+        context: bytes = b"",
+    ) -> list[bytes]:
+        """Seal the values of *keys* (one namespace) into records ``head || nonce || ct || tag``.
+
+        Each record equals ``head + self.seal(payload, head + aad_for(store_id, namespace,
+        key, context))`` (with another random nonce).
+        """
+        prefix = aad_prefix(store_id, namespace, head)
+        if _lib is None:  # pragma: no cover
+            return [
+                head + self.seal(p, _aad(prefix, k, context))
+                for k, p in zip(keys, payloads, strict=True)
+            ]
+        # One getrandom() for the whole batch instead of one per value (0.5 µs each): the
+        # bytes are cut into disjoint 24-byte nonces, each as random as its own call's.
+        # Nothing is kept between calls, so no nonce can be handed out twice (fork, threads).
+        nonces = os.urandom(_NONCE_SIZE * len(keys))
+        hl = len(head)
+        body = hl + _NONCE_SIZE  # where the ciphertext starts
+        over = body + _TAG_SIZE  # record size - payload size
+        cap = 512
+        out = _ffi.new("unsigned char[]", cap + over)
+        buf = _ffi.buffer(out)
+        buf[:hl] = head
+        npub, ct = out + hl, out + body
+        key, null, encrypt, u32, lens = self._key, _ffi.NULL, _ENCRYPT, _U32, _LENS
+        records: list[bytes] = []
+        append = records.append
+        at = 0
+        for k, payload in zip(keys, payloads, strict=True):
+            size = len(payload)
+            if size > cap:  # (re)allocate the scratch buffer: records are copies of it
+                cap = max(size, 2 * cap)
+                out = _ffi.new("unsigned char[]", cap + over)
+                buf = _ffi.buffer(out)
+                buf[:hl] = head
+                npub, ct = out + hl, out + body
+            kb = k.encode("utf-8", "surrogatepass")
+            n = len(kb)
+            aad = prefix + (lens[n] if n < 256 else u32(n)) + kb
+            if context:
+                aad += context
+            buf[hl:body] = nonces[at : at + _NONCE_SIZE]
+            at += _NONCE_SIZE
+            if encrypt(ct, null, payload, size, aad, len(aad), null, npub, key):
+                raise nacl.exceptions.CryptoError("encryption failed")  # pragma: no cover
+            append(buf[: size + over])
+        return records
+
+    def open_records(
+        self,
+        head: bytes,
+        store_id: bytes,
+        namespace: str,
+        keys: Iterable[str],
+        records: Iterable[bytes | None],
+        context: bytes = b"",
+    ) -> list[bytes | None]:
+        """The plaintexts of the records of *keys* (one namespace) that start with *head*.
+
+        Each is ``self.open(record[len(head):], head + aad_for(store_id, namespace, key,
+        context))``; ``None`` stands for a record that is ``None`` or does not start with
+        *head* (the caller decodes those). The first failure raises :class:`IntegrityError`.
+        """
+        prefix = aad_prefix(store_id, namespace, head)
+        hl = len(head)
+        if _lib is None:  # pragma: no cover
+            return [
+                None if r is None or r[:hl] != head else self.open(r[hl:], _aad(prefix, k, context))
+                for k, r in zip(keys, records, strict=True)
+            ]
+        body = hl + _NONCE_SIZE  # where the ciphertext starts
+        over = body + _TAG_SIZE  # record size - plaintext size
+        cap = 512
+        out = _ffi.new("unsigned char[]", cap)
+        buf = _ffi.buffer(out)
+        key, null, decrypt, u32, lens = self._key, _ffi.NULL, _DECRYPT, _U32, _LENS
+        plain: list[bytes | None] = []
+        append = plain.append
+        for k, record in zip(keys, records, strict=True):
+            if record is None or record[:hl] != head:
+                append(None)
+                continue
+            size = len(record) - over
+            if size > cap:
+                cap = max(size, 2 * cap)
+                out = _ffi.new("unsigned char[]", cap)
+                buf = _ffi.buffer(out)
+            kb = k.encode("utf-8", "surrogatepass")
+            n = len(kb)
+            aad = prefix + (lens[n] if n < 256 else u32(n)) + kb
+            if context:
+                aad += context
+            if size < 0 or decrypt(
+                out, null, null, record[body:], size + _TAG_SIZE, aad, len(aad),
+                record[hl:body], key,
+            ):  # fmt: skip
+                raise IntegrityError(_FAILED)
+            append(buf[:size])
+        return plain
+
+
+# The associated data's prefix is the same for every key of a namespace: built once per
+# (head, store, namespace) and kept (bounded) so single operations reuse it too.
+_PREFIXES: dict[tuple[bytes, bytes, str], bytes] = {}
+
+
+def aad_prefix(store_id: bytes, namespace: str, head: bytes = b"") -> bytes:
+    """``head + aad_for(store_id, namespace, key)`` up to the key's part."""
+    try:
+        return _PREFIXES[head, store_id, namespace]
+    except KeyError:
+        pass
+    ns = namespace.encode("utf-8", "surrogatepass")
+    prefix = b"".join((head, store_id, _U32(len(ns)), ns))
+    if len(_PREFIXES) >= 256:
+        _PREFIXES.clear()
+    _PREFIXES[head, store_id, namespace] = prefix
+    return prefix
+
+
+def _aad(prefix: bytes, key: str, context: bytes) -> bytes:
+    kb = key.encode("utf-8", "surrogatepass")
+    n = len(kb)
+    return b"".join((prefix, _LENS[n] if n < 256 else _U32(n), kb, context))
 
 
 def aad_for(store_id: bytes, namespace: str, key: str, context: bytes = b"") -> bytes:
     """Associated data binding a value to (store, namespace, key, extra context).
 
     Length prefixes make the encoding injective: no (namespace, key) pair can be
-    rearranged into another one.
+    rearranged into another one: ``store_id || u32 len(ns) || ns || u32 len(key) || key
+    || context``, names in UTF-8 (lone surrogates kept).
     """
-    ns = namespace.encode("utf-8", "surrogatepass")
-    k = key.encode("utf-8", "surrogatepass")
-    return b"".join(
-        (store_id, struct.pack(">I", len(ns)), ns, struct.pack(">I", len(k)), k, context)
-    )
+    return _aad(aad_prefix(store_id, namespace), key, context)
 
 
 # A KEK costs up to seconds and 1 GiB to derive at "high"; reopening the same store in one

@@ -50,13 +50,22 @@ from collections.abc import (
 )
 from itertools import repeat
 from operator import add
-from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar, cast
 
 from . import _crypto
-from ._codec import ENCRYPTED_HEADER, PLAIN_HEADER, decode_plain, pack, unpack, wrap_plain
+from ._codec import (
+    ENCRYPTED_HEADER,
+    PLAIN_HEADER,
+    decode_plain,
+    pack,
+    unpack,
+    unpack_many,
+    wrap_plain,
+)
 from ._keys import INTERNAL_PREFIX, MISSING, check_key, check_namespace, internal_ns
 from .errors import (
     CorruptValueError,
+    IntegrityError,
     InvalidOptionError,
     MissingKeyError,
     PasswordRequiredError,
@@ -479,6 +488,11 @@ class Store(MutableMapping[str, Any]):
         payload = pack(value)
         if not (self._encrypt_default if encrypt is None else encrypt):
             return wrap_plain(payload)
+        cipher = self._cipher or self._sealing_cipher()
+        return cipher.seal_record(ENCRYPTED_HEADER, self._store_id, ns, key, payload, context)
+
+    def _sealing_cipher(self) -> _crypto.Cipher:
+        """The cipher new encrypted values are sealed with (set up on first use)."""
         cipher = self._cipher
         if cipher is None:
             # A store locked by a password (opened with encrypt=False) must never get values
@@ -492,8 +506,7 @@ class Store(MutableMapping[str, Any]):
                 )
             self._store_id, self._cipher = b"ephemeral", _crypto.Cipher(ephemeral)
             cipher = self._cipher
-        aad = ENCRYPTED_HEADER + _crypto.aad_for(self._store_id, ns, key, context)
-        return ENCRYPTED_HEADER + cipher.seal(payload, aad)
+        return cipher
 
     def _decode(self, ns: str, key: str, record: bytes, context: bytes = b"") -> Any:
         head = record[:2]
@@ -512,8 +525,9 @@ class Store(MutableMapping[str, Any]):
                 raise PasswordRequiredError(
                     f"the value of {key!r} is encrypted: open the store with password= or key="
                 )
-            aad = ENCRYPTED_HEADER + _crypto.aad_for(self._store_id, ns, key, context)
-            return unpack(cipher.open(record[2:], aad))
+            return unpack(
+                cipher.open_record(ENCRYPTED_HEADER, self._store_id, ns, key, record, context)
+            )
         raise CorruptValueError(f"stored value of {key!r} is not a mappingstore record")
 
     def _expires(self, ttl: float | None) -> float | None:
@@ -764,7 +778,14 @@ class Store(MutableMapping[str, Any]):
         API's native drivers call it in the event loop."""
         expires = self._expires(ttl)
         ns = self._ns
-        latest: dict[str, Op] = {}
+        # Encrypted values are packed here and sealed together below (Cipher.seal_records:
+        # about 1 µs a value instead of 2.3 µs one by one), each with its own nonce;
+        # not when a subclass encodes its own way (adapters bind values to other names).
+        bulk = type(self)._encode is Store._encode and (
+            self._encrypt_default if encrypt is None else encrypt
+        )
+        cipher: _crypto.Cipher | None = None
+        latest: dict[str, bytes] = {}
         for pair in pairs:
             try:
                 k, v = pair
@@ -777,8 +798,19 @@ class Store(MutableMapping[str, Any]):
                     f"update() needs (key, value) pairs, got {pair!r}"
                 ) from exc
             k = check_key(k)
-            latest[k] = Op(ns, k, self._encode(ns, k, v, encrypt), expires)
-        return list(latest.values())
+            if not bulk:
+                latest[k] = self._encode(ns, k, v, encrypt)
+                continue
+            payload = pack(v)
+            if cipher is None:  # as _encode: no usable key -> the error at the first value
+                cipher = self._cipher or self._sealing_cipher()
+            latest[k] = payload
+        if cipher is not None:
+            sealed = cipher.seal_records(
+                ENCRYPTED_HEADER, self._store_id, ns, latest.keys(), latest.values()
+            )
+            return [Op(ns, k, rec, expires) for k, rec in zip(latest, sealed, strict=True)]
+        return [Op(ns, k, data, expires) for k, data in latest.items()]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Values of the *keys* that exist (missing keys are left out), in one round trip."""
@@ -791,10 +823,34 @@ class Store(MutableMapping[str, Any]):
             datas = [self._rget(self._ns, k) for k in checked]
         else:
             datas = self._get_many(self._ns, checked)
+        return self._decode_many(self._ns, checked, datas)
+
+    def _decode_many(
+        self, ns: str, keys: Sequence[str], datas: Sequence[bytes | None]
+    ) -> dict[str, Any]:
+        """``{key: self._decode(ns, key, data)}`` for the records found (not None), with the
+        same errors; the encrypted ones are opened and decoded all at once (no I/O: the
+        async API calls it too)."""
+        cipher = self._cipher
+        if cipher is not None and type(self)._decode is Store._decode:
+            try:
+                # Cipher.open_records and one unpack_many: about 1.5 µs a value against
+                # 2.8 one by one; None marks missing keys and records of other kinds.
+                plain = cipher.open_records(ENCRYPTED_HEADER, self._store_id, ns, keys, datas)
+            except IntegrityError:
+                pass  # the loop below raises the batch's first error, as it always did
+            else:
+                if None not in plain:  # every key found, every record encrypted
+                    values = unpack_many(cast("list[bytes]", plain))
+                    if values is not None:
+                        return dict(zip(keys, values, strict=True))
+                return {
+                    k: self._decode(ns, k, d) if p is None else unpack(p)
+                    for k, d, p in zip(keys, datas, plain, strict=True)
+                    if d is not None
+                }
         return {
-            k: self._decode(self._ns, k, d)
-            for k, d in zip(checked, datas, strict=True)
-            if d is not None
+            k: self._decode(ns, k, d) for k, d in zip(keys, datas, strict=True) if d is not None
         }
 
     def delete_many(self, keys: Iterable[str]) -> int:

@@ -443,9 +443,7 @@ class AsyncStore:
         ns = store._ns
         checked = [check_key(k) for k in keys]
         datas = await self._native_run(lambda: native.get_many(ns, checked))
-        return {
-            k: store._decode(ns, k, d) for k, d in zip(checked, datas, strict=True) if d is not None
-        }
+        return store._decode_many(ns, checked, datas)
 
     async def set_many(
         self,
