@@ -1,9 +1,16 @@
 """SQLite backend (``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``sqlite://:memory:``).
 
-One table holds every namespace::
+One table holds every namespace, each namespace named once in a side table::
 
-    mappingstore_kv(ns TEXT, key TEXT, expires REAL, value BLOB, PRIMARY KEY (ns, key))
-    WITHOUT ROWID
+    mappingstore_kv(ns_id INTEGER, key TEXT, expires REAL, value BLOB,
+                    PRIMARY KEY (ns_id, key)) WITHOUT ROWID
+    mappingstore_ns(id INTEGER PRIMARY KEY, name TEXT UNIQUE)
+
+A row carries its namespace as a small integer (the first namespace of a file, id 1, takes
+no byte at all in the record) instead of the namespace's text: a narrower row and key make
+every point query, count and scan cheaper. An id is assigned on the first write to a
+namespace and never changes nor is reused (rows of ``mappingstore_ns`` are never deleted),
+so a store caches the ids it has seen committed.
 
 ``expires`` comes before ``value`` on purpose: SQLite reads a row's columns in order, so a
 TTL check never has to walk a large value's overflow pages. Keys are stored as TEXT and
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import sqlite3
 import stat
 import threading
@@ -39,6 +47,7 @@ from .errors import (
     InvalidURLError,
     LockTimeoutError,
     MappingStoreError,
+    MissingKeyError,
     OptionTypeError,
     ReadOnlyError,
     StoreClosedError,
@@ -49,7 +58,9 @@ from .errors import (
 __all__ = ["SQLiteStore"]
 
 TABLE = "mappingstore_kv"
-_COLUMNS = ["ns", "key", "expires", "value"]
+NS_TABLE = "mappingstore_ns"
+_COLUMNS = ["ns_id", "key", "expires", "value"]
+_NS_COLUMNS = ["id", "name"]
 #: ``PRAGMA application_id`` of a database file created by mappingstore ("mSto").
 APPLICATION_ID = 0x6D53746F
 _MAGIC = b"SQLite format 3\x00"
@@ -57,49 +68,61 @@ _MAGIC = b"SQLite format 3\x00"
 _LIVE = "(expires IS NULL OR expires > ?3)"
 # Point reads check the expiry in Python: no clock call and one parameter less for the
 # common item without a TTL.
-_GET = f"SELECT value, expires FROM {TABLE} WHERE ns = ? AND key = ?"
-_CONTAINS = f"SELECT expires FROM {TABLE} WHERE ns = ? AND key = ?"
+_GET = f"SELECT value, expires FROM {TABLE} WHERE ns_id = ? AND key = ?"
+# The inlined read of __getitem__ fetches one column: the value of a record without expiry,
+# else its expiry (a REAL, never a BLOB), and then reads the record again with _GET. A
+# second column costs every read more (the NULL and a 2-tuple) than the rare second query.
+_GET_FOREVER = f"SELECT coalesce(expires, value) FROM {TABLE} WHERE ns_id = ? AND key = ?"
+_CONTAINS = f"SELECT expires FROM {TABLE} WHERE ns_id = ? AND key = ?"
 # Columns in the order of an Op (ns, key, data, expires). sqlite3 binds int, float, str and
 # bytearray parameters directly, but sends None and bytes through its adapter registry
 # (a failed attribute lookup that builds an exception, about 0.3 us each on CPython 3.11):
 # a record without expiry is written with a NULL literal, and a small value is bound as a
 # bytearray (copying up to _COPY_MAX bytes costs less than that lookup).
-_PUT = f"INSERT OR REPLACE INTO {TABLE} (ns, key, value, expires) VALUES (?, ?, ?, ?)"
-_PUT_FOREVER = f"INSERT OR REPLACE INTO {TABLE} (ns, key, value, expires) VALUES (?, ?, ?, NULL)"
+_PUT = f"INSERT OR REPLACE INTO {TABLE} (ns_id, key, value, expires) VALUES (?, ?, ?, ?)"
+_PUT_FOREVER = f"INSERT OR REPLACE INTO {TABLE} (ns_id, key, value, expires) VALUES (?, ?, ?, NULL)"
 _COPY_MAX = 16384
 # Deletes only a live record, so the row count says whether one existed; an expired row
 # stays (invisible) until it is overwritten or purge_expired() runs.
-_DELETE_LIVE = f"DELETE FROM {TABLE} WHERE ns = ?1 AND key = ?2 AND {_LIVE}"
-_DELETE = f"DELETE FROM {TABLE} WHERE ns = ? AND key = ?"
-_CLEAR = f"DELETE FROM {TABLE} WHERE ns = ?"
+_DELETE_LIVE = f"DELETE FROM {TABLE} WHERE ns_id = ?1 AND key = ?2 AND {_LIVE}"
+_DELETE = f"DELETE FROM {TABLE} WHERE ns_id = ? AND key = ?"
+_CLEAR = f"DELETE FROM {TABLE} WHERE ns_id = ?"
 # len(): the live rows of ns = its rows minus its expired ones (the partial index finds
-# those without a scan), in one statement so both counts come from one snapshot. When
-# nearly every row of the file is in ns (one namespace per file is the common case), the
-# rows of ns are counted as "all rows minus the few others": a bare count(*) uses SQLite's
-# b-tree count, which reads page headers instead of stepping through every row (about
-# 30x faster). Checking that the others are few costs at most 2 * _FEW index steps.
+# those without a scan), in one statement so all counts come from one snapshot. A bare
+# count(*) uses SQLite's b-tree count, which reads page headers instead of stepping
+# through every row (about 30x faster): when the file has only ever held one namespace
+# (the common case; the caller's namespace is registered, so that one is it) every row
+# is the namespace's. When nearly every row of the file is in ns, its rows are counted as
+# "all rows minus the few others": checking that the others are few costs at most
+# 2 * _FEW index steps. Otherwise the namespace's own index range is counted.
 _FEW = 1000
-_COUNT = f"""SELECT CASE WHEN others < {_FEW} THEN (SELECT count(*) FROM {TABLE}) - others
-ELSE (SELECT count(*) FROM {TABLE} WHERE ns = ?1) END
-- (SELECT count(*) FROM {TABLE} WHERE ns = ?1 AND expires IS NOT NULL AND expires <= ?2)
-FROM (SELECT (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns < ?1 LIMIT {_FEW}))
-    + (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns > ?1 LIMIT {_FEW})) AS others)"""
-_PURGE = f"DELETE FROM {TABLE} WHERE ns = ? AND expires IS NOT NULL AND expires <= ?"
+_COUNT = f"""SELECT CASE WHEN (SELECT count(*) FROM {NS_TABLE}) = 1
+THEN (SELECT count(*) FROM {TABLE})
+ELSE (SELECT CASE WHEN others < {_FEW} THEN (SELECT count(*) FROM {TABLE}) - others
+    ELSE (SELECT count(*) FROM {TABLE} WHERE ns_id = ?1) END
+  FROM (SELECT (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns_id < ?1 LIMIT {_FEW}))
+    + (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns_id > ?1 LIMIT {_FEW})) AS others))
+END - (SELECT count(*) FROM {TABLE} WHERE ns_id = ?1 AND expires IS NOT NULL AND expires <= ?2)"""
+_PURGE = f"DELETE FROM {TABLE} WHERE ns_id = ? AND expires IS NOT NULL AND expires <= ?"
 # SQLite has no loose index scan for DISTINCT: hop from one namespace to the next with
 # one index seek each instead of reading every row.
 _NAMESPACES = (
-    f"WITH RECURSIVE n(ns) AS (SELECT min(ns) FROM {TABLE} UNION ALL "
-    f"SELECT (SELECT min(ns) FROM {TABLE} WHERE ns > n.ns) FROM n WHERE n.ns IS NOT NULL) "
-    "SELECT ns FROM n WHERE ns IS NOT NULL"
+    f"WITH RECURSIVE n(id) AS (SELECT min(ns_id) FROM {TABLE} UNION ALL "
+    f"SELECT (SELECT min(ns_id) FROM {TABLE} WHERE ns_id > n.id) FROM n WHERE n.id IS NOT NULL) "
+    f"SELECT {NS_TABLE}.name FROM n JOIN {NS_TABLE} ON {NS_TABLE}.id = n.id"
 )
+_NS_ID = f"SELECT id FROM {NS_TABLE} WHERE name = ?"
+_NS_ADD = f"INSERT OR IGNORE INTO {NS_TABLE} (name) VALUES (?)"
 _SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS {TABLE} (ns TEXT NOT NULL, key TEXT NOT NULL, expires REAL, "
-    "value BLOB NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_expires ON {TABLE} (ns, expires) "
+    f"CREATE TABLE IF NOT EXISTS {TABLE} (ns_id INTEGER NOT NULL, key TEXT NOT NULL, "
+    "expires REAL, value BLOB NOT NULL, PRIMARY KEY (ns_id, key)) WITHOUT ROWID",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_expires ON {TABLE} (ns_id, expires) "
     "WHERE expires IS NOT NULL",
+    f"CREATE TABLE IF NOT EXISTS {NS_TABLE} (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
 )
 _IN_CHUNK = 500  # well under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
 _FETCH = 512  # rows per fetchmany() while streaming
+_PAGE_BYTES = 1 << 20  # about the most value bytes per fetchmany() page of items()
 _MAX_IDLE_READERS = 4
 _SYNC_MODES = ("normal", "full")
 
@@ -119,6 +142,10 @@ def _forked() -> None:
     global _fork_gen
     _fork_gen += 1
     _GATE.after_fork_in_child()
+    # The inlined reads use the thread's connection without looking at the generation:
+    # off until the store has abandoned the parent's connections (_after_fork).
+    for store in list(_STORES.values()):
+        store._fastnid = None
 
 
 class _ThreadWrites:
@@ -255,6 +282,9 @@ if hasattr(os, "register_at_fork"):
         after_in_child=_forked,
     )
 
+#: Every SQLiteStore of this process, by id() (see _forked; a store is not hashable).
+_STORES: weakref.WeakValueDictionary[int, SQLiteStore] = weakref.WeakValueDictionary()
+
 # (st_dev, st_ino) -> number of open SQLiteStore instances on that file in this process.
 # Closing *any* descriptor of a file drops every POSIX lock the process holds on it,
 # including SQLite's own: the header check only reads a file no instance here has open.
@@ -288,7 +318,8 @@ def _prefix_end(prefix: str) -> str | None:
     return None
 
 
-_NS, _KEY, _DATA = itemgetter(0), itemgetter(1), itemgetter(2)
+_NS, _KEY, _DATA, _EXPIRES = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+_VALUE = itemgetter(1)  # of a (key, value) row
 _DELETE_KIND, _FOREVER_KIND, _PUT_KIND = 0, 1, 2
 
 
@@ -311,7 +342,7 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {"synchronous": str, "timeout": 
 class _Conn:
     """One connection, and the depth of its open ``_exclusive()`` transaction."""
 
-    __slots__ = ("__weakref__", "conn", "cursor", "depth", "finalizer")
+    __slots__ = ("__weakref__", "conn", "cursor", "depth", "finalizer", "pending")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -319,6 +350,9 @@ class _Conn:
         # it never holds a read snapshot open): saves a Cursor object per call.
         self.cursor = conn.cursor()
         self.depth = 0
+        # Namespace ids read inside the open _exclusive() transaction: cached only once it
+        # commits (an id this transaction assigned vanishes with a rollback).
+        self.pending: dict[str, int] = {}
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
         self.finalizer = weakref.finalize(self, _GATE.close, conn)
@@ -369,6 +403,11 @@ class SQLiteStore(Store):
     )
     shared_across_processes: ClassVar[bool] = True
     _fast = False  # until __init__ has finished: see there
+    _rfast = False  # likewise, for the inlined reads of __getitem__ and __len__
+    _nid: int | None = None  # the id of this store's namespace, once known (see _ns_id)
+    # The inlined reads run when this is set: _nid, once known, in a file store (_rfast)
+    # that is open and has not been forked since it last looked (see _forked).
+    _fastnid: int | None = None
 
     def __init__(
         self,
@@ -388,6 +427,7 @@ class SQLiteStore(Store):
         self._gen = _fork_gen
         self._memlock: threading.RLock | None = None
         self._local: Any = threading.local()
+        self._ids: dict[str, int] = {}  # namespace -> id, committed ones only (see _ns_id)
         try:
             self._configure(path, synchronous, timeout)
             self._open()
@@ -400,6 +440,9 @@ class SQLiteStore(Store):
         self._fast = not (
             self._dot or self._readonly or self._encrypt_default or self._default_ttl is not None
         )
+        self._rfast = not self._dot and self._memlock is None
+        _STORES[id(self)] = self
+        self._arm()
 
     # -- opening ------------------------------------------------------------------------
 
@@ -443,12 +486,24 @@ class SQLiteStore(Store):
         self._check_file()
         holder = self._thread_conn()
         conn = holder.conn
-        try:
-            if not self._readonly:
-                conn.execute("PRAGMA journal_mode=WAL").fetchall()
-            self._check_schema(conn)
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+        # Processes opening a new file at once race to switch it to WAL and create the
+        # tables. Switching the journal mode needs the file to itself and SQLite answers
+        # "database is locked" at once there, without its busy handler: so retry (the
+        # schema step is one transaction, so it may run again) until the timeout.
+        deadline = time.monotonic() + self._timeout
+        delay = 0.001
+        while True:
+            try:
+                if not self._readonly:
+                    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                self._check_schema(conn)
+                break
+            except sqlite3.Error as exc:
+                error = self._error(exc)
+                if not isinstance(error, LockTimeoutError) or time.monotonic() >= deadline:
+                    raise error from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
         if self._file_id is None:  # SQLite created the file: later opens must not read it
             try:
                 st = os.stat(self._path)
@@ -531,11 +586,12 @@ class SQLiteStore(Store):
                 )
             self._create_schema(conn)
             return
-        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({TABLE})")]
-        if columns != _COLUMNS:
-            raise StoreCorruptError(
-                f"{self._path!r}: table {TABLE} has columns {columns}, expected {_COLUMNS}"
-            )
+        for table, expected in ((TABLE, _COLUMNS), (NS_TABLE, _NS_COLUMNS)):
+            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            if columns != expected:
+                raise StoreCorruptError(
+                    f"{self._path!r}: table {table} has columns {columns}, expected {expected}"
+                )
         # Touch the table's root page: a damaged file fails here, at open.
         conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 1").fetchall()
 
@@ -629,6 +685,7 @@ class SQLiteStore(Store):
             else:
                 self._local = threading.local()
             self._gen = _fork_gen
+        self._arm()
 
     def _thread_conn(self) -> _Conn:
         if self._gen != _fork_gen:
@@ -737,7 +794,10 @@ class SQLiteStore(Store):
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                     raise self._error(exc) from exc
+                if holder.pending:  # committed: the ids seen inside are now for good
+                    self._remember_ids(holder.pending)
             finally:
+                holder.pending.clear()
                 _GATE.leave(own=True)
         finally:
             if lock is not None:
@@ -864,6 +924,53 @@ class SQLiteStore(Store):
                 return
         reader.finalizer()
 
+    # -- namespace ids ------------------------------------------------------------------
+
+    def _remember_ids(self, ids: dict[str, int]) -> None:
+        """Cache committed namespace ids (they never change: see the module docstring)."""
+        self._ids.update(ids)
+        if self._nid is None:
+            self._nid = self._ids.get(self._ns)
+            self._arm()
+
+    def _arm(self) -> None:
+        """Enable the inlined reads once they can run (see _fastnid)."""
+        if self._rfast and not self._closed and self._gen == _fork_gen:
+            self._fastnid = self._nid
+
+    def _ns_id(self, ns: str) -> int | None:
+        """The id of namespace *ns*, or None while nothing was ever written to it."""
+        nid = self._ids.get(ns)
+        if nid is not None:
+            return nid
+        lock = self._memlock
+        try:
+            with lock if lock is not None else contextlib.nullcontext():
+                holder = self._thread_conn()
+                row = holder.cursor.execute(_NS_ID, (ns,)).fetchone()
+                if row is None:
+                    return None
+                nid = int(row[0])
+                if holder.depth:
+                    # Perhaps assigned by this very transaction, which may still roll back:
+                    # cached when it commits (see _exclusive).
+                    holder.pending[ns] = nid
+                    return nid
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        self._remember_ids({ns: nid})
+        return nid
+
+    def _ns_id_for_write(self, ns: str) -> int:
+        """The id of *ns*, assigned now (in the current transaction, if any) if it has none."""
+        nid = self._ns_id(ns)
+        if nid is None:
+            self._write(_NS_ADD, (ns,))
+            nid = self._ns_id(ns)
+            if nid is None:  # pragma: no cover - the row was inserted just above
+                raise BackendError(f"{self._path}: cannot register namespace {ns!r}")
+        return nid
+
     # -- backend contract ---------------------------------------------------------------
 
     def _cursor(self) -> sqlite3.Cursor:
@@ -874,16 +981,41 @@ class SQLiteStore(Store):
         except AttributeError:
             return self._thread_conn().cursor
 
-    def _point(self, sql: str, ns: str, key: str) -> Any:
+    def _point(self, sql: str, nid: int, key: str) -> Any:
         """The row of a primary-key lookup (hot path: kept flat on purpose)."""
         lock = self._memlock
         try:
             if lock is None:
-                return self._cursor().execute(sql, (ns, key)).fetchone()
+                return self._cursor().execute(sql, (nid, key)).fetchone()
             with lock:
-                return self._cursor().execute(sql, (ns, key)).fetchone()
+                return self._cursor().execute(sql, (nid, key)).fetchone()
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
+
+    def __getitem__(self, key: str) -> Any:
+        # docstring inherited. Store.__getitem__ and _get() inlined for the common read (an
+        # ASCII key of a file store's own namespace, outside a batch; bench/bench_core.py).
+        nid = self._fastnid
+        if nid is not None and not self._nbatch and type(key) is str and key and key.isascii():
+            try:
+                cursor = self._local.holder.cursor
+            except AttributeError:
+                cursor = self._thread_conn().cursor
+            try:
+                row = cursor.execute(_GET_FOREVER, (nid, key)).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            if row is None:
+                raise MissingKeyError(key)
+            data = row[0]
+            if type(data) is not bytes:  # a record with an expiry: read it in full
+                data = self._get(self._ns, key)
+                if data is None:
+                    raise MissingKeyError(key)
+            if data[:2] == PLAIN_HEADER:
+                return decode_plain(data)
+            return self._decode(self._ns, key, data)
+        return super().__getitem__(key)
 
     def __setitem__(self, key: str, value: Any) -> None:
         # docstring inherited. Store.set() inlined for the common write; an ASCII key needs
@@ -900,12 +1032,20 @@ class SQLiteStore(Store):
         self.set(key, value)
 
     def _get_record(self, ns: str, key: str) -> Record | None:
-        row = self._point(_GET, ns, key)
+        nid = self._ns_id(ns)
+        if nid is None:
+            return None
+        row = self._point(_GET, nid, key)
         if row is None or (row[1] is not None and row[1] <= self._clock()):
             return None
         return row[0], row[1]
 
     def _get(self, ns: str, key: str) -> bytes | None:
+        nid = self._ids.get(ns)
+        if nid is None:
+            nid = self._ns_id(ns)
+            if nid is None:
+                return None
         # The hottest path: _point() and _cursor() inlined for the common case.
         try:
             if self._memlock is None and self._gen == _fork_gen:
@@ -913,9 +1053,9 @@ class SQLiteStore(Store):
                     cursor = self._local.holder.cursor
                 except AttributeError:
                     cursor = self._thread_conn().cursor
-                row = cursor.execute(_GET, (ns, key)).fetchone()
+                row = cursor.execute(_GET, (nid, key)).fetchone()
             else:
-                row = self._point(_GET, ns, key)
+                row = self._point(_GET, nid, key)
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         if row is None or (row[1] is not None and row[1] <= self._clock()):
@@ -923,17 +1063,23 @@ class SQLiteStore(Store):
         return row[0]  # type: ignore[no-any-return]
 
     def _contains(self, ns: str, key: str) -> bool:
-        row = self._point(_CONTAINS, ns, key)
+        nid = self._ns_id(ns)
+        if nid is None:
+            return False
+        row = self._point(_CONTAINS, nid, key)
         return row is not None and (row[0] is None or row[0] > self._clock())
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        nid = self._ids.get(ns)
+        if nid is None:
+            nid = self._ns_id_for_write(ns)
         lock = self._memlock
         value: bytes | bytearray = bytearray(data) if len(data) <= _COPY_MAX else data
         params: tuple[Any, ...]
         if expires is None:
-            sql, params = _PUT_FOREVER, (ns, key, value)
+            sql, params = _PUT_FOREVER, (nid, key, value)
         else:
-            sql, params = _PUT, (ns, key, value, expires)
+            sql, params = _PUT, (nid, key, value, expires)
         _GATE.enter()
         try:
             if lock is None:
@@ -947,22 +1093,37 @@ class SQLiteStore(Store):
             _GATE.leave()
 
     def _delete(self, ns: str, key: str) -> bool:
-        return self._write(_DELETE_LIVE, (ns, key, self._clock())) > 0
+        nid = self._ns_id(ns)
+        return nid is not None and self._write(_DELETE_LIVE, (nid, key, self._clock())) > 0
 
-    def _select(self, columns: str, ns: str, prefix: str) -> tuple[str, tuple[Any, ...]]:
-        # Parameters: ?1 ns, ?2 lower bound, ?3 now, ?4 upper bound.
+    def _select(self, columns: str, nid: int, prefix: str) -> tuple[str, tuple[Any, ...]]:
+        # Parameters: ?1 namespace id, ?2 lower bound, ?3 now, ?4 upper bound.
         if not prefix:
-            sql = f"SELECT {columns} FROM {TABLE} WHERE ns = ?1 AND key >= ?2 AND {_LIVE}"
-            return sql, (ns, "", self._clock())
+            sql = f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2 AND {_LIVE}"
+            return sql, (nid, "", self._clock())
         end = _prefix_end(prefix)
         if end is None:
-            sql = f"SELECT {columns} FROM {TABLE} WHERE ns = ?1 AND key >= ?2 AND {_LIVE}"
-            return sql, (ns, prefix, self._clock())
-        sql = f"SELECT {columns} FROM {TABLE} WHERE ns = ?1 AND key >= ?2 AND key < ?4 AND {_LIVE}"
-        return sql, (ns, prefix, self._clock(), end)
+            sql = f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2 AND {_LIVE}"
+            return sql, (nid, prefix, self._clock())
+        sql = (
+            f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2 AND key < ?4 AND {_LIVE}"
+        )
+        return sql, (nid, prefix, self._clock(), end)
 
     def __len__(self) -> int:
-        # docstring inherited. Outside a batch, straight to the one counting query.
+        # docstring inherited. Outside a batch, straight to the one counting query (inlined
+        # for a file store's own namespace: bench/bench_core.py measures len()).
+        nid = self._fastnid
+        if nid is not None and not self._nbatch:
+            try:
+                cursor = self._local.holder.cursor
+            except AttributeError:
+                cursor = self._thread_conn().cursor
+            try:
+                count: int = cursor.execute(_COUNT, (nid, self._clock())).fetchone()[0]
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            return count
         if self._nbatch or self._dot or self._closed:
             return super().__len__()
         return self._count(self._ns)
@@ -979,28 +1140,70 @@ class SQLiteStore(Store):
         # generator layers and a call less per item (items() is measured in bench_core).
         if self._nbatch or self._dot or self._closed:
             return super()._iter_pairs()
-        return self._decoded_items(self._ns)
+        nid = self._ns_id(self._ns)
+        if nid is None:
+            return iter(())
+        sql, params = self._select("key, value", nid, "")
+        if self._memlock is None and not self._thread_conn().depth:
+            return self._decoded_pages(self._ns, sql, params)
+        return self._decoded(self._ns, self._rows(sql, params, None))
 
-    def _decoded_items(self, ns: str) -> Iterator[tuple[str, Any]]:
+    def _decoded(self, ns: str, rows: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, Any]]:
         decode = self._decode
-        for key, data in self._iter_items(ns, ""):
+        for key, data in rows:
             if data[:2] == PLAIN_HEADER:
                 yield key, decode_plain(data)
             else:
                 yield key, decode(ns, key, data)
 
+    def _decoded_pages(
+        self, ns: str, sql: str, params: tuple[Any, ...]
+    ) -> Iterator[tuple[str, Any]]:
+        """Decoded rows of *sql*, read from a pooled reader in pages (one generator layer).
+
+        Pages grow from one row (``next(iter(store.items()))`` reads one) up to _FETCH rows
+        or about _PAGE_BYTES of values, whichever is less: large values stream a few at a
+        time.
+        """
+        decode = self._decode
+        with self._reading(sql, params) as cursor:
+            size = 1
+            while rows := cursor.fetchmany(size):
+                for key, data in rows:
+                    if data[:2] == PLAIN_HEADER:
+                        yield key, decode_plain(data)
+                    else:
+                        yield key, decode(ns, key, data)
+                average = sum(map(len, map(_VALUE, rows))) // len(rows) + 1
+                size = max(1, min(size * 8, _FETCH, _PAGE_BYTES // average))
+
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
-        sql, params = self._select("key", ns, prefix)
+        nid = self._ns_id(ns)
+        if nid is None:
+            return iter(())
+        sql, params = self._select("key", nid, prefix)
         return self._rows(sql, params, 0)
 
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
-        sql, params = self._select("key, value", ns, prefix)
+        nid = self._ns_id(ns)
+        if nid is None:
+            return iter(())
+        sql, params = self._select("key, value", nid, prefix)
         return self._rows(sql, params, None)
 
     def _count(self, ns: str) -> int:
-        return int(self._one(_COUNT, (ns, self._clock()))[0])
+        nid = self._ids.get(ns)
+        if nid is None:
+            nid = self._ns_id(ns)
+            if nid is None:
+                return 0
+        count: int = self._one(_COUNT, (nid, self._clock()))[0]
+        return count
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        nid = self._ns_id(ns)
+        if nid is None:
+            return [None] * len(keys)
         unique = list(dict.fromkeys(keys))
         found: dict[str, bytes] = {}
         now = self._clock()
@@ -1010,10 +1213,10 @@ class SQLiteStore(Store):
                 chunk = unique[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 sql = (
-                    f"SELECT key, value FROM {TABLE} WHERE ns = ? AND key IN ({marks}) "
+                    f"SELECT key, value FROM {TABLE} WHERE ns_id = ? AND key IN ({marks}) "
                     "AND (expires IS NULL OR expires > ?)"
                 )
-                found.update(conn.execute(sql, (ns, *chunk, now)).fetchall())
+                found.update(conn.execute(sql, (nid, *chunk, now)).fetchall())
 
         try:
             if len(unique) <= _IN_CHUNK and self._memlock is None:
@@ -1031,29 +1234,45 @@ class SQLiteStore(Store):
             return
         with self._exclusive():
             conn = self._conn()
+            names = set(map(_NS, ops))
             # The common batch, only writes without expiry, as one executemany fed from C
-            # (no Python call per row; see _PUT for the bytearray copy).
-            if not [op for op in ops if op.data is None or op.expires is not None]:
-                data: Iterator[bytes | bytearray] = map(_DATA, ops)
-                if max(map(len, map(_DATA, ops))) <= _COPY_MAX:
-                    data = map(bytearray, data)
-                rows = zip(map(_NS, ops), map(_KEY, ops), data, strict=True)
-                conn.executemany(_PUT_FOREVER, rows)
+            # (no Python call per row, the test included; see _PUT for the bytearray copy).
+            datas = list(map(_DATA, ops))
+            if None not in datas and list(map(_EXPIRES, ops)).count(None) == len(ops):
+                by_ns = {ns: self._ns_id_for_write(ns) for ns in names}
+                data: Iterable[bytes | bytearray] = datas
+                if max(map(len, datas)) <= _COPY_MAX:
+                    data = map(bytearray, datas)
+                nids: Iterator[int] = (
+                    itertools.repeat(by_ns.popitem()[1])
+                    if len(by_ns) == 1
+                    else map(by_ns.__getitem__, map(_NS, ops))
+                )
+                # zip() stops with the keys: the ids may be an endless repeat().
+                conn.executemany(_PUT_FOREVER, zip(nids, map(_KEY, ops), data, strict=False))
                 return
+            # A namespace only deleted from is not registered (None: its deletes match no row).
+            written = {op.ns for op in ops if op.data is not None}
+            ids = {
+                ns: self._ns_id_for_write(ns) if ns in written else self._ns_id(ns) for ns in names
+            }
             # Consecutive ops of one kind go in one executemany each, in order.
             for kind, group in itertools.groupby(ops, key=_op_kind):
                 if kind == _PUT_KIND:
-                    conn.executemany(_PUT, group)
+                    conn.executemany(_PUT, [(ids[o.ns], o.key, o.data, o.expires) for o in group])
                 elif kind == _FOREVER_KIND:
-                    conn.executemany(_PUT_FOREVER, [op[:3] for op in group])
+                    conn.executemany(_PUT_FOREVER, [(ids[o.ns], o.key, o.data) for o in group])
                 else:
-                    conn.executemany(_DELETE, [op[:2] for op in group])
+                    conn.executemany(_DELETE, [(ids[o.ns], o.key) for o in group])
 
     def _clear(self, ns: str) -> None:
-        self._write(_CLEAR, (ns,))
+        nid = self._ns_id(ns)
+        if nid is not None:
+            self._write(_CLEAR, (nid,))
 
     def _purge_expired(self, ns: str) -> int:
-        return self._write(_PURGE, (ns, self._clock()))
+        nid = self._ns_id(ns)
+        return 0 if nid is None else self._write(_PURGE, (nid, self._clock()))
 
     def _namespaces(self) -> Iterable[str]:
         lock = self._memlock
@@ -1064,6 +1283,8 @@ class SQLiteStore(Store):
             raise self._error(exc) from exc
 
     def _close(self) -> None:
+        self._rfast = False
+        self._fastnid = None
         with self._conn_lock:
             forked = self._gen != _fork_gen
             holders = list(self._holders)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import mappingstore
 from mappingstore import SQLiteStore
-from mappingstore._sqlite import APPLICATION_ID, TABLE, _prefix_end
+from mappingstore._sqlite import APPLICATION_ID, NS_TABLE, TABLE, _prefix_end
 from mappingstore.errors import (
     BackendError,
     InvalidOptionError,
@@ -37,6 +37,9 @@ from mappingstore.errors import (
     StoreCorruptError,
     StoreNotFoundError,
 )
+
+# The id of the namespace given as a parameter, in raw SQL.
+_NS_ID = f"(SELECT id FROM {NS_TABLE} WHERE name = ?)"
 
 LOOKALIKES = [
     "a",
@@ -232,14 +235,14 @@ def test_prefix_scan_matches_startswith(keys: set[str], prefix: str) -> None:
 
 
 def test_prefix_scan_is_an_index_range(db: SQLiteStore) -> None:
-    sql, params = db._select("key", db.namespace, "abc")
+    sql, params = db._select("key", 1, "abc")
     assert "LIKE" not in sql.upper() and "GLOB" not in sql.upper()
     plan = [row[3] for row in db._conn().execute("EXPLAIN QUERY PLAN " + sql, params)]
-    assert plan == [f"SEARCH {TABLE} USING PRIMARY KEY (ns=? AND key>? AND key<?)"]
+    assert plan == [f"SEARCH {TABLE} USING PRIMARY KEY (ns_id=? AND key>? AND key<?)"]
     # Expired rows are found through the partial index, never by scanning the namespace.
     from mappingstore._sqlite import _PURGE
 
-    plan = [row[3] for row in db._conn().execute("EXPLAIN QUERY PLAN " + _PURGE, ("n", 1.0))]
+    plan = [row[3] for row in db._conn().execute("EXPLAIN QUERY PLAN " + _PURGE, (1, 1.0))]
     assert len(plan) == 1 and "USING COVERING INDEX mappingstore_kv_expires" in plan[0], plan
 
 
@@ -535,7 +538,9 @@ def test_expired_rows_in_count_iteration_and_purge(tmp_path: Path) -> None:
         assert sorted(store) == sorted([f"k{i}" for i in range(10)] + ["t2", "t3", "t4"])
         assert len(other) == 0
         assert store.purge_expired() == 2
-        raw = store._conn().execute(f"SELECT count(*) FROM {TABLE} WHERE ns = 'default'")
+        raw = store._conn().execute(
+            f"SELECT count(*) FROM {TABLE} JOIN {NS_TABLE} ON id = ns_id WHERE name = 'default'"
+        )
         assert raw.fetchone()[0] == 13
         assert other.purge_expired() == 1
         assert store.namespaces() == ["default"]
@@ -869,7 +874,9 @@ if StoreTests is not None:
         def raw_record(self, store: Any, key: str, namespace: str | None = None) -> Any:
             ns = store.namespace if namespace is None else namespace
             rows = self._raw(
-                store, f"SELECT value, expires FROM {TABLE} WHERE ns = ? AND key = ?", (ns, key)
+                store,
+                f"SELECT value, expires FROM {TABLE} WHERE ns_id = {_NS_ID} AND key = ?",
+                (ns, key),
             )
             if not rows or (rows[0][1] is not None and rows[0][1] <= store._clock()):
                 return None
@@ -884,9 +891,11 @@ if StoreTests is not None:
             namespace: str | None = None,
         ) -> None:
             ns = store.namespace if namespace is None else namespace
+            self._raw(store, f"INSERT OR IGNORE INTO {NS_TABLE} (name) VALUES (?)", (ns,))
             self._raw(
                 store,
-                f"INSERT OR REPLACE INTO {TABLE} (ns, key, expires, value) VALUES (?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO {TABLE} (ns_id, key, expires, value) "
+                f"VALUES ({_NS_ID}, ?, ?, ?)",
                 (ns, key, expires, data),
             )
 
@@ -894,7 +903,8 @@ if StoreTests is not None:
             ns = store.namespace if namespace is None else namespace
             rows = self._raw(
                 store,
-                f"SELECT key FROM {TABLE} WHERE ns = ? AND (expires IS NULL OR expires > ?)",
+                f"SELECT key FROM {TABLE} WHERE ns_id = {_NS_ID} "
+                "AND (expires IS NULL OR expires > ?)",
                 (ns, store._clock()),
             )
             return {row[0] for row in rows}

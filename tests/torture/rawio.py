@@ -202,9 +202,11 @@ class RawIO:
         if self.backend == "sqlite":
             self._conn = sqlite3.connect(str(target.path), timeout=30, isolation_level=None)
             self._conn.execute("PRAGMA synchronous = OFF")  # this session only: no fsync
-            (self._table,) = self._conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-            ).fetchone()
+            from mappingstore._sqlite import NS_TABLE, TABLE
+
+            self._table = TABLE
+            # Rows name their namespace by its id in the side table NS_TABLE.
+            self._ns_id = f"(SELECT id FROM {NS_TABLE} WHERE name = ?)"
         elif self.backend == "postgres":
             import psycopg
 
@@ -237,7 +239,8 @@ class RawIO:
         b = self.backend
         if b == "sqlite":
             row = self._conn.execute(
-                f"SELECT value FROM {self._table} WHERE ns = ? AND key = ?", (ns, key)
+                f"SELECT value FROM {self._table} WHERE ns_id = {self._ns_id} AND key = ?",
+                (ns, key),
             ).fetchone()
             assert row is not None, (ns, key)
             return bytes(row[0])
@@ -291,7 +294,7 @@ class RawIO:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._conn.executemany(
-                    f"UPDATE {self._table} SET value = ? WHERE ns = ? AND key = ?",
+                    f"UPDATE {self._table} SET value = ? WHERE ns_id = {self._ns_id} AND key = ?",
                     [(data, ns, key) for ns, key, data in items],
                 )
                 assert cur.rowcount == len(items), "every raw write needs an existing record"
