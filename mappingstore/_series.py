@@ -156,7 +156,7 @@ class Series(MutableMapping[int, Any]):
     raises :class:`~mappingstore.errors.ReadOnlyError` from every mutator.
     """
 
-    __slots__ = ("_cache", "_freq", "_head_key", "_name", "_ns", "_store")
+    __slots__ = ("_cache", "_edge_key", "_freq", "_head_key", "_name", "_ns", "_store")
 
     def __init__(self, store: Store, name: str, freq: int | None = None) -> None:
         from ._keys import check_key
@@ -165,6 +165,10 @@ class Series(MutableMapping[int, Any]):
         self._name = check_key(name)
         self._ns = internal_ns("ts", store._ns)
         self._head_key = tagged_key("H", self._name)
+        # The first and last points live in a small record of their own: first()/last()
+        # read only it, and the head (read by every operation) stays small whatever the
+        # values hold (a head over about 1 KB spills to an overflow page in SQLite).
+        self._edge_key = tagged_key("E", self._name)
         self._freq = None if freq is None else _check_freq(freq)
         # (raw head record, decoded head, chunk start timestamps) of the last head read
         self._cache: tuple[bytes, dict[str, Any], list[int]] | None = None
@@ -200,8 +204,6 @@ class Series(MutableMapping[int, Any]):
                 isinstance(head, dict)
                 and type(head["n"]) is int
                 and all(len(c) == 3 and all(type(x) is int for x in c) for c in head["c"])
-                and len(head["f"]) == 2
-                and len(head["z"]) == 2
             ):
                 raise ValueError("bad structure")
         except (KeyError, TypeError, ValueError) as exc:
@@ -261,38 +263,63 @@ class Series(MutableMapping[int, Any]):
         payload = {"t": ts, "v": pack(vs)}
         return Op(self._ns, key, self._store._encode(self._ns, key, payload), None)
 
-    def _head_op(
+    def _edges(self) -> tuple[list[Any], list[Any]] | None:
+        """The first and last ``[timestamp, value]`` of the series (decoded afresh: the
+        values are the caller's own copies), or None when it is empty."""
+        data = self._store._rget(self._ns, self._edge_key)
+        if data is None:
+            return None
+        edges = self._store._decode(self._ns, self._edge_key, data)
+        try:
+            first, last = edges["f"], edges["z"]
+            if len(first) != 2 or len(last) != 2 or type(first[0]) is not int:
+                raise ValueError("bad edges")
+            if type(last[0]) is not int:
+                raise ValueError("bad edges")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptValueError(f"series {self._name!r}: damaged edge record") from exc
+        return first, last
+
+    def _head_ops(
         self,
         chunks: list[list[int]],
         next_id: int,
         written: dict[int, Any],
-        old: dict[str, Any] | None,
-    ) -> Op:
-        """The new head; its first/last points come from a chunk written now, or else from
-        the old head (the edge chunk was not touched)."""
+    ) -> list[Op]:
+        """The new head and edge records; the first/last points come from a chunk written
+        now, or else from the old edge record (the edge chunk was not touched)."""
         from ._store import Op
 
         if not chunks:
-            return Op(self._ns, self._head_key, None, None)
+            return [
+                Op(self._ns, self._head_key, None, None),
+                Op(self._ns, self._edge_key, None, None),
+            ]
         first_cid, last_cid = chunks[0][1], chunks[-1][1]
+        old = None
+        if first_cid not in written or last_cid not in written:
+            old = self._edges()
         first: Any = None
         last: Any = None
         if first_cid in written:
             ts, vs = written[first_cid]
             first = [ts[0], vs[0]]
         elif old is not None:
-            first = old["f"]
+            first = old[0]
         if last_cid in written:
             ts, vs = written[last_cid]
             last = [ts[-1], vs[-1]]
         elif old is not None:
-            last = old["z"]
+            last = old[1]
         if first is None or last is None:  # pragma: no cover - would be a logic error
             raise CorruptValueError(f"series {self._name!r}: cannot find its edge points")
-        head = {"c": chunks, "n": next_id, "f": first, "z": last}
-        return Op(
-            self._ns, self._head_key, self._store._encode(self._ns, self._head_key, head), None
-        )
+        head = {"c": chunks, "n": next_id}
+        edges = {"f": first, "z": last}
+        store = self._store
+        return [
+            Op(self._ns, self._head_key, store._encode(self._ns, self._head_key, head), None),
+            Op(self._ns, self._edge_key, store._encode(self._ns, self._edge_key, edges), None),
+        ]
 
     def _delete_op(self, cid: int) -> Op:
         from ._store import Op
@@ -327,7 +354,6 @@ class Series(MutableMapping[int, Any]):
         # Values are serialised when their chunk is encoded, all before the one atomic
         # write: an unsupported value raises SerializationError and stores nothing.
         with store._atomic():
-            old = self._head_record()
             chunks, next_id = self._head()
             written: dict[int, Any] = {}
             groups: dict[int, dict[int, Any]] = {}
@@ -349,7 +375,7 @@ class Series(MutableMapping[int, Any]):
                 new_chunks.extend(pieces)
             if not chunks:
                 new_chunks, next_id = self._pieces(new, None, next_id, ops, written)
-            ops.append(self._head_op(new_chunks, next_id, written, old))
+            ops.extend(self._head_ops(new_chunks, next_id, written))
             store._rapply(ops)
 
     def _pieces(
@@ -398,7 +424,6 @@ class Series(MutableMapping[int, Any]):
             return 0
         removed = 0
         with store._atomic():
-            old = self._head_record()
             chunks, next_id = self._head()
             written: dict[int, Any] = {}
             ops: list[Op] = []
@@ -427,7 +452,7 @@ class Series(MutableMapping[int, Any]):
                 else:
                     ops.append(self._delete_op(entry[1]))
             if removed:
-                ops.append(self._head_op(kept, next_id, written, old))
+                ops.extend(self._head_ops(kept, next_id, written))
                 store._rapply(ops)
         return removed
 
@@ -515,14 +540,14 @@ class Series(MutableMapping[int, Any]):
     def first(self) -> tuple[int, Any] | None:
         """The earliest ``(timestamp, value)``, or ``None`` when the series is empty."""
         self._store._check_open()
-        head = self._head_record()
-        return None if head is None else (int(head["f"][0]), head["f"][1])
+        edges = self._edges()
+        return None if edges is None else (edges[0][0], edges[0][1])
 
     def last(self) -> tuple[int, Any] | None:
         """The latest ``(timestamp, value)``, or ``None`` when the series is empty."""
         self._store._check_open()
-        head = self._head_record()
-        return None if head is None else (int(head["z"][0]), head["z"][1])
+        edges = self._edges()
+        return None if edges is None else (edges[1][0], edges[1][1])
 
     def range(
         self,

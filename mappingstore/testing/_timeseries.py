@@ -107,6 +107,28 @@ class SeriesTests:
         t.remove()
         assert s.series_names() == [] and len(t) == 0 and t.first() is None
 
+    def test_series_reads_return_copies(self, factory: Factory) -> None:
+        s = factory()
+        t = s.series("t")
+        t.extend([(1, {"a": [1]}), (2, {"b": [2]}), (3000, {"z": [3]})])
+        for read in (t.first, t.last, lambda: t.range()[0], lambda: t.range()[-1]):
+            got = read()
+            assert got is not None
+            got[1].clear()  # mutating what a read returned changes nothing stored
+        assert t.first() == (1, {"a": [1]}) and t.last() == (3000, {"z": [3]})
+        assert t[2] == {"b": [2]} and t.range() == [
+            (1, {"a": [1]}),
+            (2, {"b": [2]}),
+            (3000, {"z": [3]}),
+        ]
+        del t[1]
+        t[4000] = "new last"
+        assert t.first() == (2, {"b": [2]}) and t.last() == (4000, "new last")
+        t.remove(3000, None)
+        assert t.first() == t.last() == (2, {"b": [2]})
+        t.remove()
+        assert t.first() is None and t.last() is None and s.series_names() == []
+
     def test_series_independent_of_plain_key_and_namespaces(self, factory: Factory) -> None:
         s = factory()
         s["x"] = "plain"
