@@ -103,13 +103,18 @@ class _Renewer:
         period = lease_s / 3
         with self._cond:
             ident = next(self._ids)
-            self._held[ident] = (renew, period, time.monotonic() + period)
+            at = time.monotonic() + period
+            # Wake the thread only if it sleeps past this renewal (idle, or every held
+            # lease is due later): a wake-up per section would be a context switch each.
+            wake = all(at < due for _, _, due in self._held.values())
+            self._held[ident] = (renew, period, at)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="mappingstore-redis-lease", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif wake:
+                self._cond.notify()
         return ident
 
     def drop(self, ident: int) -> None:
