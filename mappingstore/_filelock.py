@@ -286,13 +286,13 @@ class LockHandle(_Blocks):
     :meth:`close` closes the lock.
     """
 
-    __slots__ = ("_closed", "_lock", "_timeout")
+    __slots__ = ("_closed", "_key", "_lock", "_timeout")
 
     _locks: ClassVar[dict[str, tuple[FileLock, int]]] = {}
     _guard: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, lock: FileLock, timeout: float | None) -> None:
-        self._lock, self._timeout, self._closed = lock, timeout, False
+    def __init__(self, key: str, lock: FileLock, timeout: float | None) -> None:
+        self._key, self._lock, self._timeout, self._closed = key, lock, timeout, False
 
     @classmethod
     def open(cls, path: str, *, create: bool = True, timeout: float | None = None) -> LockHandle:
@@ -307,7 +307,7 @@ class LockHandle(_Blocks):
                 if create:
                     lock._create = True
             cls._locks[key] = (lock, users + 1)
-        return cls(lock, timeout)
+        return cls(key, lock, timeout)
 
     @property
     def lock(self) -> FileLock:
@@ -334,15 +334,14 @@ class LockHandle(_Blocks):
             if self._closed:
                 return
             self._closed = True
-            key = os.path.realpath(self._lock.path)
-            entry = cls._locks.get(key)
+            entry = cls._locks.get(self._key)
             if entry is None or entry[0] is not self._lock:
-                last = True  # its entry went with a fork or a path change: only ours
+                last = True  # not registered as ours any more: nobody else shares it
             elif entry[1] > 1:
-                cls._locks[key] = (self._lock, entry[1] - 1)
+                cls._locks[self._key] = (self._lock, entry[1] - 1)
                 last = False
             else:
-                del cls._locks[key]
+                del cls._locks[self._key]
                 last = True
         if last:  # outside the guard: closing waits for a thread inside the lock
             self._lock.close()
