@@ -212,16 +212,12 @@ class Series(MutableMapping[int, Any]):
         cached = self._cache = (data, head, [c[0] for c in head["c"]])
         return cached
 
-    def _head_record(self) -> dict[str, Any] | None:
-        entry = self._head_entry()
-        return None if entry is None else entry[1]
-
     def _head(self) -> tuple[list[list[int]], int]:
         """The chunk directory (shared with the cache: never mutate it) and the next id."""
-        head = self._head_record()
-        if head is None:
+        entry = self._head_entry()
+        if entry is None:
             return [], 0
-        return head["c"], head["n"]
+        return entry[1]["c"], entry[1]["n"]
 
     def _directory(self) -> tuple[list[list[int]], list[int]]:
         """The chunk directory and its chunk start timestamps (both shared with the cache:
@@ -272,9 +268,7 @@ class Series(MutableMapping[int, Any]):
         edges = self._store._decode(self._ns, self._edge_key, data)
         try:
             first, last = edges["f"], edges["z"]
-            if len(first) != 2 or len(last) != 2 or type(first[0]) is not int:
-                raise ValueError("bad edges")
-            if type(last[0]) is not int:
+            if not all(len(p) == 2 and type(p[0]) is int for p in (first, last)):
                 raise ValueError("bad edges")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptValueError(f"series {self._name!r}: damaged edge record") from exc
