@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, ClassVar
 
-from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
+from ._codec import PLAIN_HEADER, decode_plain, decode_plain_many, pack, wrap_plain
 from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_url
 from .errors import (
@@ -319,7 +319,6 @@ def _prefix_end(prefix: str) -> str | None:
 
 
 _NS, _KEY, _DATA, _EXPIRES = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
-_VALUE = itemgetter(1)  # of a (key, value) row
 _DELETE_KIND, _FOREVER_KIND, _PUT_KIND = 0, 1, 2
 
 
@@ -1159,23 +1158,30 @@ class SQLiteStore(Store):
     def _decoded_pages(
         self, ns: str, sql: str, params: tuple[Any, ...]
     ) -> Iterator[tuple[str, Any]]:
-        """Decoded rows of *sql*, read from a pooled reader in pages (one generator layer).
+        """Decoded rows of *sql*, read from a pooled reader in pages.
 
         Pages grow from one row (``next(iter(store.items()))`` reads one) up to _FETCH rows
         or about _PAGE_BYTES of values, whichever is less: large values stream a few at a
-        time.
+        time. A page of plain records is decoded at once and handed out through C
+        iterators (``chain`` over ``zip``), so the generator resumes once a page, not once
+        an item (items() is measured in bench_core).
         """
-        decode = self._decode
+        return itertools.chain.from_iterable(self._decoded_page_runs(ns, sql, params))
+
+    def _decoded_page_runs(
+        self, ns: str, sql: str, params: tuple[Any, ...]
+    ) -> Iterator[Iterable[tuple[str, Any]]]:
         with self._reading(sql, params) as cursor:
             size = 1
             while rows := cursor.fetchmany(size):
-                for key, data in rows:
-                    if data[:2] == PLAIN_HEADER:
-                        yield key, decode_plain(data)
-                    else:
-                        yield key, decode(ns, key, data)
-                average = sum(map(len, map(_VALUE, rows))) // len(rows) + 1
+                keys, datas = zip(*rows, strict=True)
+                average = sum(map(len, datas)) // len(datas) + 1
                 size = max(1, min(size * 8, _FETCH, _PAGE_BYTES // average))
+                values = decode_plain_many(datas) if datas[0][:2] == PLAIN_HEADER else None
+                if values is None:  # one by one, for the right error at the right record
+                    yield self._decoded(ns, rows)
+                else:
+                    yield zip(keys, values, strict=True)
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         nid = self._ns_id(ns)

@@ -57,6 +57,7 @@ from ._codec import (
     ENCRYPTED_HEADER,
     PLAIN_HEADER,
     decode_plain,
+    decode_plain_many,
     pack,
     unpack,
     unpack_many,
@@ -832,7 +833,14 @@ class Store(MutableMapping[str, Any]):
         same errors; the encrypted ones are opened and decoded all at once (no I/O: the
         async API calls it too)."""
         cipher = self._cipher
-        if cipher is not None and type(self)._decode is Store._decode:
+        generic = type(self)._decode is Store._decode
+        first = datas[0] if datas else None
+        if generic and first is not None and first[:2] == PLAIN_HEADER and None not in datas:
+            # Every key found and (going by the first) plain: decode_plain_many.
+            values = decode_plain_many(cast("list[bytes]", datas))
+            if values is not None:
+                return dict(zip(keys, values, strict=True))
+        elif cipher is not None and generic:
             try:
                 # Cipher.open_records and one unpack_many: about 1.5 µs a value against
                 # 2.8 one by one; None marks missing keys and records of other kinds.

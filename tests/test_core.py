@@ -23,6 +23,7 @@ from mappingstore._codec import (
     MAX_EXT_DEPTH,
     PLAIN_HEADER,
     decode_plain,
+    decode_plain_many,
     pack,
     unpack,
     wrap_plain,
@@ -216,6 +217,26 @@ def test_crc_guards_every_plain_bit() -> None:
         with pytest.raises(CorruptValueError):
             decode_plain(good[:cut])
     assert zlib.crc32(good[6:]).to_bytes(4, "big") == good[2:6]
+
+
+def test_decode_plain_many_matches_one_by_one_or_declines() -> None:
+    values = [{"a": [1, 2, 3]}, (1, "x"), None, 2**70, "é" * 300, b"\x00", [], {}]
+    good = [wrap_plain(pack(v)) for v in values]
+    assert decode_plain_many(good) == [decode_plain(r) for r in good]
+    assert decode_plain_many([]) == []
+    # Any record decode_plain would refuse makes the whole page decline (None); the caller
+    # then decodes one by one and raises at the right record.
+    for bit in range(16, len(good[0]) * 8):
+        bad = bytearray(good[0])
+        bad[bit // 8] ^= 1 << (bit % 8)
+        assert decode_plain_many([good[1], bytes(bad), good[2]]) is None
+    for cut in range(len(good[0])):
+        assert decode_plain_many([good[1], good[0][:cut]]) is None
+    two_values = wrap_plain(pack(1) + pack(2))  # sound checksum, two values in one record
+    with pytest.raises(CorruptValueError):
+        decode_plain(two_values)
+    assert decode_plain_many([good[0], two_values]) is None
+    assert decode_plain_many([good[0], b"\x01\x01" + good[0][2:]]) is None  # not plain
 
 
 # -- crypto -------------------------------------------------------------------------------

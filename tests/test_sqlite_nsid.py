@@ -21,7 +21,7 @@ import pytest
 
 from mappingstore import SQLiteStore
 from mappingstore._sqlite import _COUNT, NS_TABLE, TABLE
-from mappingstore.errors import StoreCorruptError
+from mappingstore.errors import CorruptValueError, StoreCorruptError
 
 
 def _ids(path: Path) -> dict[str, int]:
@@ -212,14 +212,40 @@ def test_items_stream_large_values_in_small_pages(tmp_path: Path) -> None:
         assert dict(store.items()) == {**big, **small}
         everything = {**big, **small}
         assert list(store.values()) == [everything[k] for k in sorted(everything)]
-        # Stopping early hands the reader back to the pool.
+        # Stopping early hands the reader back to the pool once the iterator is dropped.
         it = iter(store.items())
         assert next(it) == ("k000", big["k000"])
-        it.close()  # type: ignore[attr-defined]
+        del it
         assert len(store._readers) >= 1
         with store.batch():  # inside a batch: the general path
             store["s000"] = "changed"
             assert dict(store.items())["s000"] == "changed"
+
+
+def test_items_raise_at_the_damaged_record_after_the_sound_ones(tmp_path: Path) -> None:
+    # Pages of plain records are decoded at once; one damaged record makes its page decode
+    # one by one, so iteration hands out every record before it and then raises.
+    path = tmp_path / "s.db"
+    with SQLiteStore(path) as store:
+        store.update({f"k{i:04d}": {"n": i} for i in range(3000)})
+    conn = sqlite3.connect(path)
+    (blob,) = conn.execute(f"SELECT value FROM {TABLE} WHERE key = 'k1500'").fetchone()
+    damaged = blob[:-1] + bytes([blob[-1] ^ 1])
+    conn.execute(f"UPDATE {TABLE} SET value = ? WHERE key = 'k1500'", (damaged,))
+    conn.commit()
+    conn.close()
+    with SQLiteStore(path) as store:
+        seen: list[str] = []
+
+        def read_all() -> None:
+            for key, value in store.items():
+                assert value == {"n": int(key[1:])}
+                seen.append(key)
+
+        with pytest.raises(CorruptValueError):
+            read_all()
+        assert seen == [f"k{i:04d}" for i in range(1500)]
+        assert len(list(store.keys())) == 3000
 
 
 def test_a_file_of_the_older_text_namespace_layout_is_refused(tmp_path: Path) -> None:
@@ -302,3 +328,18 @@ def test_processes_creating_one_new_file_at_once(tmp_path: Path) -> None:
         with SQLiteStore(path) as store:
             assert len(store) == 3
             assert store._thread_conn().conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_get_many_decodes_plain_pages_at_once_with_the_same_errors(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path) as store:
+        store.update({f"k{i}": [i, str(i)] for i in range(50)})
+        keys = [f"k{i}" for i in range(50)]
+        assert store.get_many(keys) == {k: [int(k[1:]), k[1:]] for k in keys}
+        assert store.get_many(["k1", "nope", "k2"]) == {"k1": [1, "1"], "k2": [2, "2"]}
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE {TABLE} SET value = CAST(value || x'00' AS BLOB) WHERE key = 'k7'")
+    conn.commit()
+    conn.close()
+    with SQLiteStore(path) as store, pytest.raises(CorruptValueError):
+        store.get_many(keys)
