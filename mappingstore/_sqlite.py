@@ -290,6 +290,8 @@ _STORES: weakref.WeakValueDictionary[int, SQLiteStore] = weakref.WeakValueDictio
 # including SQLite's own: the header check only reads a file no instance here has open.
 _OPEN_FILES: dict[tuple[int, int], int] = {}
 _OPEN_FILES_LOCK = threading.Lock()
+# (st_dev, st_ino) -> the open file stores on that file, by id() (see _lend_transaction).
+_FILE_STORES: dict[tuple[int, int], weakref.WeakValueDictionary[int, SQLiteStore]] = {}
 
 
 def _unregister_file(file_id: tuple[int, int]) -> None:
@@ -299,6 +301,7 @@ def _unregister_file(file_id: tuple[int, int]) -> None:
             _OPEN_FILES[file_id] = left
         else:
             _OPEN_FILES.pop(file_id, None)
+            _FILE_STORES.pop(file_id, None)
 
 
 def _prefix_end(prefix: str) -> str | None:
@@ -551,6 +554,7 @@ class SQLiteStore(Store):
         file_id = (st.st_dev, st.st_ino)
         _OPEN_FILES[file_id] = _OPEN_FILES.get(file_id, 0) + 1
         self._file_id = file_id
+        _FILE_STORES.setdefault(file_id, weakref.WeakValueDictionary())[id(self)] = self
         # Runs once: at close(), or when a store nobody closed is garbage-collected.
         self._file_unregister = weakref.finalize(self, _unregister_file, file_id)
 
@@ -777,16 +781,19 @@ class SQLiteStore(Store):
                 except sqlite3.Error as exc:
                     raise self._error(exc) from exc
                 holder.depth = 1
+                lent = self._lend_transaction(holder)
                 try:
                     yield
                 except BaseException as exc:
                     holder.depth = 0
+                    self._take_back(lent)
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                     if isinstance(exc, sqlite3.Error):
                         raise self._error(exc) from exc
                     raise
                 holder.depth = 0
+                self._take_back(lent)
                 try:
                     conn.execute("COMMIT")
                 except sqlite3.Error as exc:
@@ -801,6 +808,43 @@ class SQLiteStore(Store):
         finally:
             if lock is not None:
                 lock.release()
+
+    def _lend_transaction(self, holder: _Conn) -> list[tuple[SQLiteStore, Any, _Conn | None]]:
+        """Make *holder*, which has just begun this thread's write transaction, the thread's
+        connection of every other open store of the same file, until _take_back().
+
+        A ``modify()`` function (or any code inside the transaction) that writes through a
+        second store of the file then joins the transaction, as it would on PostgreSQL,
+        instead of waiting ``timeout`` seconds for the lock its own thread holds. The
+        swap is per thread (the stores' connections are thread-local); other threads keep
+        their own connections and wait for the commit as before.
+        """
+        file_id = self._file_id
+        if file_id is None or self._memlock is not None:
+            return []
+        with _OPEN_FILES_LOCK:
+            stores = _FILE_STORES.get(file_id)
+            others = [s for s in stores.values() if s is not self] if stores else []
+        lent = []
+        for store in others:
+            if store._closed or store._memlock is not None or store._gen != _fork_gen:
+                continue
+            local = store._local
+            lent.append((store, local, getattr(local, "holder", None)))
+            local.holder = holder
+        return lent
+
+    @staticmethod
+    def _take_back(lent: list[tuple[SQLiteStore, Any, _Conn | None]]) -> None:
+        """Undo _lend_transaction(): each store gets its own connection back."""
+        for store, local, own in lent:
+            if store._local is not local:  # closed or forked since: it has a fresh one
+                continue
+            if own is None:
+                with contextlib.suppress(AttributeError):
+                    del local.holder
+            else:
+                local.holder = own
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:

@@ -908,3 +908,96 @@ if StoreTests is not None:
                 (ns, store._clock()),
             )
             return {row[0] for row in rows}
+
+
+# -- a second store of the same file inside a write transaction -----------------------------
+
+
+def test_modify_fn_writing_through_a_second_store_joins_the_transaction(tmp_path: Path) -> None:
+    # It used to wait for the lock its own thread held, then fail with LockTimeoutError.
+    path = tmp_path / "s.db"
+    with (
+        SQLiteStore(path, timeout=5) as a,
+        SQLiteStore(path, timeout=5) as same,
+        SQLiteStore(path, timeout=5, namespace="other") as other,
+    ):
+        a["n"] = 1
+        own = same._thread_conn()
+
+        def fn(value: int) -> int:
+            same["seen"] = value  # same namespace, another store object
+            other["log"] = [value]  # a namespace created inside the transaction
+            assert a["seen"] == value  # the transaction sees its own writes
+            assert other.get_many(["log"]) == {"log": [value]}
+            assert list(other.items()) == [("log", [value])]
+            return value + 1
+
+        assert a.modify("n", fn) == 2
+        assert same._thread_conn() is own  # its own connection again
+        assert (a["n"], same["seen"], other["log"]) == (2, 1, [1])
+        # Nested: the second store's own modify joins the transaction too.
+        assert a.modify("n", lambda v: same.modify("k", lambda _: v, default=0) + 1) == 3
+        assert same["k"] == 2
+
+
+def test_a_failing_modify_fn_rolls_back_its_writes_through_other_stores(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path, timeout=5) as a, SQLiteStore(path, timeout=5, namespace="o") as b:
+        a["n"] = 1
+
+        def fn(value: int) -> int:
+            b["x"] = value
+            raise RuntimeError("no")
+
+        with pytest.raises(RuntimeError):
+            a.modify("n", fn)
+        assert a["n"] == 1
+        assert "x" not in b
+        assert b.namespaces() == ["default"]
+        b["x"] = 5  # and the store still writes on its own
+        assert b["x"] == 5
+
+
+def test_other_threads_still_wait_for_the_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path, timeout=5) as a, SQLiteStore(path, timeout=0.2) as b:
+        a["n"] = 1
+        inside, release = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+
+        def fn(value: int) -> int:
+            inside.set()
+            release.wait(10)
+            return value + 1
+
+        worker = threading.Thread(target=lambda: a.modify("n", fn))
+        worker.start()
+        try:
+            assert inside.wait(10)
+            try:
+                b["y"] = 1  # another thread: no join, it waits and times out
+            except LockTimeoutError as exc:
+                errors.append(exc)
+        finally:
+            release.set()
+            worker.join(10)
+        assert len(errors) == 1
+        b["y"] = 2
+        assert (a["n"], b["y"]) == (2, 2)
+
+
+def test_closing_the_second_store_inside_the_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path, timeout=5) as a:
+        b = SQLiteStore(path, timeout=5)
+        a["n"] = 1
+
+        def fn(value: int) -> int:
+            b["z"] = value
+            b.close()
+            return value + 1
+
+        assert a.modify("n", fn) == 2
+        assert a["z"] == 1
+        with pytest.raises(StoreClosedError):
+            b["z"]
