@@ -142,6 +142,7 @@ def _forked() -> None:
     global _fork_gen
     _fork_gen += 1
     _GATE.after_fork_in_child()
+    _TXN.__dict__.pop("held", None)  # a transaction of the parent's connection
     # The inlined reads use the thread's connection without looking at the generation:
     # off until the store has abandoned the parent's connections (_after_fork).
     for store in list(_STORES.values()):
@@ -292,6 +293,9 @@ _OPEN_FILES: dict[tuple[int, int], int] = {}
 _OPEN_FILES_LOCK = threading.Lock()
 # (st_dev, st_ino) -> the open file stores on that file, by id() (see _lend_transaction).
 _FILE_STORES: dict[tuple[int, int], weakref.WeakValueDictionary[int, SQLiteStore]] = {}
+# Per thread, ``held``: (st_dev, st_ino) -> the connection of this thread's open write
+# transaction on that file, for stores that have no connection of their own yet.
+_TXN = threading.local()
 
 
 def _unregister_file(file_id: tuple[int, int]) -> None:
@@ -696,6 +700,9 @@ class SQLiteStore(Store):
         try:
             holder: _Conn = self._local.holder
         except AttributeError:
+            held = getattr(_TXN, "held", None)
+            if held and self._file_id in held:  # see _lend_transaction; not kept after it
+                return held[self._file_id]  # type: ignore[no-any-return]
             holder = self._local.holder = self._make_conn()
         return holder
 
@@ -825,7 +832,9 @@ class SQLiteStore(Store):
         with _OPEN_FILES_LOCK:
             stores = _FILE_STORES.get(file_id)
             others = [s for s in stores.values() if s is not self] if stores else []
-        lent = []
+        held = _TXN.__dict__.setdefault("held", {})
+        held[file_id] = holder  # for stores opened, or first used here, inside it
+        lent: list[tuple[SQLiteStore, Any, _Conn | None]] = [(self, None, holder)]
         for store in others:
             if store._closed or store._memlock is not None or store._gen != _fork_gen:
                 continue
@@ -838,6 +847,9 @@ class SQLiteStore(Store):
     def _take_back(lent: list[tuple[SQLiteStore, Any, _Conn | None]]) -> None:
         """Undo _lend_transaction(): each store gets its own connection back."""
         for store, local, own in lent:
+            if local is None:  # the lender's entry
+                _TXN.__dict__.get("held", {}).pop(store._file_id, None)
+                continue
             if store._local is not local:  # closed or forked since: it has a fresh one
                 continue
             if own is None:

@@ -1001,3 +1001,50 @@ def test_closing_the_second_store_inside_the_transaction(tmp_path: Path) -> None
         assert a["z"] == 1
         with pytest.raises(StoreClosedError):
             b["z"]
+
+
+def test_a_store_opened_inside_the_transaction_joins_it_too(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path, timeout=5) as a:
+        a["n"] = 1
+        opened: list[SQLiteStore] = []
+
+        def fn(value: int) -> int:
+            b = SQLiteStore(path, timeout=5, namespace="late")
+            opened.append(b)
+            b["x"] = value
+            assert b["x"] == value
+            return value + 1
+
+        assert a.modify("n", fn) == 2
+        with opened[0] as b:
+            assert b["x"] == 1
+            assert b._thread_conn() is not a._thread_conn()  # its own connection after
+
+
+def test_a_child_forked_inside_the_transaction_uses_its_own_connection(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path, timeout=5) as a:
+        a["n"] = 1
+        b = SQLiteStore(path, timeout=5)
+
+        def fn(value: int) -> int:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    with SQLiteStore(path, timeout=0.2) as c:
+                        c["child"] = 1  # the parent holds the write lock: times out
+                except LockTimeoutError:
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            return value + 1
+
+        assert a.modify("n", fn) == 2
+        assert "child" not in b
+        b.close()
