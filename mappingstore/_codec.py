@@ -187,6 +187,8 @@ def _unpackb_nested(data: bytes) -> Any:
 # that runs while another pack is busy (another thread, a finalizer or a value's own method
 # running during packing) gets another Packer, never the busy buffer. The pool holds at
 # most one Packer per concurrent pack. A Packer that raised is dropped.
+# SharedMemoryStore.__setitem__ inlines pack() and wrap_plain() with this pool and
+# _HEADER_CRC: a change to either must be made there too.
 _PACKERS: list[msgpack.Packer] = []
 
 

@@ -134,28 +134,30 @@ def write_record(
 
 def fill(
     new: Segment,
-    old_mm: mmap.mmap,
+    mm: mmap.mmap,
     keep: list[tuple[int, int, int]],
     adds: list[tuple[bytes, bytes, bytes, float]],
-) -> None:
-    """Copy the *keep* records ``(hash, offset, size)`` of *old_mm* and write the *adds*
-    ``(ns, key, data, expires)`` into the fresh, unpublished segment *new*."""
-    mm = old_mm
-    nkeys = len(keep) + len(adds)
+) -> dict[int, int]:
+    """Copy the *keep* records ``(slot value, offset, size)`` of *mm* and write the *adds*
+    ``(ns, key, data, expires)`` into the fresh, unpublished segment *new*; return
+    {old slot value: its table word index in *new*} for the copied records."""
     nq, nmm, t0, mask = new.q, new.mm, new.t0, new.mask
     pos = flushed = nq[Q_HEAP]
     # The table is built in a list, then stored in one slice, and records are copied in
     # runs of up to 1 MiB: fewer, bigger stores into the mapping (this loop runs once per
     # live record per rebuild; its cost is part of every write's, see _rebuild_with).
     table = [EMPTY] * new.cap
+    moved: dict[int, int] = {}
     chunks: list[bytes] = []
     append = chunks.append
-    for h, off, rsize in keep:
+    for v, off, rsize in keep:
         append(mm[off : off + rsize])
+        h = v >> 32
         i = h & mask
         while table[i]:
             i = (i + 1) & mask
         table[i] = (h << 32) | (pos >> 3)
+        moved[v] = t0 + i
         pos += rsize
         if pos - flushed >= _RUN:
             nmm[flushed:pos] = b"".join(chunks)
@@ -171,4 +173,5 @@ def fill(
         pos += record_size(len(nsb) + len(kb) + len(data))
     nq[t0 : t0 + new.cap] = array("Q", table)
     nq[Q_END] = pos
-    nq[Q_USED] = nkeys
+    nq[Q_USED] = len(keep) + len(adds)
+    return moved

@@ -899,6 +899,162 @@ def test_sets_survive_many_rebuilds(name: str) -> None:
         assert {k: r[k] for k in r} == {f"k{i}": 39_500 + i for i in range(500)}
 
 
+def _rebuild(store: SharedMemoryStore) -> None:
+    """Build and publish the next data generation of *store* now (white-box)."""
+    with store._h:
+        store._rebuild_with(store._wseg(), [], set())
+
+
+def test_rebuild_carries_the_read_cache_over(name: str) -> None:
+    """A rebuild moves the cached locations of the copied records to the new generation
+    (the next set or get of those keys probes nothing), and only those: a key another
+    instance overwrote or deleted, or that expired, is looked up again, never revived."""
+    from mappingstore.testing import FakeClock
+
+    clock = FakeClock()
+    with (
+        SharedMemoryStore(name, clock=clock) as w,
+        SharedMemoryStore(name, clock=clock) as o,
+    ):
+        for i in range(50):
+            w[f"k{i}"] = {"i": i}
+        w.set("ttl", "short", ttl=5)
+        o["rival"] = "o's first"
+        # (the sets that grew the table rebuilt it and left no entry: read them all)
+        assert [w[f"k{i}"] for i in range(50)] == [{"i": i} for i in range(50)]
+        assert w["rival"] == "o's first" and w["ttl"] == "short"
+        w["tup"] = (1, 2)
+        assert w["tup"] == (1, 2)  # an entry holding a decoded immutable value
+        o["rival"] = "o's second"  # w's entry for it is now stale
+        del o["k1"]
+        clock.advance(10)
+        gen = w._seg.gen
+        _rebuild(w)
+        assert w._seg.gen == gen + 1
+        hot = w._hot
+        assert "rival" not in hot and "k1" not in hot and "ttl" not in hot
+        for key in ["k0", "k2", "k49", "tup"]:
+            e = hot[key]
+            assert e[0] == gen + 1 and e[1][e[2]] == e[3]
+        probes: list[str] = []
+        find = w._find
+
+        def counting_find(seg: Any, nsb: bytes, kb: bytes, h: int) -> tuple[int, int]:
+            probes.append(kb.decode())
+            return find(seg, nsb, kb, h)
+
+        w._find = counting_find  # type: ignore[method-assign]
+        for i in range(50):
+            if i != 1:
+                w[f"k{i}"] = {"i": i + 100}
+        assert w["tup"] == (1, 2)
+        assert probes == []
+        assert w["rival"] == "o's second" and "k1" not in w and "ttl" not in w
+        w["k1"] = "back"
+        assert probes[-1] == "k1"
+        with SharedMemoryStore(name, clock=clock) as fresh:
+            for reader in (w, o, fresh):
+                assert [reader[f"k{i}"] for i in (0, 2, 49)] == [
+                    {"i": 100},
+                    {"i": 102},
+                    {"i": 149},
+                ]
+                assert reader["k1"] == "back" and reader["tup"] == (1, 2)
+                assert len(reader) == 52
+
+
+def test_rebuilds_under_concurrent_readers_keep_values_intact(name: str, spawn: Spawn) -> None:
+    """Readers in another process and in another thread of the writer's process (which
+    shares the writer's read cache, carried over by each rebuild) read through many
+    rebuilds: every value is whole and no key ever goes back to an older value."""
+    reader = """
+        import zlib
+        from mappingstore import SharedMemoryStore
+        s = SharedMemoryStore(sys.argv[1])
+        print("ready", flush=True)
+        last, gens, reads = {}, set(), 0
+        while s.get("done") is None:
+            for k in range(64):
+                v = s.get(f"k{k}")
+                reads += 1
+                if v is None:
+                    continue
+                assert v["crc"] == zlib.crc32(v["body"]) and v["k"] == k, v
+                assert v["i"] >= last.get(k, -1), (k, v["i"], last[k])
+                last[k] = v["i"]
+            gens.add(s._seg.gen)
+        print(reads, len(gens), flush=True)
+    """
+    script = "import sys\n" + textwrap.dedent(reader)
+
+    def value(k: int, i: int) -> dict[str, Any]:
+        body = f"{k}:{i}:".encode() * (1 + (i % 5))  # lengths vary: new record heads too
+        return {"k": k, "i": i, "body": body, "crc": zlib.crc32(body)}
+
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    with SharedMemoryStore(name) as w:
+        w.update({f"k{k}": value(k, 0) for k in range(64)})
+        proc = spawn(
+            [sys.executable, "-W", "error", "-c", script, name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+
+        def read_in_thread() -> None:
+            last: dict[int, int] = {}
+            try:
+                while not stop.is_set():
+                    for k in range(64):
+                        v = w[f"k{k}"]
+                        assert v["crc"] == zlib.crc32(v["body"]) and v["k"] == k
+                        assert v["i"] >= last.get(k, -1)
+                        last[k] = v["i"]
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        thread = threading.Thread(target=read_in_thread)
+        thread.start()
+        try:
+            gen = w._seg.gen
+            for i in range(1, 40_000):
+                w[f"k{i % 64}"] = value(i % 64, i)
+                if i % 9_999 == 0:  # a multi-key write rebuilds too
+                    w.update({f"k{k}": value(k, i) for k in range(0, 64, 7)})
+            assert w._seg.gen >= gen + 4
+        finally:
+            stop.set()
+            thread.join()
+            w["done"] = True
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        reads, gens = map(int, out.split())
+        assert reads > 0 and gens > 1
+        assert failures == []
+        for k in range(64):
+            assert w[f"k{k}"]["crc"] == zlib.crc32(w[f"k{k}"]["body"])
+
+
+def test_a_value_that_fails_to_encode_changes_nothing(name: str) -> None:
+    """The set fast path encodes with the codec's pooled packers: a value that cannot be
+    encoded (even halfway through) raises SerializationError, changes nothing, and leaves
+    no half-used packer behind for the next set."""
+    from mappingstore.errors import SerializationError
+
+    with SharedMemoryStore(name) as w, SharedMemoryStore(name) as r:
+        w["k"] = {"ok": 1}
+        for bad in (object(), {"a": "x" * 100, "b": object()}, [1, 2, {3}, object()]):
+            with pytest.raises(SerializationError):
+                w["k"] = bad
+            assert w["k"] == r["k"] == {"ok": 1}
+        for i in range(5):
+            w["k"] = {"ok": i, "s": "y" * i}
+            w[f"n{i}"] = [i]
+        assert r["k"] == {"ok": 4, "s": "yyyy"}
+        assert [r[f"n{i}"] for i in range(5)] == [[0], [1], [2], [3], [4]]
+
+
 # -- the conformance suite -----------------------------------------------------------------
 
 
