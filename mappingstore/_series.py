@@ -268,7 +268,13 @@ class Series(MutableMapping[int, Any]):
         edges = self._store._decode(self._ns, self._edge_key, data)
         try:
             first, last = edges["f"], edges["z"]
-            if not all(len(p) == 2 and type(p[0]) is int for p in (first, last)):
+            # Spelled out: a generator over the two points cost about 1 µs of a 7 µs call.
+            if (
+                len(first) != 2
+                or len(last) != 2
+                or type(first[0]) is not int
+                or type(last[0]) is not int
+            ):
                 raise ValueError("bad edges")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptValueError(f"series {self._name!r}: damaged edge record") from exc

@@ -327,3 +327,30 @@ def test_fork_during_another_threads_pause() -> None:
         release.set()
         thread.join(10)
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [
+        {"f": [1, "a"]},  # no last point
+        {"f": [1, "a"], "z": [2]},  # a point without its value
+        {"f": ["1", "a"], "z": [2, "b"]},  # a timestamp that is not an int
+        {"f": [1, "a"], "z": [2.0, "b"]},
+        {"f": [1, "a", 3], "z": [2, "b"]},
+        {"f": 1, "z": 2},  # not points at all
+        [1, 2],  # not a map
+    ],
+)
+def test_a_damaged_edge_record_is_reported(edges: Any) -> None:
+    # first() and last() read only the series' edge record: a record of the wrong shape
+    # (sound checksum, so only its content is wrong) raises, never a wrong point.
+    store = mappingstore.open("memory://")
+    series = store.series("s")
+    series.extend([(1, "a"), (2, "b")])
+    assert (series.first(), series.last()) == ((1, "a"), (2, "b"))
+    key = series._edge_key
+    store._put(series._ns, key, store._encode(series._ns, key, edges), None)
+    with pytest.raises(CorruptValueError, match="edge record"):
+        series.first()
+    with pytest.raises(CorruptValueError, match="edge record"):
+        series.last()
