@@ -142,7 +142,7 @@ def _forked() -> None:
     global _fork_gen
     _fork_gen += 1
     _GATE.after_fork_in_child()
-    _TXN.__dict__.pop("held", None)  # a transaction of the parent's connection
+    _TXN.__dict__.pop("held", None)  # a transaction on the parent's connection
     # The inlined reads use the thread's connection without looking at the generation:
     # off until the store has abandoned the parent's connections (_after_fork).
     for store in list(_STORES.values()):
@@ -824,17 +824,23 @@ class SQLiteStore(Store):
         second store of the file then joins the transaction, as it would on PostgreSQL,
         instead of waiting ``timeout`` seconds for the lock its own thread holds. The
         swap is per thread (the stores' connections are thread-local); other threads keep
-        their own connections and wait for the commit as before.
+        their own connections and wait for the commit as before. Every write transaction
+        runs this: with no other store open on the file it is one dictionary store.
         """
         file_id = self._file_id
+        lent: list[tuple[SQLiteStore, Any, _Conn | None]] = []
         if file_id is None or self._memlock is not None:
-            return []
+            return lent
+        try:
+            held = _TXN.held
+        except AttributeError:
+            held = _TXN.held = {}
+        held[file_id] = holder  # for stores opened, or first used here, inside it
+        if _OPEN_FILES.get(file_id, 0) < 2:  # this store is the file's only one
+            return lent
         with _OPEN_FILES_LOCK:
             stores = _FILE_STORES.get(file_id)
             others = [s for s in stores.values() if s is not self] if stores else []
-        held = _TXN.__dict__.setdefault("held", {})
-        held[file_id] = holder  # for stores opened, or first used here, inside it
-        lent: list[tuple[SQLiteStore, Any, _Conn | None]] = [(self, None, holder)]
         for store in others:
             if store._closed or store._memlock is not None or store._gen != _fork_gen:
                 continue
@@ -843,13 +849,12 @@ class SQLiteStore(Store):
             local.holder = holder
         return lent
 
-    @staticmethod
-    def _take_back(lent: list[tuple[SQLiteStore, Any, _Conn | None]]) -> None:
+    def _take_back(self, lent: list[tuple[SQLiteStore, Any, _Conn | None]]) -> None:
         """Undo _lend_transaction(): each store gets its own connection back."""
+        held = getattr(_TXN, "held", None)
+        if held:
+            held.pop(self._file_id, None)
         for store, local, own in lent:
-            if local is None:  # the lender's entry
-                _TXN.__dict__.get("held", {}).pop(store._file_id, None)
-                continue
             if store._local is not local:  # closed or forked since: it has a fresh one
                 continue
             if own is None:
