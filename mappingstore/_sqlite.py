@@ -43,6 +43,7 @@ from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_url
 from .errors import (
     BackendError,
+    CorruptValueError,
     InvalidOptionError,
     InvalidURLError,
     LockTimeoutError,
@@ -722,6 +723,14 @@ class SQLiteStore(Store):
         where = self._path
         if self._closed and isinstance(exc, sqlite3.ProgrammingError):
             return StoreClosedError("SQLiteStore is closed")
+        if msg.startswith("Could not decode to UTF-8 column"):
+            # Text that is not UTF-8 where sqlite3 must build a str (the message quotes
+            # the stored text: never repeated). Only another program writes text there.
+            if "value" in msg.split(" with text ", 1)[0]:
+                return CorruptValueError(
+                    f"{where}: a stored value is not a mappingstore record (non-UTF-8 text)"
+                )
+            return StoreCorruptError(f"{where}: a stored name is not valid UTF-8 text")
         if primary in (_BUSY, _LOCKED) or "database is locked" in msg or "table is locked" in msg:
             return LockTimeoutError(
                 f"{where}: database is locked (waited {self._timeout:g} s for another "

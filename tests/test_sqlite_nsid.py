@@ -343,3 +343,36 @@ def test_get_many_decodes_plain_pages_at_once_with_the_same_errors(tmp_path: Pat
     conn.close()
     with SQLiteStore(path) as store, pytest.raises(CorruptValueError):
         store.get_many(keys)
+
+
+def test_text_that_is_not_utf8_where_a_record_or_a_name_belongs(tmp_path: Path) -> None:
+    # Only another program writes text into these columns; sqlite3 cannot even build the
+    # str. A value reads as CorruptValueError, a name as StoreCorruptError, and neither
+    # message repeats the stored bytes.
+    path = tmp_path / "s.db"
+    with SQLiteStore(path) as store:
+        store.update({"a": 1, "b": 2, "ok": 3})
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE {TABLE} SET value = CAST(x'ff00' AS TEXT) WHERE key = 'a'")
+    conn.commit()
+    conn.close()
+    with SQLiteStore(path) as store:
+        reads: list[Any] = [
+            lambda: store["a"],
+            lambda: store.get("a"),
+            lambda: store.get_many(["a", "ok"]),
+            lambda: list(store.items()),
+            lambda: list(store.values()),
+        ]
+        for read in reads:
+            with pytest.raises(CorruptValueError, match="non-UTF-8") as info:
+                read()
+            assert "\ufffd" not in str(info.value)
+        assert store["ok"] == 3
+        assert sorted(store) == ["a", "b", "ok"]
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE {TABLE} SET key = CAST(x'ff' AS TEXT) WHERE key = 'b'")
+    conn.commit()
+    conn.close()
+    with SQLiteStore(path) as store, pytest.raises(StoreCorruptError, match="UTF-8"):
+        list(store)
