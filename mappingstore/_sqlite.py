@@ -43,7 +43,6 @@ from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_url
 from .errors import (
     BackendError,
-    CorruptValueError,
     InvalidOptionError,
     InvalidURLError,
     LockTimeoutError,
@@ -66,15 +65,21 @@ _NS_COLUMNS = ["id", "name"]
 APPLICATION_ID = 0x6D53746F
 _MAGIC = b"SQLite format 3\x00"
 
-_LIVE = "(expires IS NULL OR expires > ?3)"
+_LIVE = "(expires IS NULL OR CAST(expires AS REAL) > ?3)"  # CAST: see _VALUE
+# Values are read as CAST(value AS BLOB) and expiries handed to Python as CAST(expires AS
+# REAL): SQLite does not enforce column types, so a file another program wrote into may
+# hold an integer, a float or text there. Such a value then reads as bytes that are not a
+# record (CorruptValueError), an expiry that is not a number as expired, never as a
+# TypeError from our own code. A cast of the right type is a no-op.
+_VALUE = "CAST(value AS BLOB)"
 # Point reads check the expiry in Python: no clock call and one parameter less for the
 # common item without a TTL.
-_GET = f"SELECT value, expires FROM {TABLE} WHERE ns_id = ? AND key = ?"
+_GET = f"SELECT {_VALUE}, CAST(expires AS REAL) FROM {TABLE} WHERE ns_id = ? AND key = ?"
 # The inlined read of __getitem__ fetches one column: the value of a record without expiry,
-# else its expiry (a REAL, never a BLOB), and then reads the record again with _GET. A
-# second column costs every read more (the NULL and a 2-tuple) than the rare second query.
-_GET_FOREVER = f"SELECT coalesce(expires, value) FROM {TABLE} WHERE ns_id = ? AND key = ?"
-_CONTAINS = f"SELECT expires FROM {TABLE} WHERE ns_id = ? AND key = ?"
+# else its expiry (never a BLOB), and then reads the record again with _GET. A second
+# column costs every read more (the NULL and a 2-tuple) than the rare second query.
+_GET_FOREVER = f"SELECT coalesce(expires, {_VALUE}) FROM {TABLE} WHERE ns_id = ? AND key = ?"
+_CONTAINS = f"SELECT CAST(expires AS REAL) FROM {TABLE} WHERE ns_id = ? AND key = ?"
 # Columns in the order of an Op (ns, key, data, expires). sqlite3 binds int, float, str and
 # bytearray parameters directly, but sends None and bytes through its adapter registry
 # (a failed attribute lookup that builds an exception, about 0.3 us each on CPython 3.11):
@@ -724,12 +729,8 @@ class SQLiteStore(Store):
         if self._closed and isinstance(exc, sqlite3.ProgrammingError):
             return StoreClosedError("SQLiteStore is closed")
         if msg.startswith("Could not decode to UTF-8 column"):
-            # Text that is not UTF-8 where sqlite3 must build a str (the message quotes
-            # the stored text: never repeated). Only another program writes text there.
-            if "value" in msg.split(" with text ", 1)[0]:
-                return CorruptValueError(
-                    f"{where}: a stored value is not a mappingstore record (non-UTF-8 text)"
-                )
+            # A key or namespace name that is not UTF-8 (only another program writes such
+            # text; values are read as BLOBs). The message quotes the text: not repeated.
             return StoreCorruptError(f"{where}: a stored name is not valid UTF-8 text")
         if primary in (_BUSY, _LOCKED) or "database is locked" in msg or "table is locked" in msg:
             return LockTimeoutError(
@@ -1212,7 +1213,7 @@ class SQLiteStore(Store):
         nid = self._ns_id(self._ns)
         if nid is None:
             return iter(())
-        sql, params = self._select("key, value", nid, "")
+        sql, params = self._select(f"key, {_VALUE}", nid, "")
         if self._memlock is None and not self._thread_conn().depth:
             return self._decoded_pages(self._ns, sql, params)
         return self._decoded(self._ns, self._rows(sql, params, None))
@@ -1264,7 +1265,7 @@ class SQLiteStore(Store):
         nid = self._ns_id(ns)
         if nid is None:
             return iter(())
-        sql, params = self._select("key, value", nid, prefix)
+        sql, params = self._select(f"key, {_VALUE}", nid, prefix)
         return self._rows(sql, params, None)
 
     def _count(self, ns: str) -> int:
@@ -1289,8 +1290,8 @@ class SQLiteStore(Store):
                 chunk = unique[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 sql = (
-                    f"SELECT key, value FROM {TABLE} WHERE ns_id = ? AND key IN ({marks}) "
-                    "AND (expires IS NULL OR expires > ?)"
+                    f"SELECT key, {_VALUE} FROM {TABLE} WHERE ns_id = ? AND key IN ({marks}) "
+                    "AND (expires IS NULL OR CAST(expires AS REAL) > ?)"
                 )
                 found.update(conn.execute(sql, (nid, *chunk, now)).fetchall())
 
