@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, ClassVar
 
-from ._codec import PLAIN_HEADER, decode_plain, decode_plain_many, pack, wrap_plain
+from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_url
 from .errors import (
@@ -1248,7 +1248,7 @@ class SQLiteStore(Store):
                 keys, datas = zip(*rows, strict=True)
                 average = sum(map(len, datas)) // len(datas) + 1
                 size = max(1, min(size * 8, _FETCH, _PAGE_BYTES // average))
-                values = decode_plain_many(datas) if datas[0][:2] == PLAIN_HEADER else None
+                values = self._decode_page(ns, keys, datas)
                 if values is None:  # one by one, for the right error at the right record
                     yield self._decoded(ns, rows)
                 else:

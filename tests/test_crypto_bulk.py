@@ -3,6 +3,7 @@ helpers: the same bytes and the same checks as one Cipher.seal / Cipher.open per
 
 from __future__ import annotations
 
+import sqlite3
 import struct
 import threading
 from pathlib import Path
@@ -340,3 +341,41 @@ def test_unpack_many() -> None:
     assert unpack_many([pack(1), b"\xc1"]) is None  # 0xc1: never valid msgpack
     assert unpack_many([pack(1), pack(2)[:0]]) is None  # an empty payload: one value short
     assert unpack_many([pack(1) + pack(2)]) is None  # two values in one: one left over
+
+
+def test_sqlite_items_open_a_page_of_encrypted_records_at_once(tmp_path: Path) -> None:
+    # items()/values() of an encrypted SQLite store open each page with open_records and
+    # one unpack_many; a tampered record makes its page decode one by one, so every
+    # record before it is handed out and the error comes at that record.
+    path = tmp_path / "s.db"
+    values = {f"k{i:04d}": {"n": i, "t": (i, "x")} for i in range(2000)}
+    with SQLiteStore(path, key=KEY) as store:
+        store.update(values)
+        store.set("plain", [1, 2], encrypt=False)  # a page of mixed kinds still reads
+        assert dict(store.items()) == {**values, "plain": [1, 2]}
+        assert store.get_many(["k0001", "plain"]) == {"k0001": values["k0001"], "plain": [1, 2]}
+    conn = sqlite3.connect(path)
+    (blob,) = conn.execute("SELECT value FROM mappingstore_kv WHERE key = 'k1234'").fetchone()
+    conn.execute(
+        "UPDATE mappingstore_kv SET value = ? WHERE key = 'k1234'",
+        (blob[:-1] + bytes([blob[-1] ^ 1]),),
+    )
+    conn.commit()
+    conn.close()
+    seen: list[str] = []
+
+    def read_all(store: SQLiteStore) -> None:
+        for key, value in store.items():
+            assert value == values[key]
+            seen.append(key)
+
+    with SQLiteStore(path, key=KEY) as store:
+        with pytest.raises(IntegrityError):
+            read_all(store)
+        assert seen == [f"k{i:04d}" for i in range(1234)]
+        with pytest.raises(IntegrityError):
+            store.get_many(["k0001", "k1234"])
+    with SQLiteStore(path, encrypt=False) as store:
+        assert store["plain"] == [1, 2]
+        with pytest.raises(PasswordRequiredError):
+            list(store.values())
