@@ -292,26 +292,24 @@ if hasattr(os, "register_at_fork"):
 #: Every SQLiteStore of this process, by id() (see _forked; a store is not hashable).
 _STORES: weakref.WeakValueDictionary[int, SQLiteStore] = weakref.WeakValueDictionary()
 
-# (st_dev, st_ino) -> number of open SQLiteStore instances on that file in this process.
+# (st_dev, st_ino) -> the open SQLiteStore instances on that file in this process, by id().
 # Closing *any* descriptor of a file drops every POSIX lock the process holds on it,
 # including SQLite's own: the header check only reads a file no instance here has open.
-_OPEN_FILES: dict[tuple[int, int], int] = {}
+# _lend_transaction() finds a file's other stores here.
+_OPEN_FILES: dict[tuple[int, int], weakref.WeakValueDictionary[int, SQLiteStore]] = {}
 _OPEN_FILES_LOCK = threading.Lock()
-# (st_dev, st_ino) -> the open file stores on that file, by id() (see _lend_transaction).
-_FILE_STORES: dict[tuple[int, int], weakref.WeakValueDictionary[int, SQLiteStore]] = {}
 # Per thread, ``held``: (st_dev, st_ino) -> the connection of this thread's open write
 # transaction on that file, for stores that have no connection of their own yet.
 _TXN = threading.local()
 
 
-def _unregister_file(file_id: tuple[int, int]) -> None:
+def _unregister_file(file_id: tuple[int, int], ident: int) -> None:
     with _OPEN_FILES_LOCK:
-        left = _OPEN_FILES.get(file_id, 1) - 1
-        if left > 0:
-            _OPEN_FILES[file_id] = left
-        else:
-            _OPEN_FILES.pop(file_id, None)
-            _FILE_STORES.pop(file_id, None)
+        stores = _OPEN_FILES.get(file_id)
+        if stores is not None:
+            stores.pop(ident, None)
+            if not stores:
+                del _OPEN_FILES[file_id]
 
 
 def _prefix_end(prefix: str) -> str | None:
@@ -435,7 +433,7 @@ class SQLiteStore(Store):
         self._readers: list[_Conn] = []
         self._conn_lock = threading.Lock()
         self._file_id: tuple[int, int] | None = None
-        self._file_unregister: weakref.finalize[[tuple[int, int]], SQLiteStore] | None = None
+        self._file_unregister: weakref.finalize[[tuple[int, int], int], SQLiteStore] | None = None
         self._gen = _fork_gen
         self._memlock: threading.RLock | None = None
         self._local: Any = threading.local()
@@ -562,11 +560,10 @@ class SQLiteStore(Store):
     def _register_file(self, st: os.stat_result) -> None:
         """Count this instance as having the file open (caller holds _OPEN_FILES_LOCK)."""
         file_id = (st.st_dev, st.st_ino)
-        _OPEN_FILES[file_id] = _OPEN_FILES.get(file_id, 0) + 1
+        _OPEN_FILES.setdefault(file_id, weakref.WeakValueDictionary())[id(self)] = self
         self._file_id = file_id
-        _FILE_STORES.setdefault(file_id, weakref.WeakValueDictionary())[id(self)] = self
         # Runs once: at close(), or when a store nobody closed is garbage-collected.
-        self._file_unregister = weakref.finalize(self, _unregister_file, file_id)
+        self._file_unregister = weakref.finalize(self, _unregister_file, file_id, id(self))
 
     def _check_header(self, header: bytes, size: int) -> None:
         path = self._path
@@ -846,11 +843,11 @@ class SQLiteStore(Store):
         except AttributeError:
             held = _TXN.held = {}
         held[file_id] = holder  # for stores opened, or first used here, inside it
-        if _OPEN_FILES.get(file_id, 0) < 2:  # this store is the file's only one
+        stores = _OPEN_FILES.get(file_id)
+        if stores is None or len(stores) < 2:  # this store is the file's only one
             return lent
         with _OPEN_FILES_LOCK:
-            stores = _FILE_STORES.get(file_id)
-            others = [s for s in stores.values() if s is not self] if stores else []
+            others = [s for s in stores.values() if s is not self]
         for store in others:
             if store._closed or store._memlock is not None or store._gen != _fork_gen:
                 continue
