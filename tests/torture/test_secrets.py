@@ -1378,28 +1378,33 @@ def _long_subprocess_tables(scan: Scan, tmp: Path) -> int:
 # -- the hidden prompt, on a real terminal -------------------------------------------------
 
 
+_TAKE_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _on_a_terminal(
     args: Sequence[str], answers: Sequence[str], env: dict[str, str | None], timeout: float = 60
 ) -> tuple[int, bytes]:
     """Run the program with a pseudo-terminal as its controlling terminal and stdin; type
     each answer after the next prompt appears (so echo is already off); return everything
     the terminal showed."""
-    import fcntl
     import termios
 
     master, slave = os.openpty()
-
-    def become_terminal_owner() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
+    # A new session (setsid, done by subprocess in C), then a small Python step takes the
+    # terminal on stdin as its controlling terminal and execs the CLI. Not preexec_fn: it
+    # runs Python between fork and exec, which can deadlock when the test process has other
+    # threads (connection pools of earlier tests), and once hung a CI run for 60 s.
+    command = _command(args, logged=False)
     proc = subprocess.Popen(
-        _command(args, logged=False),
+        [sys.executable, "-c", _TAKE_TERMINAL, *command],
         stdin=slave,
         stdout=slave,
         stderr=slave,
         env=_program_env(env),
-        preexec_fn=become_terminal_owner,
+        start_new_session=True,
     )
     os.close(slave)
     shown = b""
@@ -1425,7 +1430,12 @@ def _on_a_terminal(
                 os.write(master, todo.pop(0).encode() + b"\n")
             if proc.poll() is not None and not ready:
                 break
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{list(args)} still running after {timeout} s; the terminal showed {shown!r}"
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
