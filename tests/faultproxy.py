@@ -110,6 +110,14 @@ class FaultProxy:
                 sock.close()
 
     def close(self) -> None:
+        """Stop accepting, cut every connection, and wait for the accept thread to end
+        (closing a listening socket does not wake an ``accept`` blocked in another thread;
+        shutting it down does)."""
         self.closing = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.down()
+        self.thread.join(timeout=5)
