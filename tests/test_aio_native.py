@@ -329,14 +329,15 @@ def test_ttl_expiry_on_the_native_path(net: Backend) -> None:
     async def main() -> None:
         options: dict[str, Any] = {"clock": clock} if net.kind == "postgres" else {}
         async with await net.open(**options) as s:
-            await s.set("brief", 1, ttl=0.2)
+            # 1 s TTLs: a stalled CI machine must not expire them before the len() check.
+            await s.set("brief", 1, ttl=1)
             await s.set("stays", 2)
-            await s.set_many({"b2": 3}, ttl=0.2)
+            await s.set_many({"b2": 3}, ttl=1)
             assert await s.len() == 3
             if net.kind == "postgres":
-                clock.now += 1
+                clock.now += 2
             else:
-                await asyncio.sleep(0.4)
+                await asyncio.sleep(1.2)
             assert not await s.contains("brief") and await s.get("b2") is None
             assert await s.len() == 1 and await collect(s.keys()) == ["stays"]
             assert await s.get_many(["brief", "b2", "stays"]) == {"stays": 2}
