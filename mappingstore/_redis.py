@@ -30,6 +30,7 @@ from ._redis_client import (
     classify,
     make_client,
     parse_redis_url,
+    wrong_type,
 )
 from ._redis_layout import PREFIX_RE, Layout, bucket, count_of, unescape_namespace
 from ._store import KEEP, Op, Record, Store
@@ -511,7 +512,14 @@ class RedisStore(Store):
     def _get(self, ns: str, key: str) -> bytes | None:
         # docstring inherited
         dkey = self._data_key(ns, key)
-        return self._run("GET", False, lambda: self._command("GET", dkey, keys=[dkey]))  # type: ignore[no-any-return]
+
+        def get() -> bytes | None:
+            try:
+                return self._command("GET", dkey, keys=[dkey])  # type: ignore[no-any-return]
+            except rex.ResponseError as exc:
+                return wrong_type(exc)
+
+        return self._run("GET", False, get)
 
     def _contains(self, ns: str, key: str) -> bool:
         # docstring inherited

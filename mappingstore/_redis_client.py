@@ -45,6 +45,7 @@ __all__ = [
     "client_settings",
     "make_client",
     "parse_redis_url",
+    "wrong_type",
 ]
 
 SCHEMES = ("redis", "rediss", "redis+cluster")
@@ -244,6 +245,16 @@ def client_settings(client: redis.Redis) -> dict[str, Any]:
     kwargs["ssl"] = "SSL" in pool.connection_class.__name__
     kwargs["max_connections"] = pool.max_connections
     return kwargs
+
+
+def wrong_type(exc: rex.ResponseError) -> bytes:
+    """What a GET of a data key reads when another program stored another Redis type
+    there (a hash, a list...): the empty record, which no decoder accepts, so the read
+    raises ``CorruptValueError`` as for any foreign value (the ITER and GETREC scripts
+    do the same). Any other error reply is raised again."""
+    if str(exc).startswith("WRONGTYPE"):
+        return b""
+    raise exc
 
 
 def backoff_delay(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:

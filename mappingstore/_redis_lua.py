@@ -136,12 +136,15 @@ return live
 """,
 )
 
-#: KEYS: D. Returns nil or {data, pttl, pexpiretime}.
+#: KEYS: D. Returns nil or {data, pttl, pexpiretime}. A data key another program set to
+#: another Redis type reads as the empty record, which no decoder accepts
+#: (CorruptValueError), as the GET and ITER paths do.
 GETREC = _script(
     "getrec",
     """
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
 if not v then return false end
+if type(v) == 'table' then v = '' end
 return {v, redis.call('PTTL', KEYS[1]), redis.call('PEXPIRETIME', KEYS[1])}
 """,
 )
@@ -156,7 +159,8 @@ CAS = _script(
     """
 local I, X, D = KEYS[1], KEYS[2], KEYS[3]
 local m = ARGV[1]
-local cur = redis.call('GET', D)
+local cur = redis.pcall('GET', D)
+if type(cur) == 'table' then cur = '' end  -- another Redis type: the empty (corrupt) record
 local at = -1
 if cur then at = redis.call('PEXPIRETIME', D) end
 if ARGV[2] == '0' then
@@ -300,6 +304,11 @@ while b <= nb do
         if vs[j] then
           out[#out + 1] = ms[j]
           out[#out + 1] = vs[j]
+        elseif redis.call('TYPE', ks[j]).ok ~= 'none' then
+          -- Listed, and set by another program to another Redis type (MGET reads it as
+          -- nil): the empty record, which no decoder accepts, not a silent gap.
+          out[#out + 1] = ms[j]
+          out[#out + 1] = ''
         end
       end
     elseif redis.call('EXISTS', X) == 1 then

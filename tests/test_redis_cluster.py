@@ -170,3 +170,10 @@ def test_fork_reconnects(store: RedisStore) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert store["child"] == 50
     assert len(store) == 51
+
+
+def test_a_key_of_another_redis_type_is_a_corrupt_value(store: RedisStore, raw: Any) -> None:
+    """As on one server: the ITER script's type check and GETREC run on the bucket's node."""
+    from tests.test_redis import check_keys_of_another_type
+
+    check_keys_of_another_type(store, raw)

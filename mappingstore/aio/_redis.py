@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 
 from .. import _redis_lua as lua
 from .._redis import Call, RedisStore, iter_args, iter_next, iter_rows
-from .._redis_client import backoff_delay, classify, client_settings
+from .._redis_client import backoff_delay, classify, client_settings, wrong_type
 from .._redis_layout import count_of
 from .._store import Op
 from ..errors import MappingStoreError
@@ -107,7 +107,14 @@ class NativeRedis:
 
     async def get(self, ns: str, key: str) -> bytes | None:
         dkey = self._store._data_key(ns, key)
-        return await self._run("GET", False, lambda: self._client.get(dkey))
+
+        async def get() -> bytes | None:
+            try:
+                return await self._client.get(dkey)  # type: ignore[no-any-return]
+            except rex.ResponseError as exc:
+                return wrong_type(exc)
+
+        return await self._run("GET", False, get)
 
     async def contains(self, ns: str, key: str) -> bool:
         dkey = self._store._data_key(ns, key)
