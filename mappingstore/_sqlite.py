@@ -65,7 +65,24 @@ _NS_COLUMNS = ["id", "name"]
 APPLICATION_ID = 0x6D53746F
 _MAGIC = b"SQLite format 3\x00"
 
-_LIVE = "(expires IS NULL OR CAST(expires AS REAL) > ?3)"  # CAST: see _VALUE
+
+def _live(now: str) -> str:
+    """SQL: the record is live at the parameter *now* (CAST: see _VALUE)."""
+    return f"(expires IS NULL OR CAST(expires AS REAL) > {now})"
+
+
+def _expired(now: str) -> tuple[str, str]:
+    """SQL: exactly ``NOT _live(now)``, as two conditions for two ranges of the partial
+    expiry index: the numbers at or before *now*, then the rare expiries that are not
+    numbers (text and BLOBs sort after every number), where the cast decides as it does
+    for reads. One condition with an OR scans every expiring record instead."""
+    return (
+        f"expires IS NOT NULL AND expires <= {now}",
+        f"expires IS NOT NULL AND expires >= '' AND CAST(expires AS REAL) <= {now}",
+    )
+
+
+_LIVE = _live("?3")
 # Values are read as CAST(value AS BLOB) and expiries handed to Python as CAST(expires AS
 # REAL): SQLite does not enforce column types, so a file another program wrote into may
 # hold an integer, a float or text there. Such a value then reads as bytes that are not a
@@ -76,9 +93,12 @@ _VALUE = "CAST(value AS BLOB)"
 # common item without a TTL.
 _GET = f"SELECT {_VALUE}, CAST(expires AS REAL) FROM {TABLE} WHERE ns_id = ? AND key = ?"
 # The inlined read of __getitem__ fetches one column: the value of a record without expiry,
-# else its expiry (never a BLOB), and then reads the record again with _GET. A second
-# column costs every read more (the NULL and a 2-tuple) than the rare second query.
-_GET_FOREVER = f"SELECT coalesce(expires, {_VALUE}) FROM {TABLE} WHERE ns_id = ? AND key = ?"
+# else its expiry (cast to REAL: never a BLOB, even one another program stored there), and
+# then reads the record again with _GET. A second column costs every read more (the NULL
+# and a 2-tuple) than the rare second query.
+_GET_FOREVER = (
+    f"SELECT coalesce(CAST(expires AS REAL), {_VALUE}) FROM {TABLE} WHERE ns_id = ? AND key = ?"
+)
 _CONTAINS = f"SELECT CAST(expires AS REAL) FROM {TABLE} WHERE ns_id = ? AND key = ?"
 # Columns in the order of an Op (ns, key, data, expires). sqlite3 binds int, float, str and
 # bytearray parameters directly, but sends None and bytes through its adapter registry
@@ -108,8 +128,13 @@ ELSE (SELECT CASE WHEN others < {_FEW} THEN (SELECT count(*) FROM {TABLE}) - oth
     ELSE (SELECT count(*) FROM {TABLE} WHERE ns_id = ?1) END
   FROM (SELECT (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns_id < ?1 LIMIT {_FEW}))
     + (SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE ns_id > ?1 LIMIT {_FEW})) AS others))
-END - (SELECT count(*) FROM {TABLE} WHERE ns_id = ?1 AND expires IS NOT NULL AND expires <= ?2)"""
-_PURGE = f"DELETE FROM {TABLE} WHERE ns_id = ? AND expires IS NOT NULL AND expires <= ?"
+END - (SELECT count(*) FROM {TABLE} WHERE ns_id = ?1 AND {_expired("?2")[0]})
+  - (SELECT count(*) FROM {TABLE} WHERE ns_id = ?1 AND {_expired("?2")[1]})"""
+# Two statements, each one range of the partial index (an OR, or an IN over a UNION,
+# makes SQLite scan the namespace or add a key lookup per row): the numbers, then the
+# rare expiries that are not numbers.
+_PURGE = f"DELETE FROM {TABLE} WHERE ns_id = ?1 AND {_expired('?2')[0]}"
+_PURGE_OTHERS = f"DELETE FROM {TABLE} WHERE ns_id = ?1 AND {_expired('?2')[1]}"
 # SQLite has no loose index scan for DISTINCT: hop from one namespace to the next with
 # one index seek each instead of reading every row.
 _NAMESPACES = (
@@ -1288,7 +1313,7 @@ class SQLiteStore(Store):
                 marks = ",".join("?" * len(chunk))
                 sql = (
                     f"SELECT key, {_VALUE} FROM {TABLE} WHERE ns_id = ? AND key IN ({marks}) "
-                    "AND (expires IS NULL OR CAST(expires AS REAL) > ?)"
+                    f"AND {_live('?')}"
                 )
                 found.update(conn.execute(sql, (nid, *chunk, now)).fetchall())
 
@@ -1346,7 +1371,10 @@ class SQLiteStore(Store):
 
     def _purge_expired(self, ns: str) -> int:
         nid = self._ns_id(ns)
-        return 0 if nid is None else self._write(_PURGE, (nid, self._clock()))
+        if nid is None:
+            return 0
+        now = self._clock()
+        return self._write(_PURGE, (nid, now)) + self._write(_PURGE_OTHERS, (nid, now))
 
     def _namespaces(self) -> Iterable[str]:
         lock = self._memlock

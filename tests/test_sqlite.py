@@ -240,9 +240,13 @@ def test_prefix_scan_is_an_index_range(db: SQLiteStore) -> None:
     plan = [row[3] for row in db._conn().execute("EXPLAIN QUERY PLAN " + sql, params)]
     assert plan == [f"SEARCH {TABLE} USING PRIMARY KEY (ns_id=? AND key>? AND key<?)"]
     # Expired rows are found through the partial index, never by scanning the namespace.
-    from mappingstore._sqlite import _PURGE
+    from mappingstore._sqlite import _PURGE, _PURGE_OTHERS
 
     plan = [row[3] for row in db._conn().execute("EXPLAIN QUERY PLAN " + _PURGE, (1, 1.0))]
+    assert len(plan) == 1 and "USING COVERING INDEX mappingstore_kv_expires" in plan[0], plan
+    # The expiries that are not numbers too (another range of the same index).
+    sql = "EXPLAIN QUERY PLAN " + _PURGE_OTHERS
+    plan = [row[3] for row in db._conn().execute(sql, (1, 1.0))]
     assert len(plan) == 1 and "USING COVERING INDEX mappingstore_kv_expires" in plan[0], plan
 
 

@@ -387,10 +387,14 @@ def test_values_and_expiries_of_the_wrong_sqlite_type(tmp_path: Path) -> None:
     with SQLiteStore(path) as store:
         store.update({"int": 1, "float": 2, "text": 3, "ok": 4})
         store.set("soon", 5, ttl=100)
+        store.set("blob", 6, ttl=100)
+        store.set("later", 7, ttl=100)
     conn = sqlite3.connect(path)
     for key, sql in (("int", "5"), ("float", "2.5"), ("text", "'text'")):
         conn.execute(f"UPDATE {TABLE} SET value = {sql} WHERE key = ?", (key,))
     conn.execute(f"UPDATE {TABLE} SET expires = 'later' WHERE key = 'soon'")
+    conn.execute(f"UPDATE {TABLE} SET expires = x'00' WHERE key = 'blob'")
+    conn.execute(f"UPDATE {TABLE} SET expires = '9e99' WHERE key = 'later'")  # a number
     conn.commit()
     conn.close()
     with SQLiteStore(path) as store:
@@ -405,6 +409,12 @@ def test_values_and_expiries_of_the_wrong_sqlite_type(tmp_path: Path) -> None:
         assert "soon" not in store
         assert store.get("soon") is None
         assert store.get_many(["soon", "ok"]) == {"ok": 4}
-        assert sorted(store) == ["float", "int", "ok", "text"]
+        assert "blob" not in store and store.get("blob") is None
+        assert store["later"] == 7
+        assert sorted(store) == ["float", "int", "later", "ok", "text"]
+        # len() and purge_expired() see the same expiries as the reads.
+        assert len(store) == 5
+        assert store.purge_expired() == 2
+        assert len(store) == 5
         del store["int"], store["float"], store["text"]
-        assert dict(store.items()) == {"ok": 4}
+        assert dict(store.items()) == {"later": 7, "ok": 4}
