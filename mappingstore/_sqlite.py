@@ -83,6 +83,10 @@ def _expired(now: str) -> tuple[str, str]:
 
 
 _LIVE = _live("?3")
+# The upper end of the TEXT keys in SQLite's order (numbers < text < BLOBs): a row whose key
+# another program stored as a BLOB is not one of the store's keys, as a number is not (a
+# str never equals either), so listings bound their index range with it.
+_TEXT_END = "key < x''"
 # Values are read as CAST(value AS BLOB) and expiries handed to Python as CAST(expires AS
 # REAL): SQLite does not enforce column types, so a file another program wrote into may
 # hold an integer, a float or text there. Such a value then reads as bytes that are not a
@@ -1189,18 +1193,14 @@ class SQLiteStore(Store):
         return nid is not None and self._write(_DELETE_LIVE, (nid, key, self._clock())) > 0
 
     def _select(self, columns: str, nid: int, prefix: str) -> tuple[str, tuple[Any, ...]]:
-        # Parameters: ?1 namespace id, ?2 lower bound, ?3 now, ?4 upper bound.
-        if not prefix:
-            sql = f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2 AND {_LIVE}"
-            return sql, (nid, "", self._clock())
-        end = _prefix_end(prefix)
+        # Parameters: ?1 namespace id, ?2 lower bound, ?3 now, ?4 upper bound. Only TEXT
+        # keys are keys (_TEXT_END): a number sorts before '' and a BLOB after x''.
+        head = f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2"
+        end = _prefix_end(prefix) if prefix else None
         if end is None:
-            sql = f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2 AND {_LIVE}"
+            sql = f"{head} AND {_TEXT_END} AND {_LIVE}"
             return sql, (nid, prefix, self._clock())
-        sql = (
-            f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2 AND key < ?4 AND {_LIVE}"
-        )
-        return sql, (nid, prefix, self._clock(), end)
+        return f"{head} AND key < ?4 AND {_LIVE}", (nid, prefix, self._clock(), end)
 
     def __len__(self) -> int:
         # docstring inherited. Outside a batch, straight to the one counting query (inlined

@@ -21,7 +21,7 @@ import pytest
 
 from mappingstore import SQLiteStore
 from mappingstore._sqlite import _COUNT, NS_TABLE, TABLE
-from mappingstore.errors import CorruptValueError, StoreCorruptError
+from mappingstore.errors import CorruptValueError, IntegrityError, StoreCorruptError
 
 
 def _ids(path: Path) -> dict[str, int]:
@@ -376,6 +376,41 @@ def test_text_that_is_not_utf8_where_a_record_or_a_name_belongs(tmp_path: Path) 
     conn.close()
     with SQLiteStore(path) as store, pytest.raises(StoreCorruptError, match="UTF-8"):
         list(store)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_keys_of_another_sqlite_type_are_not_keys(tmp_path: Path, encrypted: bool) -> None:
+    # Another program may store a key as a BLOB (SQLite does not enforce the TEXT type; a
+    # number becomes text by the column's affinity). A str never equals a BLOB, so reads
+    # already miss it; listings skip it too (a BLOB key once came back from iteration as
+    # bytes, and an encrypted store's items() then failed with AttributeError). len()
+    # counts every row of the namespace.
+    path = tmp_path / "s.db"
+    options: dict[str, Any] = {"key": bytes(32)} if encrypted else {}
+    with SQLiteStore(path, **options) as store:
+        store.update({"a": 1, "b": 2, "c": 3, "d": 4})
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE {TABLE} SET key = CAST(key AS BLOB) WHERE key = 'a'")
+    conn.execute(f"UPDATE {TABLE} SET key = x'ffff' WHERE key = 'd'")
+    conn.execute(f"UPDATE {TABLE} SET key = 7 WHERE key = 'c'")
+    conn.commit()
+    conn.close()
+    with SQLiteStore(path, **options) as store:
+        assert list(store) == ["7", "b"]
+        if encrypted:  # the value was sealed for the key "c"
+            with pytest.raises(IntegrityError):
+                store["7"]
+        else:
+            assert store["7"] == 3
+        del store["7"]
+        assert list(store.items()) == [("b", 2)] and list(store.values()) == [2]
+        assert list(store.names("")) == ["b"] and store.to_dict() == {"b": 2}
+        assert "a" not in store and store.get("a") is None
+        assert store.get_many(["a", "b"]) == {"b": 2}
+        assert len(store) == 3
+        assert store.popitem() == ("b", 2)
+        with pytest.raises(KeyError):
+            store.popitem()
 
 
 def test_values_and_expiries_of_the_wrong_sqlite_type(tmp_path: Path) -> None:
