@@ -539,13 +539,17 @@ class DirectoryStore(Store):
                 continue  # deleted since the listing
             try:
                 stored, expires, data = parse_record(raw, path)
-            except CorruptValueError as exc:
-                self._log.warning("skipping %s", exc)
+                if stored != key if key is not None else encode_name(stored) != name:
+                    raise CorruptValueError(f"record file {path!r} holds another key")
+            except CorruptValueError:
+                # A damaged file is never skipped silently: a listing of values raises, as
+                # store[key] does; a listing of keys names the key its file name gives (its
+                # read then raises) and raises only when the key is inside the damaged file.
+                if with_data or key is None:
+                    raise
+                out.append((key, b""))
                 continue
-            if key is not None and stored != key:
-                self._log.warning("skipping %r: it holds another key", path)
-                continue
-            if key is None and (encode_name(stored) != name or not stored.startswith(prefix)):
+            if not stored.startswith(prefix):
                 continue
             if expires is not None and expires <= now:
                 continue
