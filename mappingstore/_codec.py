@@ -105,7 +105,9 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(_BIGINT, obj.to_bytes(length, "big", signed=True))
     if t is _dt.datetime:
         tz = obj.tzinfo
-        zone = getattr(tz, "key", None) if tz is not None else None
+        # Only a ZoneInfo's key names its rules: another tzinfo with a "key" attribute
+        # (a look-alike) keeps its offset, or its instant would read back shifted.
+        zone = tz.key if ZoneInfo is not None and isinstance(tz, ZoneInfo) else None
         offset = _offset_us(obj.utcoffset())
         name = _fixed_offset_name(tz) if zone is None else None
         naive = obj.replace(tzinfo=None, fold=0).isoformat()
@@ -113,6 +115,9 @@ def _default(obj: Any) -> Any:
     if t is _dt.date:
         return msgpack.ExtType(_DATE, obj.isoformat().encode())
     if t is _dt.time:
+        if obj.tzinfo is not None and obj.utcoffset() is None:
+            # A ZoneInfo has no offset without a date: refuse rather than drop the zone.
+            raise TypeError(f"a time with the zone {obj.tzinfo!r} has no UTC offset to store")
         offset = _offset_us(obj.utcoffset())
         naive = obj.replace(tzinfo=None, fold=0).isoformat()
         name = _fixed_offset_name(obj.tzinfo)

@@ -50,6 +50,7 @@ from .errors import (
     CorruptValueError,
     InvalidOptionError,
     MappingStoreError,
+    SerializationError,
     StoreCorruptError,
     StoreNotFoundError,
 )
@@ -173,7 +174,15 @@ def record_of(text: str) -> bytes:
         value: Any = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         value = text  # hand-written text that is not a JSON literal: a plain string
-    return wrap_plain(pack(value))
+    try:
+        return wrap_plain(pack(value))
+    except SerializationError:
+        # A JSON literal no value can hold (a lone surrogate such as "\ud800", nested
+        # deeper than the codec allows): the text as written, as for any other text.
+        try:
+            return wrap_plain(pack(text))
+        except SerializationError as exc:
+            raise CorruptValueError("an INI value is not valid text") from exc
 
 
 # -- the document --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import base64
 import datetime as _dt
 import json
 import math
+import re
 import uuid
 from collections.abc import Iterable
 from decimal import Decimal
@@ -28,6 +29,17 @@ from .errors import CorruptValueError, SerializationError
 __all__ = ["dump", "from_typed", "load", "to_typed"]
 
 _SAFE_INT = 2**53
+#: Plain JSON writes ints below this as numbers, larger ones as a string of digits.
+_PLAIN_INT = 10**4000
+
+
+_INT_TEXT = re.compile(r"-?[0-9]+")
+
+
+def _digits(value: int) -> str:
+    """The decimal digits of *value*, however many (``str(int)`` refuses more than
+    ``sys.get_int_max_str_digits()``, 4,300 by default; Decimal's conversion has no limit)."""
+    return str(Decimal(value))
 
 
 def to_typed(value: Any) -> Any:
@@ -36,26 +48,29 @@ def to_typed(value: Any) -> Any:
     if value is None or t is bool or t is str:
         return value
     if t is int:
-        return value if -_SAFE_INT < value < _SAFE_INT else {"$int": str(value)}
+        return value if -_SAFE_INT < value < _SAFE_INT else {"$int": _digits(value)}
     if t is float:
         if math.isfinite(value):
             return value
         return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    # map() and zip() instead of comprehensions: no extra Python frame per level, so the
+    # deepest value the codec stores (511 levels) converts within the recursion limit.
     if t is list:
-        return [to_typed(v) for v in value]
+        return list(map(to_typed, value))
     if t is dict:
         if all(type(k) is str and not k.startswith("$") for k in value):
-            return {k: to_typed(v) for k, v in value.items()}
+            return dict(zip(value, map(to_typed, value.values()), strict=True))
         return {"$dict": [[to_typed(k), to_typed(v)] for k, v in value.items()]}
     if t is bytes:
         return {"$bytes": base64.b64encode(value).decode("ascii")}
     if t in (tuple, set, frozenset):
-        return {f"${t.__name__}": [to_typed(v) for v in value]}
+        return {f"${t.__name__}": list(map(to_typed, value))}
     # Everything else goes through the codec's own extension types, so the JSON form and
     # the stored form can never disagree about a type.
     unpacked = unpack(pack(value))
     if type(unpacked) is not t:
         return to_typed(unpacked)
+    value = unpacked  # what a read returns (a zone the codec keeps by offset, by offset)
     if t is _dt.datetime:
         zone = getattr(value.tzinfo, "key", None)
         return _with_tzname(
@@ -96,12 +111,14 @@ def _named(value: Any, extra: dict[str, Any]) -> Any:
 def to_plain(value: Any) -> Any:
     """The closest plain JSON value (lossy for bytes, tuples, sets, datetimes...)."""
     t = type(value)
-    if value is None or t in (bool, str, int):
+    if value is None or t in (bool, str):
         return value
+    if t is int:  # json.dumps would call str(int): no number of more than 4,300 digits
+        return value if -_PLAIN_INT < value < _PLAIN_INT else _digits(value)
     if t is float:
         return value if math.isfinite(value) else None
     if t in (list, tuple, set, frozenset):
-        return [to_plain(v) for v in value]
+        return list(map(to_plain, value))
     if t is dict:
         return {
             k if type(k) is str else json.dumps(to_plain(k)): to_plain(v) for k, v in value.items()
@@ -123,12 +140,15 @@ def _tagged(tag: str, value: Any, extra: dict[str, Any]) -> Any:
     if tag == "$bytes":
         return base64.b64decode(value, validate=True)
     if tag in ("$tuple", "$set", "$frozenset", "$list"):
-        items = [from_typed(v) for v in value]
+        items = list(map(from_typed, value))
         return {"$tuple": tuple, "$set": set, "$frozenset": frozenset}[tag](items)
     if tag == "$dict":
         return {from_typed(k): from_typed(v) for k, v in value}
     if tag == "$int":
-        return int(value)
+        if type(value) is not str or not _INT_TEXT.fullmatch(value):
+            raise ValueError(f"$int needs decimal digits, got {value!r}")
+        # Through Decimal: int(text) refuses more than sys.get_int_max_str_digits() digits.
+        return int(Decimal(value))
     if tag == "$float":
         return float(value)
     if tag == "$datetime":
@@ -162,7 +182,7 @@ def _tagged(tag: str, value: Any, extra: dict[str, Any]) -> Any:
 def from_typed(value: Any) -> Any:
     """Reverse :func:`to_typed`."""
     if isinstance(value, list):
-        return [from_typed(v) for v in value]
+        return list(map(from_typed, value))
     if isinstance(value, dict):
         tags = [k for k in value if k.startswith("$")]
         if tags:
@@ -170,17 +190,20 @@ def from_typed(value: Any) -> Any:
                 raise ValueError(f"ambiguous typed object with tags {tags}")
             tag = tags[0]
             return _tagged(tag, value[tag], {k: v for k, v in value.items() if k != tag})
-        return {k: from_typed(v) for k, v in value.items()}
+        return dict(zip(value, map(from_typed, value.values()), strict=True))
     return value
 
 
 def dump(pairs: Iterable[tuple[str, Any]], fp: IO[str] | None, *, typed: bool) -> str | None:
     """Write ``{name: value}`` as JSON to *fp*, or return the text when *fp* is None."""
     convert = to_typed if typed else to_plain
-    obj = {name: convert(value) for name, value in pairs}
-    if fp is None:
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    json.dump(obj, fp, ensure_ascii=False, allow_nan=False)
+    try:
+        obj = {name: convert(value) for name, value in pairs}
+        if fp is None:
+            return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+        json.dump(obj, fp, ensure_ascii=False, allow_nan=False)
+    except RecursionError as exc:  # the caller's stack was already deep
+        raise SerializationError("a value is nested too deeply to export") from exc
     return None
 
 
@@ -192,5 +215,5 @@ def load(src: str | bytes | IO[str] | IO[bytes]) -> dict[str, Any]:
         if not isinstance(obj, dict):
             raise ValueError("expected a JSON object {name: value}")
         return {k: from_typed(v) for k, v in obj.items()}
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
         raise CorruptValueError(f"not valid mappingstore JSON: {exc}") from exc

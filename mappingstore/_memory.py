@@ -11,7 +11,7 @@ import msgpack
 from . import _crypto
 from ._codec import _DECODE_ERRORS, _ext_hook, pack, unpack, unwrap_plain, wrap_plain
 from ._keys import check_key
-from ._store import Op, Record, Store
+from ._store import Op, Record, Store, _iterable
 from ._url import parse_url
 from .errors import CorruptValueError, InvalidURLError
 
@@ -168,7 +168,7 @@ class MemoryStore(Store):
         # docstring inherited
         if self._dot or self._closed or self._batch() is not None:
             return super().get_many(keys)
-        checked = [check_key(k) for k in keys]
+        checked = [check_key(k) for k in _iterable(keys, "get_many()")]
         ns = self._ns
         with self._space.lock:
             entries = [self._entry_live(ns, k) for k in checked]

@@ -8,6 +8,7 @@ Schemes map to ``"module:Class"`` strings imported on first use, so opening
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
@@ -137,7 +138,19 @@ def open(url: str = "memory://", **options: Any) -> Store:
         raise InvalidURLError(f"not a store URL (expected scheme://...): {redact(url)!r}")
     cls = resolve_scheme(scheme)
     url, layers = _adapter_options(url, options)
-    store: Store = cls.from_url(url, **options)  # type: ignore[attr-defined]
+    try:
+        store: Store = cls.from_url(url, **options)  # type: ignore[attr-defined]
+    except TypeError as exc:
+        # Python's own error for a keyword no constructor takes; turned into ours (still a
+        # TypeError) when it names one of the caller's options, never any other TypeError.
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if match is None or match.group(1) not in options:
+            raise
+        from .errors import OptionTypeError
+
+        raise OptionTypeError(
+            f"{cls.__name__} has no option {match.group(1)!r} (see its docs page)"
+        ) from exc
     return _wrap(store, layers) if layers else store
 
 

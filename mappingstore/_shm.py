@@ -239,10 +239,12 @@ class SharedMemoryStore(Store):
 
         Every other open instance (in any process) raises
         :class:`~mappingstore.errors.StoreNotFoundError` on its next use; a later open of
-        the name creates a new, empty store.
+        the name creates a new, empty store. On a closed instance it raises
+        :class:`~mappingstore.errors.StoreClosedError` (it used to do nothing, leaving the
+        store in place): open the name again to remove it.
         """
-        if not self._closed:
-            self._h.unlink()
+        self._check_open()
+        self._h.unlink()
         self.close()
 
     # -- segments -----------------------------------------------------------------------

@@ -71,6 +71,7 @@ from .errors import (
     MissingKeyError,
     PasswordRequiredError,
     ReadOnlyError,
+    SerializationError,
     StoreClosedError,
 )
 
@@ -124,9 +125,57 @@ def _check_ttl(ttl: Any) -> float | None:
         from .errors import OptionTypeError
 
         raise OptionTypeError(f"ttl must be a number of seconds, not {type(ttl).__qualname__}")
-    if math.isnan(ttl) or ttl <= 0:
+    try:
+        seconds = float(ttl)
+    except OverflowError:  # an int beyond any float: longer than FOREVER needs
+        seconds = math.inf if ttl > 0 else -math.inf
+    if math.isnan(seconds) or seconds <= 0:
         raise InvalidOptionError(f"ttl must be > 0 seconds (or FOREVER), got {ttl!r}")
-    return float(ttl)
+    return seconds
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    """A yes/no option: a bool (or 0/1), never a truthy string such as ``"false"``."""
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    from .errors import OptionTypeError
+
+    raise OptionTypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _iterable(items: Any, what: str) -> Iterator[Any]:
+    """``iter(items)``, or OptionTypeError naming *what* (an error raised while the
+    iteration runs, by the caller's own generator, passes through unchanged)."""
+    try:
+        return iter(items)
+    except TypeError:
+        from .errors import OptionTypeError
+
+        raise OptionTypeError(f"{what} needs an iterable, not {type(items).__qualname__}") from None
+
+
+def _check_hooks(logger: object, clock: object) -> None:
+    """The ``logger`` and ``clock`` options have usable types (typed ``object``: callers
+    outside a type checker pass anything)."""
+    from .errors import OptionTypeError
+
+    if logger is not None and not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+        raise OptionTypeError(f"logger must be a logging.Logger, got {logger!r}")
+    if clock is not None and not callable(clock):
+        raise OptionTypeError(f"clock must be a callable returning seconds, got {clock!r}")
+
+
+def _pair(pair: Any) -> tuple[Any, Any]:
+    """``(key, value)`` of one item of ``update(pairs)``, with dict.update's error types."""
+    try:
+        k, v = pair
+    except TypeError as exc:  # as dict.update: not a sequence -> TypeError
+        from .errors import OptionTypeError
+
+        raise OptionTypeError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+    except ValueError as exc:  # as dict.update: wrong length -> ValueError
+        raise InvalidOptionError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+    return k, v
 
 
 def _require_str(value: object, what: str) -> None:
@@ -194,19 +243,22 @@ class Store(MutableMapping[str, Any]):
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._ns = check_namespace(namespace)
-        if security not in _crypto.SECURITY_LEVELS:
+        if not isinstance(security, str) or security not in _crypto.SECURITY_LEVELS:
             raise InvalidOptionError(
                 f"security must be one of {sorted(_crypto.SECURITY_LEVELS)}, got {security!r}"
             )
         if encrypt is not None and not isinstance(encrypt, bool):
             raise InvalidOptionError("encrypt must be True, False or None")
+        if password is not None and key is not None:
+            raise InvalidOptionError("give password= or key=, not both")
+        _check_hooks(logger, clock)
         self._password = password
         self._raw_key = key
         self._salt = salt
         self._security = security
         self._encrypt_option = encrypt
-        self._dot = bool(dot_names)
-        self._readonly = bool(readonly)
+        self._dot = _check_flag(dot_names, "dot_names")
+        self._readonly = _check_flag(readonly, "readonly")
         default_ttl = _check_ttl(ttl)
         self._default_ttl = None if default_ttl == FOREVER else default_ttl
         self._log = logger if logger is not None else _LOG
@@ -715,7 +767,14 @@ class Store(MutableMapping[str, Any]):
 
             return _tree.setdefault_item(self, "", key, default)
         k = check_key(key)
-        encoded = self._encode(self._ns, k, default)
+        try:
+            encoded = self._encode(self._ns, k, default)
+        except SerializationError:
+            # As dict.setdefault: an existing key returns its value whatever the default.
+            data = self._rget(self._ns, k)
+            if data is None:
+                raise
+            return self._decode(self._ns, k, data)
         expires = self._expires(None)
         found: list[bytes] = []
 
@@ -747,7 +806,7 @@ class Store(MutableMapping[str, Any]):
             keys = other.keys()
             pairs: Iterable[tuple[Any, Any]] = ((k, other[k]) for k in keys)
         else:
-            pairs = other
+            pairs = _iterable(other, "update()")
         self.set_many(pairs, _extra=kwargs or None)
 
     def set_many(
@@ -760,12 +819,15 @@ class Store(MutableMapping[str, Any]):
     ) -> None:
         """Store many items at once, atomically (encoded first: a bad value stores nothing)."""
         self._check_writable()
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        pairs = list(
+            items.items() if isinstance(items, Mapping) else _iterable(items, "set_many()")
+        )
         if _extra:
             pairs.extend(_extra.items())
         if self._dot:
             with self.batch():
-                for k, v in pairs:
+                for pair in pairs:
+                    k, v = _pair(pair)
                     self.set(k, v, ttl=ttl, encrypt=encrypt)
             return
         self._rapply(self._encode_many(pairs, ttl, encrypt))
@@ -788,16 +850,7 @@ class Store(MutableMapping[str, Any]):
         cipher: _crypto.Cipher | None = None
         latest: dict[str, bytes] = {}
         for pair in pairs:
-            try:
-                k, v = pair
-            except TypeError as exc:  # as dict.update: not a sequence -> TypeError
-                from .errors import OptionTypeError
-
-                raise OptionTypeError(f"update() needs (key, value) pairs, got {pair!r}") from exc
-            except ValueError as exc:  # as dict.update: wrong length -> ValueError
-                raise InvalidOptionError(
-                    f"update() needs (key, value) pairs, got {pair!r}"
-                ) from exc
+            k, v = _pair(pair)
             k = check_key(k)
             if not bulk:
                 latest[k] = self._encode(ns, k, v, encrypt)
@@ -816,7 +869,7 @@ class Store(MutableMapping[str, Any]):
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Values of the *keys* that exist (missing keys are left out), in one round trip."""
         self._check_open()
-        wanted = list(keys)
+        wanted = list(_iterable(keys, "get_many()"))
         if self._dot:
             return {k: self[k] for k in wanted if k in self}
         checked = [check_key(k) for k in wanted]
@@ -889,6 +942,7 @@ class Store(MutableMapping[str, Any]):
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete the *keys* that exist, atomically; return how many existed."""
         self._check_writable()
+        keys = _iterable(keys, "delete_many()")
         if self._dot:
             n = 0
             with self.batch():
@@ -1001,14 +1055,22 @@ class Store(MutableMapping[str, Any]):
         """Group writes: inside the block they are buffered (and visible to reads in this
         thread); at the end they commit together, or not at all if the block raises.
 
-        Nested batches join the outer one. Reads are not isolated from other writers.
+        Nested batches join the outer one; a nested block that raises takes back its own
+        writes (a savepoint: it copies the outer batch's pending writes when it begins), so
+        a caller that catches the error keeps the outer batch's earlier writes and nothing
+        of the failed block. Reads are not isolated from other writers.
         """
         self._check_writable()
         batch = self._batch()
         if batch is not None:
+            saved = dict(batch.ops)
             batch.depth += 1
             try:
                 yield self
+            except BaseException:
+                batch.ops.clear()
+                batch.ops.update(saved)
+                raise
             finally:
                 batch.depth -= 1
             return

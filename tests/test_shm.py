@@ -701,7 +701,15 @@ def test_use_after_close_raises(name: str) -> None:
     with pytest.raises(StoreClosedError):
         store["k"] = 2
     store.close()  # idempotent
+    # unlink() of a closed instance used to do nothing, silently leaving the store.
+    with pytest.raises(StoreClosedError):
+        store.unlink()
+    with SharedMemoryStore(name) as again:
+        assert again["k"] == 1
     SharedMemoryStore(name).unlink()
+    with SharedMemoryStore(name) as fresh:
+        assert len(fresh) == 0
+        fresh.unlink()
 
 
 def test_threads_share_one_instance(name: str) -> None:
