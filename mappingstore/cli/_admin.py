@@ -6,9 +6,10 @@ from typing import Any
 
 import click
 
+from .._store import Store
 from .._url import redact
-from ..errors import CorruptValueError, IntegrityError, PasswordRequiredError
-from . import _app, _raw
+from ..errors import CorruptValueError, IntegrityError, MissingKeyError, PasswordRequiredError
+from . import _app, _kinds, _raw
 from ._app import (
     Settings,
     UsageFailure,
@@ -106,36 +107,82 @@ def namespaces_cmd(settings: Settings) -> None:
 @_all_namespaces
 @store_options
 def check_cmd(settings: Settings, all_namespaces: bool) -> None:
-    """Verify that every record decodes and authenticates.
+    """Verify that every record decodes and authenticates: items, and every record of
+    each time series, event log and blob.
 
     Plain records are checked against their CRC, encrypted ones against their AEAD tag
-    (so an encrypted store needs its password). Each bad key is listed on stdout and
-    the exit status is 1; nothing is repaired or deleted.
+    (so an encrypted store needs its password). Each bad item, series, event log or blob
+    is listed on stdout and the exit status is 1; nothing is repaired or deleted.
     """
     bad: list[dict[str, str]] = []
+    counts = {kind: 0 for kind, *_ in _kinds.KINDS}
     with open_store(settings, readonly=True, dot_names=False) as store:
         spaces = store.namespaces() if all_namespaces else [store.namespace]
-        total = sum(_raw.count(store, ns) for ns in spaces)
-        with Job(settings, "check", total=total) as job:
-            for ns in spaces:
-                for key in _raw.keys(store, ns):
-                    rec = _raw.record(store, ns, key)
-                    if rec is None:  # deleted or expired since it was listed
-                        continue
-                    try:
-                        _raw.decode(store, ns, key, rec[0])
-                    except (CorruptValueError, IntegrityError, PasswordRequiredError) as exc:
-                        bad.append({"namespace": ns, "key": key, "error": str(exc)})
-                    job.add(1, len(rec[0]))
-            stats = job.summary("checked", f"{len(bad)} bad")
+        # A store works in one namespace: the series, event logs and blobs of the others
+        # are read through more instances of the same URL, with the same password.
+        stores = _kinds.Instances(
+            store,
+            lambda ns: open_store(
+                settings,
+                readonly=True,
+                dot_names=False,
+                namespace=ns,
+                password=settings.unlocked.get(settings.url),
+            ),
+        )
+        try:
+            plan = [
+                (ns, {kind: _kinds.names(stores.get(ns), kind) for kind, *_ in _kinds.KINDS})
+                for ns in spaces
+            ]
+            total = sum(
+                _raw.count(store, ns) + sum(map(len, objects.values())) for ns, objects in plan
+            )
+            with Job(settings, "check", total=total) as job:
+                for ns, objects in plan:
+                    _check_items(store, ns, job, bad)
+                    for kind, found in objects.items():
+                        for name in found:
+                            try:
+                                _kinds.check_object(stores.get(ns), kind, name)
+                            except MissingKeyError:
+                                pass  # a blob deleted since it was listed
+                            except _kinds.DAMAGE as exc:
+                                bad.append(
+                                    {"namespace": ns, "kind": kind, "key": name, "error": str(exc)}
+                                )
+                            counts[kind] += 1
+                            job.add(0, progress=1)
+                shown = [
+                    f"{counts[kind]:,} {one if counts[kind] == 1 else many}"
+                    for kind, one, many, _ in _kinds.KINDS
+                    if counts[kind]
+                ]
+                stats = job.summary("checked", ", ".join([*shown, f"{len(bad)} bad"]))
+        finally:
+            stores.close()
     if settings.json:
-        echo_json({**stats, "ok": not bad, "bad": bad}, settings)
+        echo_json({**stats, **counts, "ok": not bad, "bad": bad}, settings)
     else:
+        labels = {kind: one for kind, one, _, _ in _kinds.KINDS}
         for item in bad:
             where = f"[{show_key(item['namespace'])}] " if all_namespaces else ""
-            click.echo(f"BAD {where}{show_key(item['key'])}: {item['error']}")
+            what = f"{labels[item['kind']]} " if item["kind"] in labels else ""
+            click.echo(f"BAD {where}{what}{show_key(item['key'])}: {item['error']}")
     if bad:
         raise click.exceptions.Exit(1)
+
+
+def _check_items(store: Store, ns: str, job: Job, bad: list[dict[str, str]]) -> None:
+    for key in _raw.keys(store, ns):
+        rec = _raw.record(store, ns, key)
+        if rec is None:  # deleted or expired since it was listed
+            continue
+        try:
+            _raw.decode(store, ns, key, rec[0])
+        except (CorruptValueError, IntegrityError, PasswordRequiredError) as exc:
+            bad.append({"namespace": ns, "kind": "item", "key": key, "error": str(exc)})
+        job.add(1, len(rec[0]))
 
 
 @click.command("purge")

@@ -88,6 +88,10 @@ class Settings:
     #: Every secret read during this run, to scrub from error messages. Shared (not
     #: copied) between the group's settings and each command's merged settings.
     secrets: list[str] = dataclasses.field(default_factory=list)
+    #: The password each URL was opened with during this run (shared like *secrets*), so
+    #: that a job which needs the same store in another namespace (``copy`` and ``check``
+    #: of series, event logs and blobs) opens it again without asking twice.
+    unlocked: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def merged(self, **given: Any) -> Settings:
         """A copy where every option given at the command level wins."""
@@ -383,9 +387,11 @@ def open_store(
     where = f"{label}{redact(url)}"
     if password is not None:
         try:
-            return mappingstore.open(url, password=password, **options)
+            store = mappingstore.open(url, password=password, **options)
         except WrongPasswordError as exc:
             raise WrongPasswordError(f"{where}: {exc}") from None
+        settings.unlocked[url] = password
+        return store
     try:
         return mappingstore.open(url, **options)
     except PasswordRequiredError:
@@ -398,11 +404,14 @@ def open_store(
         password = click.prompt(f"Password for {where}", hide_input=True, err=True)
         settings.secrets.append(password)
         try:
-            return mappingstore.open(url, password=password, **options)
+            store = mappingstore.open(url, password=password, **options)
         except WrongPasswordError:
             if attempt == _PROMPT_ATTEMPTS:
                 raise
             click.echo("Wrong password, try again.", err=True)
+            continue
+        settings.unlocked[url] = password
+        return store
     raise AssertionError("unreachable")  # pragma: no cover
 
 

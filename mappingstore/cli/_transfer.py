@@ -7,14 +7,11 @@ expiry, and keep every value type exact through typed JSON or a decode/re-encode
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import math
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
-from decimal import Decimal
 from typing import IO, Any
 
 import click
@@ -31,7 +28,7 @@ from ..errors import (
     PasswordRequiredError,
     StoreNotFoundError,
 )
-from . import _raw
+from . import _kinds, _raw
 from ._app import (
     CLIError,
     Settings,
@@ -45,7 +42,8 @@ from ._app import (
     store_options,
     store_options_no_url,
 )
-from ._progress import Job
+from ._kinds import same_value
+from ._progress import Job, human_bytes
 
 __all__ = ["COMMANDS", "same_value"]
 
@@ -264,51 +262,25 @@ def _lines(fp: IO[bytes], default_ns: str) -> Iterator[_Row]:
 # -- copy -----------------------------------------------------------------------------------
 
 
-def same_value(a: Any, b: Any) -> bool:
-    """True when two decoded values are the same value *and* the same types.
-
-    Stricter than ``==`` (``1 == 1.0 == True``, ``{1} == frozenset({1})``, and
-    ``Decimal("1.0") == Decimal("1.00")`` are all equal there), and NaN equals NaN, so
-    a resumed copy recognises exactly the items it already wrote.
-    """
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        if math.isnan(a):
-            return math.isnan(b)
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    if isinstance(a, complex):
-        return same_value(a.real, b.real) and same_value(a.imag, b.imag)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return (
-            len(a) == len(b)
-            and {(type(k), k) for k in a} == {(type(k), k) for k in b}
-            and all(same_value(v, b[k]) for k, v in a.items())
-        )
-    if isinstance(a, (set, frozenset)):
-        return {(type(x), x) for x in a} == {(type(x), x) for x in b}
-    if isinstance(a, Decimal):
-        return str(a) == str(b)
-    if isinstance(a, (_dt.datetime, _dt.time)):
-        # Same instant in another zone compares equal; the stored value is not the same.
-        return a == b and repr(a) == repr(b)
-    return bool(a == b)
-
-
-def _open_destination(
-    settings: Settings, url: str, namespace: str | None, password_file: str | None, dry_run: bool
-) -> Store | None:
-    kwargs: dict[str, Any] = {
+def _destination_options(
+    url: str, namespace: str | None, password_file: str | None, password: str | None = None
+) -> dict[str, Any]:
+    return {
         "url": url,
         "namespace": namespace,
         "dot_names": False,
         "password_file": password_file,
         "password_env": DST_PASSWORD_ENV,
+        "password": password,
         "file_option": "--dst-password-file",
         "label": "the destination ",
     }
+
+
+def _open_destination(
+    settings: Settings, url: str, namespace: str | None, password_file: str | None, dry_run: bool
+) -> Store | None:
+    kwargs = _destination_options(url, namespace, password_file)
     if not dry_run:
         return open_store(settings, readonly=False, **kwargs)
     try:
@@ -333,9 +305,16 @@ def _open_destination(
     help="Namespace to write (default: --namespace, else default).",
 )
 @_all_namespaces
-@click.option("--prefix", default="", metavar="PREFIX", help="Only keys starting with PREFIX.")
 @click.option(
-    "--overwrite", is_flag=True, help="Replace destination items that hold a different value."
+    "--prefix",
+    default="",
+    metavar="PREFIX",
+    help="Only keys (and series, event log, blob names) starting with PREFIX.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace destination items, series, event logs and blobs that hold other content.",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be copied; write nothing.")
 @click.option(
@@ -348,7 +327,7 @@ def _open_destination(
 @click.option(
     "--allow-plaintext",
     is_flag=True,
-    help="Let items encrypted in the source be stored unencrypted (destination without password).",
+    help="Let encrypted data of the source be stored unencrypted (destination without password).",
 )
 @_BATCH
 @store_options_no_url
@@ -366,7 +345,8 @@ def copy_cmd(
     allow_plaintext: bool,
     batch_size: int,
 ) -> None:
-    """Copy every item from SRC_URL to DST_URL (any two backends), with its expiry.
+    """Copy everything from SRC_URL to DST_URL (any two backends): every item with its
+    expiry, every time series, event log and blob.
 
     \b
       mappingstore copy sqlite:///old.db redis://localhost/0
@@ -378,10 +358,11 @@ def copy_cmd(
     from a plain store to an encrypted one, or between two passwords, re-encrypts every
     value. --security sets the cost of a new destination password.
 
-    Resumable: an item already present in the destination with an equal value is
-    skipped. An item present with a different value is never overwritten without
-    --overwrite: it is reported, the rest is copied, and the exit status is 1. Writes
-    commit in batches of --batch-size.
+    Resumable: an item, series, event log or blob already present in the destination
+    with the same content is skipped (a series holding the first points of the
+    source's is completed). One holding other content is never overwritten or merged
+    into without --overwrite (which replaces it whole): it is reported, the rest is
+    copied, and the exit status is 1. Item writes commit in batches of --batch-size.
     """
     if all_namespaces and (src_namespace or dst_namespace):
         raise UsageFailure(
@@ -417,17 +398,61 @@ def copy_cmd(
                 "allow_plaintext": allow_plaintext,
                 "batch_size": batch_size,
             }
-            result = _copy(settings, src, dst, pairs, prefix, options)
+            # A store works in one namespace: series, event logs and blobs of the others
+            # are reached through more instances of the same URLs, with the same password.
+            srcs = _kinds.Instances(
+                src,
+                lambda ns: open_store(
+                    settings,
+                    url=src_url,
+                    namespace=ns,
+                    readonly=True,
+                    dot_names=False,
+                    password=settings.unlocked.get(src_url),
+                    label="the source ",
+                ),
+            )
+            dsts = None
+            if dst is not None:
+                dsts = _kinds.Instances(
+                    dst,
+                    lambda ns: open_store(
+                        settings,
+                        readonly=dry_run,
+                        **_destination_options(
+                            dst_url, ns, dst_password_file, settings.unlocked.get(dst_url)
+                        ),
+                    ),
+                )
+            try:
+                result = _copy(settings, srcs, dsts, pairs, prefix, options)
+            finally:
+                srcs.close()
+                if dsts is not None:
+                    dsts.close()
     conflicts: list[str] = result.pop("conflicts")
     if settings.json:
         echo_json({**result, "conflicts": conflicts}, settings)
-    if conflicts:
+    others = [(kind, result[kind]["conflicts"]) for kind, *_ in _kinds.KINDS]
+    if conflicts and not any(found for _, found in others):
         shown = ", ".join(repr(k) for k in conflicts[:10]) + (
             ", ..." if len(conflicts) > 10 else ""
         )
         raise CLIError(
             f"{len(conflicts)} item(s) already hold a different value in {redact(dst_url)} "
             f"and were not overwritten ({shown}); rerun with --overwrite to replace them"
+        )
+    if conflicts or any(found for _, found in others):
+        counts = [f"{len(conflicts)} item(s)"] if conflicts else []
+        labelled = [repr(k) for k in conflicts]
+        for (_, one, many, _), (_, found) in zip(_kinds.KINDS, others, strict=True):
+            if found:
+                counts.append(f"{len(found)} {one if len(found) == 1 else many}")
+                labelled += [f"{one} {name!r}" for name in found]
+        shown = ", ".join(labelled[:10]) + (", ..." if len(labelled) > 10 else "")
+        raise CLIError(
+            f"{', '.join(counts)} already hold other content in {redact(dst_url)} and were "
+            f"not overwritten ({shown}); rerun with --overwrite to replace them"
         )
 
 
@@ -475,22 +500,59 @@ class _Copier:
             ) from None
 
 
+def _check_plaintext(src: Store, dst: Store | None, plan: list[Any], allow_plaintext: bool) -> None:
+    """Refuse to store the series, event logs and blobs of an encrypted source unencrypted.
+
+    Items are judged one by one (each record says whether it is encrypted); these are
+    judged by the source store: when it has a password, they count as encrypted. They
+    are written with the destination's own encryption, so a destination without a
+    password would store them in plaintext: that takes --allow-plaintext.
+    """
+    if dst is None or allow_plaintext or not src.encrypted or dst.encrypted:
+        return
+    found = [
+        (one, name)
+        for _, _, _, objects in plan
+        for (kind, one, _, _) in _kinds.KINDS
+        for name in objects[kind]
+    ]
+    if found:
+        one, name = found[0]
+        raise PasswordRequiredError(
+            f"the source is encrypted but the destination has no password, so its {one} "
+            f"{name!r} would be stored unencrypted: set ${DST_PASSWORD_ENV} or "
+            "--dst-password-file, or pass --allow-plaintext"
+        )
+
+
 def _copy(
     settings: Settings,
-    src: Store,
-    dst: Store | None,
+    srcs: _kinds.Instances,
+    dsts: _kinds.Instances | None,
     pairs: list[tuple[str, str]],
     prefix: str,
     options: dict[str, Any],
 ) -> dict[str, Any]:
     dry_run = bool(options["dry_run"])
+    src = srcs.base
+    dst = dsts.base if dsts is not None else None
     copier = _Copier(
         src, dst, overwrite=options["overwrite"], allow_plaintext=options["allow_plaintext"]
     )
-    plan = [(s, d, list(_raw.keys(src, s, prefix))) for s, d in pairs]
-    total = sum(len(names) for _, _, names in plan)
+    plan = [
+        (
+            s,
+            d,
+            list(_raw.keys(src, s, prefix)),
+            {kind: _kinds.names(srcs.get(s), kind, prefix) for kind, *_ in _kinds.KINDS},
+        )
+        for s, d in pairs
+    ]
+    _check_plaintext(src, dst, plan, options["allow_plaintext"])
+    tallies = {kind: _kinds.Tally() for kind, *_ in _kinds.KINDS}
+    total = sum(len(names) + sum(map(len, objects.values())) for _, _, names, objects in plan)
     with Job(settings, "copy", total=total) as job, _raw.RecordReader(src) as reader:
-        for sns, dns, names in plan:
+        for sns, dns, names, objects in plan:
             for chunk in iter_chunks(iter(names), options["batch_size"]):
                 existing = _raw.datas(dst, dns, chunk) if dst is not None else [None] * len(chunk)
                 records = reader.read(sns, chunk)
@@ -505,9 +567,39 @@ def _copy(
                 if not dry_run and dst is not None:
                     _raw.write(dst, ops)
                 job.add(len(ops), sum(len(op[2]) for op in ops), progress=len(chunk))
-    details = f"{copier.present:,} already present, {len(copier.conflicts):,} conflicting"
+            for kind, found in objects.items():
+                for name in found:
+                    _kinds.copy_object(
+                        kind,
+                        srcs.get(sns),
+                        dsts.get(dns) if dsts is not None else None,
+                        name,
+                        tallies[kind],
+                        overwrite=options["overwrite"],
+                        dry=dry_run,
+                    )
+                    job.add(0, progress=1)
+    shown = []
+    for kind, one, many, unit in _kinds.KINDS:
+        if any(objects[kind] for _, _, _, objects in plan):
+            t = tallies[kind]
+            size = (
+                human_bytes(t.units)
+                if unit == "byte"
+                else f"{t.units:,} {unit}{'' if t.units == 1 else 's'}"
+            )
+            shown.append(f"{t.copied:,} {one if t.copied == 1 else many} ({size})")
+    present = copier.present + sum(t.present for t in tallies.values())
+    conflicting = len(copier.conflicts) + sum(len(t.conflicts) for t in tallies.values())
+    details = ", ".join([*shown, f"{present:,} already present, {conflicting:,} conflicting"])
     stats = job.summary("would copy" if dry_run else "copied", details)
-    return {**stats, "present": copier.present, "conflicts": copier.conflicts, "dry_run": dry_run}
+    return {
+        **stats,
+        "present": copier.present,
+        "conflicts": copier.conflicts,
+        "dry_run": dry_run,
+        **{kind: tallies[kind].as_json(unit) for kind, _, _, unit in _kinds.KINDS},
+    }
 
 
 COMMANDS = [export_cmd, import_cmd, copy_cmd]

@@ -1,0 +1,394 @@
+"""Series, event logs and blobs in ``copy`` and ``check``.
+
+A plain item is one record, which ``copy`` and ``check`` move and verify record by record
+(``_transfer``, ``_admin``). The three other kinds of data a user stores are structures
+of several records (a head, chunks, a directory, a manifest) whose layout belongs to
+``_series``, ``_events`` and ``_blobs``, and a directory store keeps blobs as files. So
+both commands handle them only through the public :class:`~mappingstore.Store` API:
+they read a series' points, a log's events, a blob's bytes from the source (which
+decodes and authenticates every record on the way) and write them with the
+destination's own API (which encodes, and encrypts, them the destination's way).
+Copying record by record instead would break on encryption (a record's associated data
+binds it to its store) and would tie the CLI to three storage layouts.
+
+An event log cannot be copied with ``apply`` alone when it holds ``snapshot`` events
+(written by ``prune``): ``apply`` records only operator events. :func:`_rebuild` makes
+each snapshot the way the source did: it applies the snapshot's state as ``setitem``
+events at the snapshot's timestamp, then prunes there. A prune compacts *everything* up
+to its timestamp, so the log is rebuilt from its last snapshot backwards: when a
+snapshot is made, the log holds nothing at or before it yet. The rebuilt events are
+compared with the source's before the copy is committed.
+
+A store works in one namespace, so each namespace a job visits gets its own instance of
+the same URL (:class:`Instances`), opened with the password the first one was opened with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import itertools
+import math
+import operator
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import IO, Any, cast
+
+from .._events import OPS, Event, EventLog
+from .._series import Series
+from .._store import Store
+from ..errors import (
+    CorruptValueError,
+    IntegrityError,
+    PasswordRequiredError,
+    ReplayError,
+)
+
+__all__ = [
+    "DAMAGE",
+    "KINDS",
+    "Instances",
+    "Tally",
+    "check_object",
+    "copy_object",
+    "names",
+    "same_value",
+]
+
+#: The kinds of stored objects besides plain items: (JSON key, singular, plural, unit).
+KINDS = (
+    ("series", "series", "series", "point"),
+    ("event_logs", "event log", "event logs", "event"),
+    ("blobs", "blob", "blobs", "byte"),
+)
+#: Points read per page of a series, and bytes per piece of a blob, when comparing.
+_PAGE = 8192
+_PIECE = 1 << 20
+#: What a damaged record (or a store opened without its key) raises while being read.
+DAMAGE = (CorruptValueError, IntegrityError, PasswordRequiredError, ReplayError)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """True when two decoded values are the same value *and* the same types.
+
+    Stricter than ``==`` (``1 == 1.0 == True``, ``{1} == frozenset({1})``, and
+    ``Decimal("1.0") == Decimal("1.00")`` are all equal there), and NaN equals NaN, so
+    a resumed copy recognises exactly the items it already wrote.
+    """
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a):
+            return math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, complex):
+        return same_value(a.real, b.real) and same_value(a.imag, b.imag)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return (
+            len(a) == len(b)
+            and {(type(k), k) for k in a} == {(type(k), k) for k in b}
+            and all(same_value(v, b[k]) for k, v in a.items())
+        )
+    if isinstance(a, (set, frozenset)):
+        return {(type(x), x) for x in a} == {(type(x), x) for x in b}
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    if isinstance(a, (_dt.datetime, _dt.time)):
+        # Same instant in another zone compares equal; the stored value is not the same.
+        return a == b and repr(a) == repr(b)
+    return bool(a == b)
+
+
+class Instances:
+    """One store instance per namespace of one URL: the given one for its own namespace,
+    others opened on first use by *opener* (and closed by :meth:`close`)."""
+
+    def __init__(self, base: Store, opener: Callable[[str], Store]) -> None:
+        self.base = base
+        self._opener = opener
+        self._opened: dict[str, Store] = {}
+
+    def get(self, ns: str) -> Store:
+        if ns == self.base.namespace:
+            return self.base
+        store = self._opened.get(ns)
+        if store is None:
+            store = self._opened[ns] = self._opener(ns)
+        return store
+
+    def close(self) -> None:
+        opened, self._opened = self._opened, {}
+        for store in opened.values():
+            store.close()
+
+
+@dataclasses.dataclass
+class Tally:
+    """What ``copy`` did with the objects of one kind."""
+
+    copied: int = 0
+    units: int = 0  # points, events or bytes copied
+    present: int = 0
+    conflicts: list[str] = dataclasses.field(default_factory=list)
+
+    def as_json(self, unit: str) -> dict[str, Any]:
+        return {
+            "copied": self.copied,
+            unit + "s": self.units,
+            "present": self.present,
+            "conflicts": self.conflicts,
+        }
+
+
+def names(store: Store, kind: str, prefix: str = "") -> list[str]:
+    """Names of the objects of *kind* (a key of :data:`KINDS`) starting with *prefix*."""
+    if kind == "series":
+        found = store.series_names()
+    elif kind == "event_logs":
+        found = store.event_names()
+    else:
+        found = store.blob_names()
+    return [name for name in found if name.startswith(prefix)]
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _pages(series: Series, start: int | None = None) -> Iterator[list[tuple[int, Any]]]:
+    """The points of *series* from *start* on, ascending, a page at a time."""
+    lo = start
+    while True:
+        page = series.range(lo, None, n=_PAGE)
+        if page:
+            yield page
+        if len(page) < _PAGE:
+            return
+        lo = page[-1][0] + 1
+
+
+def _points(series: Series) -> Iterator[tuple[int, Any]]:
+    return itertools.chain.from_iterable(_pages(series))
+
+
+def _same_events(a: list[Event], b: list[Event]) -> bool:
+    return len(a) == len(b) and all(
+        x.timestamp == y.timestamp
+        and x.item == y.item
+        and x.op == y.op
+        and same_value(x.value, y.value)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _compare_series(source: Series, target: Series) -> tuple[str, int | None]:
+    """``("same", None)``, ``("different", None)``, or ``("prefix", t)`` when *target*
+    holds exactly the first points of *source*, the rest starting at ``t``."""
+    mine = _points(source)
+    last: int | None = None
+    for t, v in _points(target):
+        p = next(mine, None)
+        if p is None or p[0] != t or not same_value(p[1], v):
+            return "different", None
+        last = t
+    if next(mine, None) is None:
+        return "same", None
+    return "prefix", None if last is None else last + 1
+
+
+def _same_blob(src: Store, dst: Store, name: str) -> bool:
+    with src.open(name) as a, dst.open(name) as b:
+        if a.size != b.size:
+            return False
+        while True:
+            piece = a.read(_PIECE)
+            if piece != b.read(_PIECE):
+                return False
+            if not piece:
+                return True
+
+
+# -- copy -----------------------------------------------------------------------------------
+
+
+def copy_object(
+    kind: str,
+    src: Store,
+    dst: Store | None,
+    name: str,
+    tally: Tally,
+    *,
+    overwrite: bool,
+    dry: bool,
+) -> None:
+    """Copy the object *name* of *kind* (a key of :data:`KINDS`) from *src* to *dst*,
+    counting in *tally*; with *dry*, only count (*dst* is ``None`` when it does not exist).
+
+    An object the destination already holds with the same content is left alone
+    (``present``); one holding other content is a conflict, left alone unless *overwrite*,
+    which replaces it whole, never merges into it. The one exception is a series whose
+    points are exactly the first points of the source's (what an interrupted copy leaves):
+    the rest is appended, which gives exactly the source's series.
+    """
+    if kind == "series":
+        _copy_series(src, dst, name, tally, overwrite=overwrite, dry=dry)
+    elif kind == "event_logs":
+        _copy_events(src, dst, name, tally, overwrite=overwrite, dry=dry)
+    else:
+        _copy_blob(src, dst, name, tally, overwrite=overwrite, dry=dry)
+
+
+def _copy_series(
+    src: Store, dst: Store | None, name: str, tally: Tally, *, overwrite: bool, dry: bool
+) -> None:
+    source = src.series(name)
+    start: int | None = None
+    replace = False
+    if dst is not None and name in dst.series_names():
+        state, start = _compare_series(source, dst.series(name))
+        if state == "same":
+            tally.present += 1
+            return
+        if state == "different":
+            if not overwrite:
+                tally.conflicts.append(name)
+                return
+            replace = True
+    if dry:
+        tally.units += sum(len(page) for page in _pages(source, start))
+        tally.copied += 1
+        return
+    assert dst is not None  # for mypy: dry covers None
+    target = dst.series(name)
+    if replace:
+        target.remove()
+    for page in _pages(source, start):
+        target.extend(page)  # atomic per page; a rerun finishes an interrupted copy
+        tally.units += len(page)
+    tally.copied += 1
+
+
+def _copy_events(
+    src: Store, dst: Store | None, name: str, tally: Tally, *, overwrite: bool, dry: bool
+) -> None:
+    events = src.events(name).events()
+    replace = False
+    if dst is not None and name in dst.event_names():
+        if _same_events(dst.events(name).events(), events):
+            tally.present += 1
+            return
+        if not overwrite:
+            tally.conflicts.append(name)
+            return
+        replace = True
+    if not dry:
+        assert dst is not None
+        expected = src.events(name).current()
+        # One batch: the log appears (or is replaced) whole, or not at all.
+        with dst.batch():
+            log = dst.events(name)
+            if replace:
+                log.remove()
+            _rebuild(log, events)
+            if not _same_events(log.events(), events) or not same_value(log.current(), expected):
+                raise ReplayError(f"event log {name!r} could not be reproduced exactly")
+    tally.units += len(events)
+    tally.copied += 1
+
+
+def _change(event: Event) -> Any:
+    """The ``apply`` change that records *event* again."""
+    if event.op == "setitem":
+        return event.value
+    fn = OPS.get(event.op)
+    if fn is None:
+        raise ReplayError(f"event at {event.timestamp}: unknown operator {event.op!r}")
+    if event.op in ("delitem", "neg", "not_"):
+        return (fn,)
+    return (fn, event.value)
+
+
+def _rebuild(log: EventLog, events: list[Event]) -> None:
+    """Record *events* (in replay order) into the empty *log* (see the module docstring)."""
+    groups: list[list[Event]] = []  # the events of one timestamp: one apply() each
+    for event in events:
+        if groups and groups[-1][0].timestamp == event.timestamp:
+            groups[-1].append(event)
+        else:
+            groups.append([event])
+    segments: list[tuple[Event | None, list[list[Event]]]] = [(None, [])]
+    for group in groups:
+        ts = group[0].timestamp
+        if any(e.op == "snapshot" for e in group):
+            if len(group) != 1 or not isinstance(group[0].value, dict):
+                raise ReplayError(f"event at {ts}: a snapshot shares its timestamp")
+            segments.append((group[0], []))
+        elif len({e.item for e in group}) != len(group):
+            raise ReplayError(f"event at {ts}: two events change {group[0].item!r} at once")
+        else:
+            segments[-1][1].append(group)
+    for snapshot, groups_after in reversed(segments):
+        if snapshot is not None:
+            ts = snapshot.timestamp
+            if snapshot.value:
+                log.apply(dict(snapshot.value), ts)
+            else:  # an empty state: one item set just before, deleted at the snapshot
+                log.apply({"_": 0}, ts - 1)
+                log.apply({"_": (operator.delitem,)}, ts)
+            log.prune(ts)
+        for group in groups_after:
+            log.apply({e.item: _change(e) for e in group}, group[0].timestamp)
+
+
+def _copy_blob(
+    src: Store, dst: Store | None, name: str, tally: Tally, *, overwrite: bool, dry: bool
+) -> None:
+    if dst is not None and name in dst.blob_names():
+        try:
+            same = _same_blob(src, dst, name)
+        except DAMAGE:
+            same = False  # a damaged destination blob is other content
+        if same:
+            tally.present += 1
+            return
+        if not overwrite:
+            tally.conflicts.append(name)
+            return
+    with src.open(name) as reader:
+        if not dry:
+            assert dst is not None
+            # put_file streams chunk by chunk and replaces a blob atomically.
+            dst.put_file(name, cast(IO[bytes], reader))
+        tally.units += reader.size
+    tally.copied += 1
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def check_object(store: Store, kind: str, name: str) -> int:
+    """Read every record of the object *name* of *kind*; return how many points, events
+    or bytes it holds. Damage raises (one of :data:`DAMAGE`); a blob deleted since it
+    was listed raises ``MissingKeyError``."""
+    if kind == "series":
+        series = store.series(name)
+        expected = len(series)  # the head
+        series.first()  # the edge record
+        got = sum(len(page) for page in _pages(series))  # every chunk, every value
+        if got != expected:
+            raise CorruptValueError(
+                f"series {name!r}: its head counts {expected} points, its chunks hold {got}"
+            )
+        return got
+    if kind == "event_logs":
+        log = store.events(name)
+        log.current()  # the head
+        return len(log.events())  # the directory and every chunk
+    with store.open(name) as reader:  # every chunk; a full read also checks the SHA-256
+        size = 0
+        while piece := reader.read(_PIECE):
+            size += len(piece)
+        if size != reader.size:
+            raise CorruptValueError(f"blob {name!r}: {size} bytes read of {reader.size}")
+        return size

@@ -1,0 +1,406 @@
+"""``mappingstore copy`` and ``check`` carry and verify everything a user stores.
+
+Besides plain items a store holds time series, event logs (pruned ones included) and
+blobs; ``copy`` must move each of them exactly (decoded from the source, re-encoded by
+the destination, whatever the encryption of either side), and ``check`` must read every
+record of them. Runs in-process with click's ``CliRunner`` on SQLite files and directory
+stores (and once on Redis), tampering with SQLite rows directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import operator
+import os
+import sqlite3
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+click_testing = pytest.importorskip("click.testing")
+
+import mappingstore  # noqa: E402
+from mappingstore.cli import cli  # noqa: E402
+
+PASSWORD = "Tr0ub4dor&3-correct-horse"
+OTHER_PASSWORD = "n3w-Battery-Staple-42"
+BIG = os.urandom((5 << 20) // 2)  # 2.5 MiB: three chunks of a chunked blob
+
+
+class Run:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"Run(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MAPPINGSTORE_"):
+            monkeypatch.delenv(name)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Run:
+    result = click_testing.CliRunner().invoke(cli, list(args), env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Run(result.exit_code, result.stdout, result.stderr)
+
+
+def ok(*args: str, env: dict[str, str] | None = None) -> Run:
+    run = invoke(*args, env=env)
+    assert run.code == 0, run
+    return run
+
+
+def exact(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and repr(a) == repr(b)
+
+
+# -- what a user stores ---------------------------------------------------------------------
+
+
+def fill(s: mappingstore.Store) -> None:
+    """Items, series, event logs (pruned, with events inserted in the past) and blobs."""
+    s["plain"] = {"a": (1, 2), "when": dt.date(2024, 5, 1)}
+    s.set("expiring", [1.5], ttl=3600)
+    # Three chunks, every value type a point may hold, negative timestamps too.
+    s.series("temps").extend(
+        (t, [t * 0.5, Decimal("1.10"), b"\x00", (t,), None][t % 5]) for t in range(-50, 2950)
+    )
+    s.series("one").extend([(7, "only")])
+    acct = s.events("acct")  # 90 events: chunks of 32 plus a pending tail
+    acct.apply({"balance": 0, "log": "", "flag": True}, 1_000)
+    for i in range(1, 80):
+        acct.apply(
+            {"balance": (operator.add, i), "log": (operator.concat, str(i % 10))}, 1_000 + 10 * i
+        )
+    acct.apply({"flag": (operator.not_,)}, 2_000)
+    acct.apply({"balance": (operator.neg,)}, 2_001)
+    acct.apply({"tmp": 1}, 2_002)
+    acct.apply({"tmp": (operator.delitem,)}, 2_003)
+    acct.apply({"late": "inserted in the past"}, 1_405)  # into a chunk already written
+    acct.apply({"later": 2.5}, 1_795)  # into the pending tail
+    pruned = s.events("pruned")
+    for i in range(50):
+        pruned.apply({f"k{i % 7}": i, "n": i}, 10 * i)
+    pruned.prune(250)  # a snapshot event at 250
+    pruned.apply({"after": 1}, 600)
+    pruned.apply({"x": 1}, 100)  # before the snapshot: replayed, then reset by it
+    pruned.prune(100)  # a second snapshot, before the first one
+    pruned.apply({"y": 2}, 50)
+    emptied = s.events("emptied")
+    emptied.apply({"a": 1}, 5)
+    emptied.apply({"a": (operator.delitem,)}, 6)
+    emptied.prune(6)  # a snapshot of an empty state
+    emptied.apply({"b": 2}, 9)
+    s.put_file("big", io.BytesIO(BIG))
+    s.put_file("empty", io.BytesIO(b""))
+    s.put_file("small", io.BytesIO(b"hello"))
+
+
+def assert_same(a: mappingstore.Store, b: mappingstore.Store) -> None:
+    """Everything *a* holds, *b* holds the same (values compared with their types)."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert exact(a[key], b[key]), key
+    assert (a.ttl("expiring") is None) == (b.ttl("expiring") is None)
+    assert a.series_names() == b.series_names()
+    for name in a.series_names():
+        pa, pb = a.series(name).range(), b.series(name).range()
+        assert len(pa) == len(pb) and all(
+            x[0] == y[0] and exact(x[1], y[1]) for x, y in zip(pa, pb, strict=True)
+        ), name
+        assert a.series(name).last() == b.series(name).last()
+    assert a.event_names() == b.event_names()
+    for name in a.event_names():
+        la, lb = a.events(name), b.events(name)
+        ea, eb = la.events(), lb.events()
+        assert len(ea) == len(eb), name
+        for x, y in zip(ea, eb, strict=True):
+            assert x[:3] == y[:3] and exact(x.value, y.value), (name, x, y)
+        assert la.current(with_timestamp=True) == lb.current(with_timestamp=True), name
+        times = {e.timestamp for e in ea}
+        for t in sorted(times | {t - 1 for t in times} | {t + 1 for t in times}):
+            assert la.past(t, with_timestamp=True) == lb.past(t, with_timestamp=True), (name, t)
+    assert a.blob_names() == b.blob_names()
+    for name in a.blob_names():
+        with a.open(name) as ra, b.open(name) as rb:
+            assert ra.read() == rb.read(), name
+
+
+def url_of(kind: str, tmp_path: Path, name: str) -> str:
+    return f"sqlite:///{tmp_path / name}.db" if kind == "sqlite" else f"dir:///{tmp_path / name}"
+
+
+# -- copy -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("src_kind", "dst_kind", "src_pw", "dst_pw"),
+    [
+        ("sqlite", "dir", None, None),
+        ("dir", "sqlite", None, PASSWORD),  # plain -> encrypted
+        ("sqlite", "sqlite", PASSWORD, OTHER_PASSWORD),  # key rotation
+        ("dir", "dir", PASSWORD, None),  # decrypted, with --allow-plaintext
+    ],
+)
+def test_copy_carries_items_series_event_logs_and_blobs(
+    tmp_path: Path, src_kind: str, dst_kind: str, src_pw: str | None, dst_pw: str | None
+) -> None:
+    src, dst = url_of(src_kind, tmp_path, "src"), url_of(dst_kind, tmp_path, "dst")
+    env: dict[str, str] = {}
+    src_opts: dict[str, Any] = {}
+    dst_opts: dict[str, Any] = {}
+    if src_pw:
+        env["MAPPINGSTORE_PASSWORD"] = src_pw
+        src_opts = {"password": src_pw, "security": "low"}
+    if dst_pw:
+        env["MAPPINGSTORE_DST_PASSWORD"] = dst_pw
+        dst_opts = {"password": dst_pw}
+    with mappingstore.open(src, **src_opts) as s:
+        fill(s)
+    extra = ["--allow-plaintext"] if src_pw and not dst_pw else []
+    run = ok("--security", "low", "copy", *extra, src, dst, env=env)
+    assert run.stderr.startswith("copied 2 items ("), run.stderr
+    assert "2 series (3,001 points), 3 event logs (" in run.stderr
+    assert "3 blobs (2.6 MB)" in run.stderr
+    assert "0 already present, 0 conflicting" in run.stderr
+    with mappingstore.open(src, **src_opts) as a, mappingstore.open(dst, **dst_opts) as b:
+        assert_same(a, b)
+        assert (b.info()["encryption"] is not None) == bool(dst_pw)
+    # Run again: everything is already there, nothing is written.
+    again = json.loads(ok("--json", "copy", *extra, src, dst, env=env).stdout)
+    assert again["items"] == 0 and again["present"] == 2
+    for kind, n in (("series", 2), ("event_logs", 3), ("blobs", 3)):
+        assert again[kind]["copied"] == 0 and again[kind]["present"] == n, kind
+        assert again[kind]["conflicts"] == []
+
+
+def test_an_encrypted_source_is_never_decrypted_silently(tmp_path: Path) -> None:
+    src, dst = url_of("sqlite", tmp_path, "src"), url_of("sqlite", tmp_path, "dst")
+    with mappingstore.open(src, password=PASSWORD, security="low") as s:
+        s.series("temps").extend([(1, 1.0)])  # no plain item: only a series to refuse
+    env = {"MAPPINGSTORE_PASSWORD": PASSWORD}
+    run = invoke("copy", src, dst, env=env)
+    assert run.code == 1
+    assert "series 'temps' would be stored unencrypted" in run.stderr
+    assert "--allow-plaintext" in run.stderr
+    with mappingstore.open(dst) as d:
+        assert d.series_names() == []
+    ok("copy", "--allow-plaintext", src, dst, env=env)
+    with mappingstore.open(dst) as d:
+        assert d.series("temps").range() == [(1, 1.0)]
+        assert d.info()["encryption"] is None
+
+
+def test_copy_conflicts_are_reported_never_merged_and_overwrite_replaces(
+    tmp_path: Path,
+) -> None:
+    src, dst = url_of("sqlite", tmp_path, "src"), url_of("dir", tmp_path, "dst")
+    with mappingstore.open(src) as s:
+        fill(s)
+    with mappingstore.open(dst) as d:
+        d.series("temps").extend([(0, "mine")])  # a point the source has, another value
+        d.series("mine").extend([(1, 1)])  # not in the source: never touched
+        d.events("acct").apply({"other": 1}, 5)
+        d.put_file("small", io.BytesIO(b"other content"))
+    run = invoke("copy", src, dst)
+    assert run.code == 1
+    assert "1 series, 1 event log and 1 blob" not in run.stderr  # counts are listed apart
+    assert "1 series, 1 event log, 1 blob already hold other content" in run.stderr
+    assert "series 'temps', event log 'acct', blob 'small'" in run.stderr
+    assert "--overwrite" in run.stderr
+    assert "3 conflicting" in run.stderr
+    with mappingstore.open(dst) as d:  # left exactly as they were; the rest was copied
+        assert d.series("temps").range() == [(0, "mine")]
+        assert d.events("acct").events() == [(5, "other", "setitem", 1)]
+        with d.open("small") as r:
+            assert r.read() == b"other content"
+        assert d.series_names() == ["mine", "one", "temps"]
+        assert d.event_names() == ["acct", "emptied", "pruned"]
+        assert d["plain"] == {"a": (1, 2), "when": dt.date(2024, 5, 1)}
+    report = json.loads(invoke("--json", "copy", "--dry-run", "--overwrite", src, dst).stdout)
+    assert report["dry_run"] is True
+    assert [report[k]["copied"] for k in ("series", "event_logs", "blobs")] == [1, 1, 1]
+    with mappingstore.open(dst) as d:
+        assert d.series("temps").range() == [(0, "mine")]  # a dry run writes nothing
+    ok("copy", "--overwrite", src, dst)
+    with mappingstore.open(src) as a, mappingstore.open(dst) as b:
+        assert b.series("mine").range() == [(1, 1)]
+        b.series("mine").remove()
+        assert_same(a, b)
+
+
+def test_an_interrupted_series_copy_is_completed(tmp_path: Path) -> None:
+    src, dst = url_of("sqlite", tmp_path, "src"), url_of("sqlite", tmp_path, "dst")
+    points = [(t, t * 1.5) for t in range(5000)]
+    with mappingstore.open(src) as s:
+        s.series("S").extend(points)
+    with mappingstore.open(dst) as d:
+        d.series("S").extend(points[:1800])  # the first pages only, as a crash leaves it
+    report = json.loads(ok("--json", "copy", src, dst).stdout)
+    assert report["series"] == {"copied": 1, "points": 3200, "present": 0, "conflicts": []}
+    with mappingstore.open(dst) as d:
+        assert d.series("S").range() == points
+    with mappingstore.open(dst) as d:
+        d.series("S")[10] = "changed"  # not a prefix any more: a conflict
+    assert invoke("copy", src, dst).code == 1
+
+
+def test_copy_between_namespaces_and_all_namespaces(tmp_path: Path) -> None:
+    src, dst = url_of("sqlite", tmp_path, "src"), url_of("dir", tmp_path, "dst")
+    with mappingstore.open(src, namespace="a", password=PASSWORD, security="low") as s:
+        s.series("S").extend([(1, 1)])  # a namespace holding only a series and a blob
+        s.put_file("b", io.BytesIO(b"in a"))
+    with mappingstore.open(src, password=PASSWORD) as s:
+        s.events("E").apply({"x": 1}, 1)
+        s.series("skip-me").extend([(1, 1)])
+    env = {"MAPPINGSTORE_PASSWORD": PASSWORD, "MAPPINGSTORE_DST_PASSWORD": OTHER_PASSWORD}
+    ok("--security", "low", "copy", "-A", src, dst, env=env)
+    with mappingstore.open(dst, namespace="a", password=OTHER_PASSWORD) as d:
+        assert d.series("S").range() == [(1, 1)] and d.blob_names() == ["b"]
+    with mappingstore.open(dst, password=OTHER_PASSWORD) as d:
+        assert d.events("E").current() == {"x": 1}
+    ok(
+        "copy",
+        "--src-namespace",
+        "a",
+        "--dst-namespace",
+        "c",
+        src,
+        src,
+        env={"MAPPINGSTORE_PASSWORD": PASSWORD, "MAPPINGSTORE_DST_PASSWORD": PASSWORD},
+    )
+    with mappingstore.open(src, namespace="c", password=PASSWORD) as d:
+        assert d.series("S").range() == [(1, 1)]
+    ok(
+        "--security",
+        "low",
+        "copy",
+        "--prefix",
+        "E",
+        src,
+        url_of("sqlite", tmp_path, "only"),
+        env=env,
+    )
+    with mappingstore.open(url_of("sqlite", tmp_path, "only"), password=OTHER_PASSWORD) as d:
+        assert d.event_names() == ["E"] and d.series_names() == []
+
+
+def test_dry_run_into_a_missing_store_counts_everything(tmp_path: Path) -> None:
+    src = url_of("sqlite", tmp_path, "src")
+    with mappingstore.open(src) as s:
+        fill(s)
+    report = json.loads(
+        ok("--json", "copy", "--dry-run", src, url_of("sqlite", tmp_path, "n")).stdout
+    )
+    assert not (tmp_path / "n.db").exists()
+    assert report["series"]["points"] == 3001
+    assert report["blobs"] == {"copied": 3, "bytes": len(BIG) + 5, "present": 0, "conflicts": []}
+    assert report["event_logs"]["copied"] == 3
+
+
+def test_copy_to_redis_and_back(tmp_path: Path) -> None:
+    from tests import servers
+
+    tag = f"cli{uuid.uuid4().hex[:12]}"
+    redis_url = servers.REDIS_URL + ("&" if "?" in servers.REDIS_URL else "?") + f"prefix={tag}"
+    try:
+        mappingstore.open(redis_url).close()
+    except (mappingstore.BackendUnavailableError, mappingstore.UnknownSchemeError) as exc:
+        servers.unavailable("redis", exc)
+    src, back = url_of("sqlite", tmp_path, "src"), url_of("dir", tmp_path, "back")
+    with mappingstore.open(src) as s:
+        fill(s)
+    try:
+        ok("copy", src, redis_url)
+        ok("copy", redis_url, back)
+        with mappingstore.open(src) as a, mappingstore.open(back) as b:
+            assert_same(a, b)
+    finally:
+        client = servers.redis_client()
+        try:
+            servers.drop_redis_keys(client, tag)
+        finally:
+            client.close()
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def tamper(path: Path, ns: str, key: str) -> None:
+    """Flip one bit in the middle of the record (*ns*, *key*) of a SQLite store."""
+    with sqlite3.connect(path) as db:
+        row = db.execute(
+            "SELECT value FROM mappingstore_kv WHERE key = ? AND ns_id = "
+            "(SELECT id FROM mappingstore_ns WHERE name = ?)",
+            (key, ns),
+        ).fetchone()
+        data = bytearray(row[0])
+        data[len(data) // 2] ^= 1
+        db.execute(
+            "UPDATE mappingstore_kv SET value = ? WHERE key = ? AND ns_id = "
+            "(SELECT id FROM mappingstore_ns WHERE name = ?)",
+            (bytes(data), key, ns),
+        )
+
+
+@pytest.mark.parametrize("password", [None, PASSWORD])
+def test_check_reads_every_record_of_series_event_logs_and_blobs(
+    tmp_path: Path, password: str | None
+) -> None:
+    path = tmp_path / "s.db"
+    url = f"sqlite:///{path}"
+    opts: dict[str, Any] = {"password": password, "security": "low"} if password else {}
+    env = {"MAPPINGSTORE_PASSWORD": password} if password else {}
+    with mappingstore.open(url, **opts) as s:
+        fill(s)
+    run = ok("--url", url, "check", env=env)
+    assert "checked 2 items (" in run.stderr
+    assert "2 series, 3 event logs, 3 blobs, 0 bad" in run.stderr
+    tamper(path, "\x00ts\x00default", "C:5:temps:1")  # the second chunk of a series
+    tamper(path, "\x00ev\x00default", "C:4:acct:0")  # the first chunk of an event log
+    tamper(
+        path,
+        "\x00blob\x00default",
+        next(
+            k
+            for (k,) in sqlite3.connect(path).execute(
+                "SELECT key FROM mappingstore_kv WHERE key LIKE 'C:3:big:%'"
+            )
+        ),
+    )
+    run = invoke("--url", url, "check", env=env)
+    assert run.code == 1, run
+    bad = sorted(line.split(":")[0] for line in run.stdout.splitlines())
+    assert bad == ["BAD blob big", "BAD event log acct", "BAD series temps"], run.stdout
+    assert "3 bad" in run.stderr
+    report = json.loads(invoke("--url", url, "--json", "check", env=env).stdout)
+    assert report["ok"] is False
+    assert report["series"] == 2 and report["event_logs"] == 3 and report["blobs"] == 3
+    assert sorted((b["kind"], b["key"]) for b in report["bad"]) == [
+        ("blobs", "big"),
+        ("event_logs", "acct"),
+        ("series", "temps"),
+    ]
+
+
+def test_check_all_namespaces_reads_series_of_every_namespace(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    url = f"sqlite:///{path}"
+    with mappingstore.open(url, namespace="other") as s:
+        s.series("S").extend([(t, t) for t in range(3000)])
+        s.events("E").apply({"a": 1}, 5)
+    tamper(path, "\x00ev\x00other", "H:1:E")  # the head of the event log
+    assert ok("--url", url, "check").stdout == ""  # the default namespace is fine
+    run = invoke("--url", url, "check", "--all-namespaces")
+    assert run.code == 1
+    assert run.stdout.startswith("BAD [other] event log E:"), run.stdout
