@@ -38,15 +38,16 @@ from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 import psycopg
 import psycopg.errors
 from psycopg import pq, sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from ._store import KEEP, Op, Record, Store
-from ._url import parse_float, parse_int, parse_url, redact
+from ._url import check_userinfo, parse_float, parse_int, parse_url, redact
 from .errors import (
     BackendError,
     BackendUnavailableError,
     InvalidOptionError,
+    InvalidURLError,
     StoreCorruptError,
     StoreNotFoundError,
     UnknownOutcomeError,
@@ -95,6 +96,31 @@ _LIBPQ_OPTIONS = (
     "application_name",
     "target_session_attrs",
     "options",
+)
+
+
+#: libpq settings with a fixed set of values, checked before connecting (libpq 14+'s
+#: sets; an older libpq refusing a newer value is caught by _OPTION_ERROR).
+_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+}
+#: libpq's messages for a connection setting it refuses before any network I/O ("invalid
+#: sslmode value", "invalid integer value ... for connection option", "could not match 2
+#: port numbers to 3 hosts"...), and the server's for a bad ``options=-c name=value``:
+#: a bad option (ValueError), never "server unavailable, retry later".
+_OPTION_ERROR = re.compile(
+    r'invalid integer value "[^"]*" for connection option|\binvalid \w+ value: "'
+    r"|invalid port number|could not match \d+ (host names|port numbers)"
+    r"|invalid SSL protocol version range|\bmay not be used with\b"
+    r"|FATAL:\s+invalid value for parameter"
 )
 
 
@@ -465,7 +491,7 @@ class PostgresStore(Store):
             "connect_timeout": max(1, round(connect_timeout)),
             **libpq,
         }
-        self._url = self._display_url()
+        self._url = self._display_url(libpq)
         source = f"pool:{id(conninfo)}" if isinstance(conninfo, ConnectionPool) else conninfo
         self._txn_key = (source, self.table)
         self._txn = _txn_for(self._txn_key)
@@ -497,9 +523,16 @@ class PostgresStore(Store):
 
     # -- set-up -------------------------------------------------------------------------
 
-    def _display_url(self) -> str:
+    def _display_url(self, libpq: dict[str, Any]) -> str:
+        """The store's URL, without the password; checks the conninfo and the libpq
+        settings first (no I/O), so that a bad one is an ``InvalidOptionError`` and not a
+        connection failure, and no part of a password can reach the URL."""
+        if re.match(r"(?i)postgres(ql)?://", self._conninfo):
+            # A URL given as conninfo: the same checks as from_url's (an unescaped "/",
+            # "?" or "#" in the password would make libpq read part of it as the port).
+            check_userinfo(self._conninfo)
         try:
-            params = conninfo_to_dict(self._conninfo)
+            params = conninfo_to_dict(make_conninfo(self._conninfo, **libpq))
         except psycopg.Error:
             params = None
         if params is None:
@@ -510,6 +543,15 @@ class PostgresStore(Store):
                 "invalid PostgreSQL URL or conninfo: libpq cannot parse it (in a URL, "
                 "percent-encode special characters of the user name and password)"
             )
+        for one in str(params.get("port") or "").split(","):  # one per host
+            if one.strip() and not (one.strip().isdigit() and 0 < int(one) < 65536):
+                raise InvalidURLError("the PostgreSQL port must be a number from 1 to 65535")
+        for name, choices in _CHOICES.items():
+            value = params.get(name)
+            if value is not None and value not in choices:
+                raise InvalidOptionError(
+                    f"{name} must be one of {', '.join(choices)}; got {value!r}"
+                )
         user = params.get("user")
         host = str(params.get("host") or "")
         port = params.get("port")
@@ -565,11 +607,13 @@ class PostgresStore(Store):
         self._q_count = q(f"SELECT count(*) FROM {{t}} WHERE ns = %s AND {live}")
         self._q_clear = q("DELETE FROM {t} WHERE ns = %s")
         self._q_purge = q("DELETE FROM {t} WHERE ns = %s AND expires <= %s")
-        # A loose index scan: one index probe per namespace instead of reading every row.
+        # A loose index scan: one index probe per namespace instead of reading every row;
+        # then only namespaces with a live row (expired rows stay until purged).
         self._q_namespaces = q(
             "WITH RECURSIVE n(ns) AS ((SELECT ns FROM {t} ORDER BY ns LIMIT 1) UNION ALL"
             " SELECT (SELECT ns FROM {t} WHERE ns > n.ns ORDER BY ns LIMIT 1)"
             " FROM n WHERE n.ns IS NOT NULL) SELECT ns FROM n WHERE ns IS NOT NULL"
+            f" AND EXISTS (SELECT 1 FROM {{t}} WHERE ns = n.ns AND {live})"
         )
         self._q_upsert_staged = q(
             f"INSERT INTO {{t}} ({_COLUMNS}) SELECT {_COLUMNS}"
@@ -642,8 +686,15 @@ class PostgresStore(Store):
         try:
             conn: Conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
         except psycopg.Error as exc:
+            reason = redact(str(exc).strip())
+            if _OPTION_ERROR.search(reason):
+                # Refused before any network I/O (or by the server, for options=): a
+                # retry can never succeed, so not a BackendUnavailableError.
+                raise InvalidOptionError(
+                    f"invalid PostgreSQL connection setting for {self._url}: {reason}"
+                ) from exc
             raise BackendUnavailableError(
-                f"cannot connect to PostgreSQL at {self._url}: {redact(str(exc).strip())}"
+                f"cannot connect to PostgreSQL at {self._url}: {reason}"
             ) from exc
         try:
             self._txn.conn = conn  # route the statements of _ensure_table to it
@@ -1127,8 +1178,9 @@ class PostgresStore(Store):
         )
 
     def _namespaces(self) -> Iterable[str]:
+        now = (self._clock(),)
         idents = self._read(
-            lambda conn: [row[0] for row in conn.execute(self._q_namespaces, binary=True)]
+            lambda conn: [row[0] for row in conn.execute(self._q_namespaces, now, binary=True)]
         )
         names = []
         for ident in idents:

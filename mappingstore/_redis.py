@@ -27,6 +27,8 @@ from ._redis_client import (
     URL_OPTIONS,
     ClientConfig,
     backoff_delay,
+    check_db,
+    check_options,
     classify,
     make_client,
     parse_redis_url,
@@ -38,7 +40,6 @@ from .errors import (
     InvalidOptionError,
     LockTimeoutError,
     MappingStoreError,
-    OptionTypeError,
     UnknownOutcomeError,
 )
 
@@ -66,6 +67,8 @@ _MAX_CHUNK = 4096  # Lua's unpack() limit is ~8,000 values
 #: live one renews it while its section runs (see _Renewer).
 _LOCK_LEASE_MS = 10_000
 _LOCK_TIMEOUT = 60.0
+#: Retries (with backoff) of what is safe to retry; see docs/backends/redis.md.
+_DEFAULT_RETRIES = 5
 #: ``RedisStore._pool`` before its first use (decided lazily, outside open and close).
 _UNDECIDED: Any = object()
 _RELEASE = (
@@ -197,14 +200,16 @@ class RedisStore(Store):
     (a ready ``redis.Redis``/``RedisCluster`` built with ``decode_responses=False``; the
     store does not close a client it was given).
 
-    Redis options (URL query or keyword): ``db``, ``socket_timeout`` (default 10 s),
-    ``socket_connect_timeout`` (5 s), ``health_check_interval``, ``max_connections``,
-    ``client_name``, ``retries`` (read retries with backoff, default 5), ``ssl`` and
-    ``ssl_cert_reqs``/``ssl_ca_certs``/``ssl_certfile``/``ssl_keyfile``/
-    ``ssl_check_hostname``. The server password comes from the URL (it is redacted from
-    ``repr``, ``url``, logs and errors) or ``redis_password=``. ``prefix`` (default
-    ``"ms"``) starts every key name: stores with different prefixes on one server are
-    independent (their own namespaces and encryption metadata).
+    Redis options (URL query or keyword; a keyword wins over the URL, for ``db`` over
+    its path too; types and ranges are checked at open): ``db``, ``socket_timeout``
+    (default 10 s), ``socket_connect_timeout`` (5 s), ``health_check_interval``,
+    ``max_connections``, ``client_name``, ``retries`` (read retries with backoff,
+    default 5), ``ssl`` and ``ssl_cert_reqs``/``ssl_ca_certs``/``ssl_certfile``/
+    ``ssl_keyfile``/``ssl_check_hostname``. The server password comes from the URL (it
+    is redacted from ``repr``, ``url``, logs and errors; percent-encode ``/ ? # @ %`` in
+    it) or ``redis_password=``. ``prefix`` (default ``"ms"``) starts every key name:
+    stores with different prefixes on one server are independent (their own namespaces
+    and encryption metadata).
 
     Thread-safe (redis-py pools connections); shared between processes and machines;
     reconnects by itself after ``fork()``. ``modify``/``setdefault``/``pop`` are atomic
@@ -235,6 +240,8 @@ class RedisStore(Store):
         **options: Any,
     ) -> None:
         redis_opts = {k: options.pop(k) for k in list(options) if k in URL_OPTIONS}
+        # Checked here, before anything is opened: the same checks as the URL's values.
+        check_options(redis_opts)
         retries = redis_opts.pop("retries", None)
         config: ClientConfig | None = None
         if client is None:
@@ -242,6 +249,14 @@ class RedisStore(Store):
             options = {**url_store_opts, **options}  # keyword options win over the URL's
             url_retries = config.options.pop("retries", None)
             retries = url_retries if retries is None else retries
+            # db and ssl are the client config's own fields; as every other keyword
+            # option, a keyword db or ssl wins over the URL's (path, ?db=, rediss://).
+            if "db" in redis_opts:
+                config.db = check_db(redis_opts.pop("db"))
+                if config.cluster and config.db != 0:
+                    raise InvalidOptionError("Redis Cluster has only database 0")
+            if "ssl" in redis_opts:
+                config.ssl = redis_opts.pop("ssl")
             config.options.update(redis_opts)
             if redis_username is not None:
                 config.username = redis_username
@@ -251,16 +266,15 @@ class RedisStore(Store):
             raise InvalidOptionError("pass either client= or a URL and Redis options, not both")
         url_prefix = options.pop("prefix", None)
         super().__init__(**options)
-        prefix = prefix if prefix is not None else (url_prefix or "ms")
+        # An empty ?prefix= is refused like prefix="", never read as the default "ms"
+        # (that would put the data in another store's key space).
+        prefix = prefix if prefix is not None else (url_prefix if url_prefix is not None else "ms")
         if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
             raise InvalidOptionError("prefix must be 1-64 characters of A-Z a-z 0-9 _ . : -")
         self._prefix = prefix.encode("ascii")
         self._layouts: dict[str, Layout] = {}
         self._xlocal = threading.local()
-        retries = 5 if retries is None else retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise OptionTypeError("retries must be an int >= 0")
-        self._retries: int = retries
+        self._retries: int = _DEFAULT_RETRIES if retries is None else retries
         if config is not None:
             self._client: Any = make_client(config)
             self._owns = True
@@ -275,7 +289,11 @@ class RedisStore(Store):
                     "RedisStore needs a client built with decode_responses=False"
                 )
             self._warn_client_retries(client)
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._close()  # e.g. a db the server lacks: release the pool we opened
+            raise
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
@@ -759,7 +777,10 @@ class RedisStore(Store):
                     continue
             return sorted(found)
 
-        return self._run("SCAN", False, scan)
+        # An index outlives the records that expired in it (until a write prunes it or
+        # purge_expired runs): list only namespaces with a live record, as len() counts
+        # them (one MGET of the counters each, a script where keys expire).
+        return [ns for ns in self._run("SCAN", False, scan) if self._count(ns)]
 
     # -- exclusive section across clients ----------------------------------------------
     # Single-key read-modify-writes are one compare-and-set script (see _update). Writes

@@ -13,7 +13,10 @@ and are retried with exponential backoff in both cases.
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import re
 import ssl as _ssl
 import urllib.parse
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from .errors import (
     InvalidOptionError,
     InvalidURLError,
     MappingStoreError,
+    OptionTypeError,
     UnknownOutcomeError,
 )
 
@@ -41,6 +45,8 @@ __all__ = [
     "Classified",
     "ClientConfig",
     "backoff_delay",
+    "check_db",
+    "check_options",
     "classify",
     "client_settings",
     "make_client",
@@ -68,6 +74,69 @@ URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "ssl_check_hostname": parse_bool,
     "prefix": str,  # the store's key prefix: a store option, not a client one
 }
+
+#: Defaults of the timeouts (seconds), shared with the docs (``docs/backends/redis.md``).
+SOCKET_TIMEOUT = 10.0
+SOCKET_CONNECT_TIMEOUT = 5.0
+#: What Redis accepts in ``CLIENT SETNAME``: printable ASCII, no space.
+_CLIENT_NAME = re.compile(r"[!-~]*")
+
+
+def _seconds(name: str, value: Any, *, zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionTypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = ">= 0" if zero else "> 0"
+        raise InvalidOptionError(
+            f"{name} must be a finite number of seconds {least}, got {value!r}"
+        )
+    return float(value)
+
+
+def _count(name: str, value: Any, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < least:
+        raise InvalidOptionError(f"{name} must be an int >= {least}, got {value!r}")
+    return value
+
+
+def check_db(value: Any) -> int:
+    """A database number (``db``): an int >= 0 (the server may have fewer)."""
+    return _count("db", value, 0)
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """Check the types and ranges of Redis client options (from a URL or keywords) before
+    redis-py sees them: it raises builtin ``ValueError``/``TypeError`` for some bad values,
+    and the server a late error for others (a negative ``health_check_interval``)."""
+    for name, value in opts.items():
+        if name in ("socket_timeout", "socket_connect_timeout"):
+            _seconds(name, value, zero=False)
+        elif name == "health_check_interval":
+            _seconds(name, value, zero=True)
+        elif name == "max_connections":
+            _count(name, value, 1)
+        elif name == "retries":
+            _count(name, value, 0)
+        elif name == "client_name":
+            if not isinstance(value, str):
+                raise OptionTypeError(f"client_name must be a str, got {type(value).__name__}")
+            if not _CLIENT_NAME.fullmatch(value):
+                raise InvalidOptionError(
+                    "client_name may hold printable ASCII characters only, and no space"
+                )
+        elif name in ("ssl", "ssl_check_hostname"):
+            if not isinstance(value, bool):
+                raise OptionTypeError(f"{name} must be a bool, got {type(value).__name__}")
+        elif name == "ssl_cert_reqs":
+            if not isinstance(value, str):
+                raise OptionTypeError(f"{name} must be a str, got {type(value).__name__}")
+        elif name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and not isinstance(
+            value, (str, os.PathLike)
+        ):
+            raise OptionTypeError(f"{name} must be a file path, got {type(value).__name__}")
+
 
 _CERT_REQS = {
     "none": _ssl.CERT_NONE,
@@ -130,6 +199,8 @@ def parse_redis_url(url: str) -> tuple[ClientConfig, dict[str, Any]]:
     if len(hosts) > 1 and not cluster:
         raise InvalidURLError("several hosts need a redis+cluster:// URL")
     db = options.pop("db", None)
+    if db is not None:
+        check_db(db)
     path = parsed.path.strip("/")
     if path:
         # Checked, not int()-and-catch: int()'s error quotes the path, which holds the tail
@@ -148,6 +219,7 @@ def parse_redis_url(url: str) -> tuple[ClientConfig, dict[str, Any]]:
         raise InvalidURLError("Redis Cluster has only database 0")
     ssl = options.pop("ssl", parsed.scheme == "rediss")
     redis_opts = {k: options.pop(k) for k in list(options) if k in URL_OPTIONS and k != "prefix"}
+    check_options(redis_opts)
     config = ClientConfig(
         cluster=cluster,
         hosts=hosts,
@@ -166,10 +238,12 @@ _NO_RETRY = Retry(NoBackoff(), 0)
 def make_client(config: ClientConfig) -> redis.Redis | RedisCluster:
     """Build a client that never resends a command by itself (we decide what to retry)."""
     opts = dict(config.options)
+    check_options(opts)
+    check_db(config.db)
     opts.pop("retries", None)
     kwargs: dict[str, Any] = {
-        "socket_timeout": opts.pop("socket_timeout", 10.0),
-        "socket_connect_timeout": opts.pop("socket_connect_timeout", 5.0),
+        "socket_timeout": opts.pop("socket_timeout", SOCKET_TIMEOUT),
+        "socket_connect_timeout": opts.pop("socket_connect_timeout", SOCKET_CONNECT_TIMEOUT),
         "socket_keepalive": True,
         "health_check_interval": opts.pop("health_check_interval", 0),
         "username": config.username,
@@ -284,6 +358,33 @@ _NOT_EXECUTED_REPLIES = (
 )
 
 
+#: redis-py's functions that hand out a connection, connected and checked, before any
+#: byte of a command goes onto it: the pools' ``get_connection`` (which calls
+#: ``ensure_connection``: connect, then the handshake HELLO/AUTH/SELECT/CLIENT SETNAME)
+#: and the cluster client's ``get_connection`` helper, sync and asyncio alike.
+_BEFORE_SEND = frozenset({"get_connection", "ensure_connection"})
+_REDIS_MODULES = frozenset(
+    {"redis.connection", "redis.cluster", "redis.asyncio.connection", "redis.asyncio.cluster"}
+)
+
+
+def _raised_getting_a_connection(exc: BaseException) -> bool:
+    """True when *exc* was raised inside redis-py's ``get_connection``: the command it was
+    getting a connection for had not been written yet (redis-py sends a command only on
+    the connection ``get_connection`` returned). Its traceback says where it was raised;
+    a failure of the connect handshake ("Connection closed by server." in reply to
+    HELLO) has no telling message, only this place."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _BEFORE_SEND and tb.tb_frame.f_globals.get("__name__") in (
+            _REDIS_MODULES
+        ):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _not_sent(exc: BaseException) -> bool:
     # redis-py raises these before any byte of the command was written: the pool could
     # not (re)connect, or a pooled socket was found dead and replaced first.
@@ -294,6 +395,7 @@ def _not_sent(exc: BaseException) -> bool:
         or "Connection has data" in text
         or "Connection not ready" in text
         or "Too many connections" in text
+        or _raised_getting_a_connection(exc)
     )
 
 
@@ -345,6 +447,11 @@ def classify(exc: BaseException, *, write: bool, what: str) -> Classified:
         or "WRONGPASS" in text
     ):
         return Classified(False, BackendError(f"Redis refused the credentials ({what}): {text}"))
+    if isinstance(exc, rex.ResponseError) and "DB index is out of range" in text:
+        # SELECT of the connect handshake: the server has fewer databases than asked for.
+        return Classified(
+            False, InvalidOptionError(f"the Redis server has no such database (db): {text}")
+        )
     if isinstance(exc, rex.OutOfMemoryError) or text.startswith("OOM"):
         return Classified(
             False,

@@ -19,6 +19,7 @@ __all__ = [
     "CREDENTIAL_SCHEMES",
     "OPTION_TYPES",
     "ParsedURL",
+    "check_userinfo",
     "file_path",
     "file_url",
     "parse_bool",
@@ -115,28 +116,19 @@ def parse_url(
         raise InvalidURLError(f"not a store URL (no '://'): {redact(url)!r}")
     if head.lower() not in schemes:
         raise InvalidURLError(f"expected a {'/'.join(schemes)}:// URL, got {redact(url)!r}")
+    with_credentials = head.lower() in CREDENTIAL_SCHEMES if credentials is None else credentials
+    if with_credentials:
+        check_userinfo(url)
     try:
         split = urllib.parse.urlsplit(url)
         has_password = split.password is not None
     except ValueError as exc:  # "Invalid IPv6 URL": urllib's message holds no part of it
         raise InvalidURLError(f"malformed URL ({exc}): {redact(url)!r}") from None
-    if has_password:
-        if not (head.lower() in CREDENTIAL_SCHEMES if credentials is None else credentials):
-            raise InvalidURLError(
-                f"a {head.lower()}:// URL takes no password (it would show wherever the "
-                "URL does); give the store's password as an option or environment variable"
-            )
-        userinfo = split.netloc.rpartition("@")[0]
-        if "@" in userinfo:  # urllib splits at the last "@", libpq at the first one
-            raise InvalidURLError(
-                "the user or password in the URL holds an unescaped '@'; percent-encode "
-                "it (write '@' as %40)"
-            )
-        if _BAD_ESCAPE.search(userinfo):
-            raise InvalidURLError(
-                "the user or password in the URL holds a '%' that is not a %XX escape; "
-                "percent-encode them (write '%' as %25)"
-            )
+    if has_password and not with_credentials:
+        raise InvalidURLError(
+            f"a {head.lower()}:// URL takes no password (it would show wherever the "
+            "URL does); give the store's password as an option or environment variable"
+        )
     if split.fragment:
         raise InvalidURLError(f"store URLs take no #fragment: {redact(url)!r}")
     types = {**OPTION_TYPES, **(extra or {})}
@@ -168,6 +160,42 @@ def parse_url(
     )
 
 
+def check_userinfo(url: str) -> None:
+    """Refuse a server URL whose user and password cannot be told apart from the rest
+    without guessing, before anything quotes a part of it.
+
+    A password holding an unescaped ``/``, ``?`` or ``#`` ends the host part early for
+    every URL parser (RFC 3986): ``redis://u:s3cr/et99@h/0`` reads as host ``u``, port
+    ``s3cr`` and path ``/et99@h/0``, so the password's pieces would land in the host, the
+    port, the path or the query, each of which a message, ``repr`` or ``url`` may show.
+    Such a URL has an ``@`` after the end of its host part with a ``:`` before it: it is
+    refused without quoting it. (This also refuses an ``@`` in a path or query value after
+    a ``host:port``; ``%40`` writes it.) An unescaped ``@`` inside the user or password
+    (urllib splits at the last ``@``, libpq at the first one) and a ``%`` that is not a
+    ``%XX`` escape are refused as well. No message quotes any part of *url*.
+    """
+    rest = url.partition("://")[2]
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    last_at = rest.rfind("@")
+    if last_at > end and ":" in rest[:last_at]:
+        raise InvalidURLError(
+            "the URL holds an '@' after the end of its host part: if the password (or the "
+            "user name) holds a '/', '?' or '#', percent-encode them (write '/' as %2F, "
+            "'?' as %3F, '#' as %23); write an '@' of a path or query value as %40"
+        )
+    userinfo = rest[:end].rpartition("@")[0]
+    if "@" in userinfo:
+        raise InvalidURLError(
+            "the user or password in the URL holds an unescaped '@'; percent-encode "
+            "it (write '@' as %40)"
+        )
+    if _BAD_ESCAPE.search(userinfo):
+        raise InvalidURLError(
+            "the user or password in the URL holds a '%' that is not a %XX escape; "
+            "percent-encode them (write '%' as %25)"
+        )
+
+
 def file_path(parsed: ParsedURL) -> str:
     """The file path of a file URL: ``x:///rel/p`` -> ``rel/p``; ``x:////abs`` -> ``/abs``."""
     if parsed.netloc and parsed.netloc != "localhost":
@@ -194,9 +222,22 @@ def file_url(scheme: str, path: str, query: list[str]) -> str:
 
 # The password runs to the LAST "@" of the URL (whitespace or a quote ends a URL inside a
 # longer message): urllib splits at the last "@" before the path, so an unescaped "@" or
-# ":" in a password is hidden, and so is the rest of one with an unescaped "/" (which no
-# parser can split right). An "@" later in a path or query hides a little too much.
-_USERINFO = re.compile(r"(?P<pre>://[^/@:\s]*:)(?P<pw>[^\s'\"]*)(?P<post>@)")
+# ":" in a password is hidden, and so is the rest of one with an unescaped "/", "?" or "#"
+# (which no parser can split right). An "@" later in a path or query hides a little too
+# much. The user name is kept only when nothing but a user name can be in it.
+_USERINFO = re.compile(r"(?P<pre>://)(?P<info>[^\s'\"]*)(?P<post>@)")
+_PLAIN_USER = re.compile(r"[^/?#\[\]@]*")
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    info = match["info"]
+    if ":" not in info or info.startswith("/"):
+        return match[0]  # a user name alone, or a file URL's path: no password to hide
+    user = info.partition(":")[0]
+    shown = user + ":***" if _PLAIN_USER.fullmatch(user) else "***"
+    return f"{match['pre']}{shown}{match['post']}"
+
+
 # A secret given as a query option (refused by parse_url, but the refused URL may still
 # be quoted in a message): "?password=x&..." -> "?password=***&...".
 _QUERY_SECRET = re.compile(rf"(?i)(?P<pre>[?&](?:{_SECRET_NAMES})=)(?P<value>[^&#\s'\"]*)")
@@ -207,5 +248,5 @@ def redact(text: str) -> str:
 
     Secret query options (``?password=...``, ``key=``, ``token=``...) are hidden too.
     """
-    text = _USERINFO.sub(r"\g<pre>***\g<post>", text)
+    text = _USERINFO.sub(_hide_userinfo, text)
     return _QUERY_SECRET.sub(r"\g<pre>***", text)
