@@ -1177,6 +1177,8 @@ class PostgresStore(Store):
             lambda conn: conn.execute(self._q_purge, params).rowcount, idempotent=True
         )
 
+    _namespaces_live = True  # they skip namespaces holding only expired records
+
     def _namespaces(self) -> Iterable[str]:
         now = (self._clock(),)
         idents = self._read(

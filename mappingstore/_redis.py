@@ -759,6 +759,8 @@ class RedisStore(Store):
         # docstring inherited
         return sum(int(n) for n in self._read_all(lua.PURGE, self._groups(ns), []))
 
+    _namespaces_live = True  # they skip namespaces holding only expired records
+
     def _namespaces(self) -> Iterable[str]:
         # docstring inherited
         def scan() -> list[str]:

@@ -222,6 +222,9 @@ class Store(MutableMapping[str, Any]):
     durability: ClassVar[str] = "none"
     #: True when several processes can use the same data at once.
     shared_across_processes: ClassVar[bool] = False
+    #: True when ``_namespaces()`` already leaves out namespaces whose records have all
+    #: expired; otherwise :meth:`namespaces` probes each one for a live key.
+    _namespaces_live: ClassVar[bool] = False
 
     _closed: bool = True  # until __init__ has run, behave as closed
 
@@ -1163,7 +1166,8 @@ class Store(MutableMapping[str, Any]):
         """The namespaces of this backend that hold data (sorted)."""
         self._check_open()
         found = set()
-        for ns in self._namespaces():
+        for raw in self._namespaces():
+            ns = raw
             if ns.startswith(INTERNAL_PREFIX):
                 # Series, event logs and blobs of namespace N live in "\0ts\0N",
                 # "\0ev\0N" and "\0blob\0N".
@@ -1171,8 +1175,21 @@ class Store(MutableMapping[str, Any]):
                 if kind not in ("ts", "ev", "blob") or not user:
                     continue
                 ns = user
+            if ns in found or not (self._namespaces_live or self._holds_live(raw)):
+                continue
             found.add(ns)
         return sorted(found)
+
+    def _holds_live(self, ns: str) -> bool:
+        """Raw namespace *ns* holds at least one live record (a backend may still list a
+        namespace whose records have all expired, until they are purged)."""
+        keys = iter(self._rkeys(ns, ""))
+        try:
+            return next(keys, None) is not None
+        finally:
+            close = getattr(keys, "close", None)
+            if close is not None:
+                close()
 
     # -- time series and event sequences ------------------------------------------------
 

@@ -62,8 +62,11 @@ class TTLTests(SuiteBase):
 
     def test_only_expired_items(self, tstore: Store, clock: FakeClock) -> None:
         tstore.set_many({"a": 1, "b": 2}, ttl=5)
+        assert tstore.namespace in tstore.namespaces()
         clock.advance(5)
         self._assert_gone(tstore, "a", {})
+        # namespaces() lists namespaces that hold data: not one whose items all expired.
+        assert tstore.namespace not in tstore.namespaces()
         with pytest.raises(KeyError):
             tstore.popitem()
         assert tstore == {}
