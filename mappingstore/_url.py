@@ -207,7 +207,16 @@ def file_path(parsed: ParsedURL) -> str:
     path = parsed.path
     if not path.startswith("/") or path == "/":
         raise InvalidURLError(f"{parsed.scheme}:// URL has no path: {redact(parsed.raw)!r}")
-    return path[1:]
+    path = path[1:]
+    if "\x00" in path:
+        raise InvalidURLError(f"{parsed.scheme}:// URL path holds a NUL character")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file system name
+        raise InvalidURLError(f"{parsed.scheme}:// URL path is not valid text") from None
+    if path.startswith("//"):  # sqlite://///abs: extra slashes mean one, as on POSIX
+        path = "/" + path.lstrip("/")
+    return path
 
 
 def file_url(scheme: str, path: str, query: list[str]) -> str:

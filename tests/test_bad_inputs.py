@@ -13,6 +13,7 @@ import mappingstore
 from mappingstore import MemoryStore
 from mappingstore.errors import (
     InvalidOptionError,
+    InvalidURLError,
     MappingStoreError,
     OptionTypeError,
     SerializationError,
@@ -155,3 +156,19 @@ def test_malformed_pairs_raise_the_same_errors_with_dot_names(dot_names: bool) -
     with pytest.raises(OptionTypeError):
         store.update([1])  # type: ignore[list-item]
     assert dict(store) == {}
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "dir", "ini"])
+@pytest.mark.parametrize("path", ["a\x00b", "x%00y", "\udc80.f"])
+def test_file_urls_with_a_nul_or_a_lone_surrogate(scheme: str, path: str) -> None:
+    # A NUL (raw or %00) raised a builtin ValueError, a lone surrogate UnicodeEncodeError.
+    with pytest.raises(InvalidURLError):
+        mappingstore.open(f"{scheme}:///{path}")
+
+
+def test_extra_slashes_of_an_absolute_file_url_mean_one(tmp_path: Path) -> None:
+    # sqlite://///abs used to reach SQLite as "//abs": "invalid uri authority".
+    with mappingstore.open(f"sqlite:///{'//'}{tmp_path}/s.db") as store:
+        store["a"] = 1
+    with mappingstore.open(f"sqlite:///{tmp_path}/s.db") as store:
+        assert store["a"] == 1
