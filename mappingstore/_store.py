@@ -1424,6 +1424,11 @@ class _ItemsView(ItemsView[str, Any]):
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         return self._mapping._iter_pairs()
 
+    def __contains__(self, item: object) -> bool:
+        # As dict_items: only a (key, value) tuple can be an item (ItemsView unpacks any
+        # iterable, so ["a", 1] counted and 5 raised a raw TypeError).
+        return isinstance(item, tuple) and len(item) == 2 and super().__contains__(item)
+
 
 class _ValuesView(ValuesView[Any]):
     _mapping: Store

@@ -172,3 +172,12 @@ def test_extra_slashes_of_an_absolute_file_url_mean_one(tmp_path: Path) -> None:
         store["a"] = 1
     with mappingstore.open(f"sqlite:///{tmp_path}/s.db") as store:
         assert store["a"] == 1
+
+
+def test_only_a_pair_tuple_is_in_items() -> None:
+    # As dict_items: ItemsView unpacked any iterable (["a", 1] counted, 5 raised TypeError).
+    store = MemoryStore()
+    store["a"] = 1
+    assert ("a", 1) in store.items() and ("a", 2) not in store.items()
+    for other in (5, ["a", 1], ("a",), ("a", 1, 2), "a1"):
+        assert other not in store.items()
