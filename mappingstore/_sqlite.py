@@ -83,10 +83,21 @@ def _expired(now: str) -> tuple[str, str]:
 
 
 _LIVE = _live("?3")
-# The upper end of the TEXT keys in SQLite's order (numbers < text < BLOBs): a row whose key
-# another program stored as a BLOB is not one of the store's keys, as a number is not (a
-# str never equals either), so listings bound their index range with it.
-_TEXT_END = "key < x''"
+
+
+def _text_rows(rows: list[Any], column: int = 0) -> list[Any]:
+    """*rows* (a page in key order) without those whose key is not text.
+
+    A row whose key another program stored as a BLOB is not one of the store's keys (a
+    str never equals a BLOB, so reads miss it too). BLOBs sort after every TEXT key, so
+    only a page's tail can hold one: one check a page, not one a row (an upper bound
+    ``key < x''`` in the SQL cost key iteration about 7%).
+    """
+    if rows and type(rows[-1][column]) is not str:
+        return [row for row in rows if type(row[column]) is str]
+    return rows
+
+
 # Values are read as CAST(value AS BLOB) and expiries handed to Python as CAST(expires AS
 # REAL): SQLite does not enforce column types, so a file another program wrote into may
 # hold an integer, a float or text there. Such a value then reads as bytes that are not a
@@ -940,7 +951,7 @@ class SQLiteStore(Store):
         holder = self._thread_conn()
         if holder.depth:
             try:
-                fetched = holder.conn.execute(sql, params).fetchall()
+                fetched = _text_rows(holder.conn.execute(sql, params).fetchall())
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
             return iter(fetched if column is None else [row[column] for row in fetched])
@@ -956,7 +967,10 @@ class SQLiteStore(Store):
 
     def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[Any]:
         with self._reading(sql, params) as cursor:
-            yield from cursor  # C-level iteration
+            for row in cursor:
+                if type(row[0]) is not str:
+                    return  # a BLOB key: it and every row after it (see _text_rows)
+                yield row
 
     def _column_pages(
         self, sql: str, params: tuple[Any, ...], column: int
@@ -965,7 +979,7 @@ class SQLiteStore(Store):
             pick = itemgetter(column)
             size = 1
             while rows := cursor.fetchmany(size):
-                yield map(pick, rows)
+                yield map(pick, _text_rows(rows, column))
                 size = min(size * 8, _FETCH)
 
     @contextlib.contextmanager
@@ -995,8 +1009,9 @@ class SQLiteStore(Store):
                     rows = self._conn().execute(current, args).fetchall()
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
-            yield from rows
-            if len(rows) < _FETCH:
+            text = _text_rows(rows)
+            yield from text
+            if len(rows) < _FETCH or text is not rows:
                 return
             current = sql_next
             args = (params[0], rows[-1][0], *params[2:])
@@ -1193,13 +1208,13 @@ class SQLiteStore(Store):
         return nid is not None and self._write(_DELETE_LIVE, (nid, key, self._clock())) > 0
 
     def _select(self, columns: str, nid: int, prefix: str) -> tuple[str, tuple[Any, ...]]:
-        # Parameters: ?1 namespace id, ?2 lower bound, ?3 now, ?4 upper bound. Only TEXT
-        # keys are keys (_TEXT_END): a number sorts before '' and a BLOB after x''.
+        # Parameters: ?1 namespace id, ?2 lower bound, ?3 now, ?4 upper bound. The rows
+        # come in key order: a key another program stored as a BLOB sorts after every
+        # TEXT key, so each reader of these rows drops a page's BLOB tail (_text_rows).
         head = f"SELECT {columns} FROM {TABLE} WHERE ns_id = ?1 AND key >= ?2"
         end = _prefix_end(prefix) if prefix else None
         if end is None:
-            sql = f"{head} AND {_TEXT_END} AND {_LIVE}"
-            return sql, (nid, prefix, self._clock())
+            return f"{head} AND {_LIVE}", (nid, prefix, self._clock())
         return f"{head} AND key < ?4 AND {_LIVE}", (nid, prefix, self._clock(), end)
 
     def __len__(self) -> int:
@@ -1266,7 +1281,7 @@ class SQLiteStore(Store):
     ) -> Iterator[Iterable[tuple[str, Any]]]:
         with self._reading(sql, params) as cursor:
             size = 1
-            while rows := cursor.fetchmany(size):
+            while rows := _text_rows(cursor.fetchmany(size)):
                 keys, datas = zip(*rows, strict=True)
                 average = sum(map(len, datas)) // len(datas) + 1
                 size = max(1, min(size * 8, _FETCH, _PAGE_BYTES // average))
