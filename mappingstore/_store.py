@@ -754,6 +754,10 @@ class Store(MutableMapping[str, Any]):
     def popitem(self) -> tuple[str, Any]:
         """Remove and return some ``(key, value)`` pair; ``KeyError`` when empty."""
         self._check_writable()
+        if self._dot:
+            from . import _tree
+
+            return _tree.pop_any(self, "")
         while True:
             key = next(iter(self), MISSING)
             if key is MISSING:
@@ -828,10 +832,9 @@ class Store(MutableMapping[str, Any]):
         if _extra:
             pairs.extend(_extra.items())
         if self._dot:
-            with self.batch():
-                for pair in pairs:
-                    k, v = _pair(pair)
-                    self.set(k, v, ttl=ttl, encrypt=encrypt)
+            from . import _tree
+
+            _tree.assign_many(self, "", pairs, ttl=ttl, encrypt=encrypt)
             return
         self._rapply(self._encode_many(pairs, ttl, encrypt))
 

@@ -5,25 +5,68 @@ Layer 3 of the architecture: uses only the batch-aware raw accessors of
 directly. A name is either a *leaf* (a stored key) or a *branch* (a prefix ``name.`` of at
 least one stored key); never both. Branch listings always scan ``name + "."`` so branch
 ``2`` is never confused with key ``20``.
+
+Keys stored without dot names may break that rule (``"a"`` and ``"a.b"``) or have empty
+segments (``"a..b"``, ``".a"``). Dot names never write such keys, and never read them as a
+tree by guesswork: a lookup, ``del`` or ``pop`` by full name acts on the leaf stored at that
+exact key (no branch scan on those paths), and whatever must pick one side itself
+(``to_dict``, iteration, ``items()``, ``popitem``, ``pop`` of a branch) raises
+:class:`NameConflictError` for the branch that holds them, whatever the backend's scan
+order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from ._keys import MISSING, check_dotted
-from .errors import InvalidOptionError, MissingKeyError, NameConflictError
+from .errors import (
+    InvalidOptionError,
+    MissingKeyError,
+    NameConflictError,
+    OptionTypeError,
+    SerializationError,
+)
 
 if TYPE_CHECKING:
     from ._store import Store
 
 __all__ = ["View"]
 
+# msgpack's nesting limit (its packers' DEFAULT_RECURSE_LIMIT; its unpacker reads no deeper):
+# a value nested deeper cannot be stored without dot names, so a mapping flattened into dot
+# names is refused at the same depth, with the codec's error, before Python's recursion
+# limit could be reached.
+MAX_DEPTH = 1024
+
 
 def _full(base: str, name: Any) -> str:
     name = check_dotted(name)
     return f"{base}.{name}" if base else name
+
+
+def _ancestors(full: str) -> Iterator[str]:
+    """``"a"``, ``"a.b"`` for ``"a.b.c"``."""
+    dot = full.find(".")
+    while dot >= 0:
+        yield full[:dot]
+        dot = full.find(".", dot + 1)
+
+
+def _both(name: str) -> NameConflictError:
+    return NameConflictError(
+        f"{name!r} is both a leaf and a branch (keys stored without dot names): "
+        "delete one side by its full name, or rename it without dot_names"
+    )
+
+
+def _empty_segment(key: str) -> NameConflictError:
+    return NameConflictError(
+        f"key {key!r} has an empty dot-name segment (stored without dot names): "
+        "delete its branch, or rename it without dot_names"
+    )
 
 
 def _is_leaf(store: Store, full: str) -> bool:
@@ -35,14 +78,9 @@ def _is_branch(store: Store, full: str) -> bool:
 
 
 def _check_ancestors(store: Store, full: str) -> None:
-    start = 0
-    while True:
-        dot = full.find(".", start)
-        if dot < 0:
-            return
-        if _is_leaf(store, full[:dot]):
-            raise NameConflictError(f"cannot set {full!r}: {full[:dot]!r} is a leaf, not a branch")
-        start = dot + 1
+    for name in _ancestors(full):
+        if _is_leaf(store, name):
+            raise NameConflictError(f"cannot set {full!r}: {name!r} is a leaf, not a branch")
 
 
 def check_leaf_write(store: Store, full: str) -> None:
@@ -61,12 +99,37 @@ def leaf_name(store: Store, base: str, name: Any, *, for_write: bool = False) ->
 
 
 def _flatten(prefix: str, value: Mapping[Any, Any], out: list[tuple[str, Any]]) -> None:
-    for k, v in value.items():
-        full = _full(prefix, k)
-        if isinstance(v, Mapping):
-            _flatten(full, v, out)
+    """Append ``(full name, value)`` for every leaf of *value*, depth first in the
+    mapping's order. A loop, not a recursion: a mapping that contains itself, or one nested
+    deeper than :data:`MAX_DEPTH`, raises :class:`SerializationError` as the codec does for
+    the same value without dot names, never ``RecursionError``."""
+    stack: list[tuple[str, Iterator[tuple[Any, Any]]]] = [(prefix, iter(value.items()))]
+    # The mappings being walked, kept alive so that their ids stay theirs: one met again
+    # below itself is a cycle.
+    path: list[Any] = [value]
+    on_path = {id(value)}
+    while stack:
+        base, items = stack[-1]
+        for k, v in items:
+            full = _full(base, k)
+            if not isinstance(v, Mapping):
+                out.append((full, v))
+                continue
+            if id(v) in on_path:
+                raise SerializationError(
+                    f"cannot serialize value: the mapping at {full!r} contains itself"
+                )
+            if len(stack) >= MAX_DEPTH:
+                raise SerializationError(
+                    f"cannot serialize value: mappings nest more than {MAX_DEPTH} deep"
+                )
+            stack.append((full, iter(v.items())))
+            path.append(v)
+            on_path.add(id(v))
+            break
         else:
-            out.append((full, v))
+            stack.pop()
+            on_path.discard(id(path.pop()))
 
 
 def _check_new_leaves(leaves: list[tuple[str, Any]]) -> None:
@@ -74,11 +137,9 @@ def _check_new_leaves(leaves: list[tuple[str, Any]]) -> None:
     (``{"a": 1, "a.b": 2}``): the store holds either, never both."""
     names = {name for name, _ in leaves}
     for name in names:
-        dot = name.find(".")
-        while dot >= 0:
-            if name[:dot] in names:
-                raise NameConflictError(f"{name[:dot]!r} would be both a leaf and a branch")
-            dot = name.find(".", dot + 1)
+        for above in _ancestors(name):
+            if above in names:
+                raise NameConflictError(f"{above!r} would be both a leaf and a branch")
 
 
 def get_item(store: Store, base: str, name: Any) -> Any:
@@ -90,6 +151,19 @@ def get_item(store: Store, base: str, name: Any) -> Any:
     if _is_branch(store, full):
         return View(store, full)
     raise MissingKeyError(name)
+
+
+def _mapping_leaves(
+    store: Store, full: str, value: Mapping[Any, Any], encrypt: bool | None
+) -> list[tuple[str, bytes]]:
+    """The records a mapping assigned at *full* becomes (checked and encoded; no write)."""
+    ns = store._ns
+    leaves: list[tuple[str, Any]] = []
+    # Read a view's content now: it may be a live view of the very branch about to be
+    # replaced (``s["a"] = s["a"]``).
+    _flatten(full, dict(value.items()) if isinstance(value, View) else value, leaves)
+    _check_new_leaves(leaves)
+    return [(k, store._encode(ns, k, v, encrypt)) for k, v in leaves]
 
 
 def set_item(
@@ -107,18 +181,107 @@ def set_item(
             check_leaf_write(store, full)
             store._rput(ns, full, data, expires)
         return
-    # A branch assignment replaces the whole branch. Read the new content first: it may be
-    # a live view of the very branch we are about to delete (``s["a"] = s["a"]``).
-    leaves: list[tuple[str, Any]] = []
-    _flatten(full, dict(value.items()) if isinstance(value, View) else value, leaves)
-    _check_new_leaves(leaves)
-    puts = [Op(ns, k, store._encode(ns, k, v, encrypt), expires) for k, v in leaves]
+    # A branch assignment replaces the whole branch (and a leaf of the same name).
+    puts = [Op(ns, k, d, expires) for k, d in _mapping_leaves(store, full, value, encrypt)]
     with store._atomic():
         _check_ancestors(store, full)
         ops = [Op(ns, k, None, None) for k in list(store._rkeys(ns, full + "."))]
         if _is_leaf(store, full):
             ops.append(Op(ns, full, None, None))
         store._rapply(ops + puts)
+
+
+def _pair(pair: Any) -> tuple[Any, Any]:
+    """``key, value = pair`` with the errors of ``Store.update`` for a malformed pair."""
+    try:
+        key, value = pair
+    except TypeError as exc:  # as dict.update: not a sequence -> TypeError
+        raise OptionTypeError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+    except ValueError as exc:  # as dict.update: wrong length -> ValueError
+        raise InvalidOptionError(f"update() needs (key, value) pairs, got {pair!r}") from exc
+    return key, value
+
+
+def assign_many(
+    store: Store, base: str, pairs: Iterable[Any], *, ttl: float | None, encrypt: bool | None
+) -> None:
+    """``for name, value in pairs: view[name] = value``, all or nothing.
+
+    Every pair, name and value is checked and encoded first (the errors of single writes:
+    ``KeyTypeError``, ``InvalidKeyError``, ``SerializationError``, and ``OptionTypeError`` or
+    ``InvalidOptionError`` for a malformed pair). The assignments are then played in order
+    against the store's content plus the ones before them, so a leaf/branch conflict anywhere
+    raises :class:`NameConflictError` as the loop would, and the records are written with one
+    ``_rapply`` at the end: a failure writes nothing, inside an open batch too (nothing
+    reaches its buffer before every check passed). Reads per item are those of a single
+    write (its ancestors, a scan of ``name.``), ancestors looked up once per call.
+    """
+    from ._store import Op
+
+    store._check_writable()
+    ns = store._ns
+    expires = store._expires(ttl)
+    # (full name, record of a leaf, or None and the records of a mapping)
+    steps: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = []
+    for pair in pairs:
+        name, value = _pair(pair)
+        full = _full(base, name)
+        if isinstance(value, Mapping):
+            steps.append((full, None, _mapping_leaves(store, full, value, encrypt)))
+        else:
+            steps.append((full, store._encode(ns, full, value, encrypt), []))
+
+    pending: dict[str, bytes | None] = {}  # name -> its new record (None: deleted)
+    under: dict[str, set[str]] = {}  # branch -> the pending records below it
+    stored_leaf: dict[str, bool] = {}  # lookups of the store's own leaves, made once
+
+    def is_leaf(key: str) -> bool:
+        if key in pending:
+            return pending[key] is not None
+        hit = stored_leaf.get(key)
+        if hit is None:
+            hit = stored_leaf[key] = _is_leaf(store, key)
+        return hit
+
+    def is_branch(key: str) -> bool:
+        if under.get(key):
+            return True
+        return any(pending.get(k, b"") is not None for k in store._rkeys(ns, key + "."))
+
+    def put(key: str, data: bytes) -> None:
+        if pending.get(key) is None:
+            for above in _ancestors(key):
+                under.setdefault(above, set()).add(key)
+        pending[key] = data
+
+    def drop(key: str) -> None:
+        if pending.get(key) is not None:
+            for above in _ancestors(key):
+                under[above].discard(key)
+        pending[key] = None
+
+    with store._atomic():
+        for full, data, puts in steps:
+            for above in _ancestors(full):
+                if is_leaf(above):
+                    raise NameConflictError(
+                        f"cannot set {full!r}: {above!r} is a leaf, not a branch"
+                    )
+            if data is not None:
+                if is_branch(full):
+                    raise NameConflictError(f"cannot store a value at {full!r}: it is a branch")
+                put(full, data)
+                continue
+            # A mapping replaces the branch (and a leaf of the same name), as set_item does.
+            for key in list(store._rkeys(ns, full + ".")):
+                drop(key)
+            for key in list(under.get(full, ())):
+                drop(key)
+            if is_leaf(full):
+                drop(full)
+            for key, record in puts:
+                put(key, record)
+        store._rapply([Op(ns, k, d, None if d is None else expires) for k, d in pending.items()])
 
 
 def del_item(store: Store, base: str, name: Any) -> None:
@@ -128,6 +291,9 @@ def del_item(store: Store, base: str, name: Any) -> None:
     full = _full(base, name)
     ns = store._ns
     with store._atomic():
+        # A leaf first, as a lookup reads it. A name that is also a branch (keys stored
+        # without dot names) loses its leaf and stays a branch, which repairs it; a check
+        # would cost a branch scan per delete (delete_many() runs one per key).
         if store._rdelete(ns, full):
             return
         ops = [Op(ns, k, None, None) for k in list(store._rkeys(ns, full + "."))]
@@ -147,13 +313,22 @@ def _prefix(base: str) -> str:
 
 def iter_children(store: Store, base: str) -> Iterator[str]:
     prefix = _prefix(base)
-    seen: set[str] = set()
     cut = len(prefix)
+    # child -> is a branch. A child seen as both, or an empty one, comes from keys stored
+    # without dot names: the listing raises when it meets the second kind, so a whole
+    # listing raises whatever the order the backend scans in.
+    seen: dict[str, bool] = {}
     for key in store._rkeys(store._ns, prefix):
-        child = key[cut:].split(".", 1)[0]
-        if child not in seen:
-            seen.add(child)
+        child, dot, _ = key[cut:].partition(".")
+        branch = dot != ""
+        kind = seen.get(child)
+        if kind is None:
+            if not child:
+                raise _empty_segment(key)
+            seen[child] = branch
             yield child
+        elif kind is not branch:
+            raise _both(prefix + child)
 
 
 def count_children(store: Store, base: str) -> int:
@@ -164,47 +339,100 @@ def iter_child_items(store: Store, base: str) -> Iterator[tuple[str, Any]]:
     prefix = _prefix(base)
     cut = len(prefix)
     ns = store._ns
-    seen: set[str] = set()
+    seen: dict[str, bool] = {}  # as in iter_children
     for key, data in store._ritems(ns, prefix):
-        rest = key[cut:]
-        child, dot, _ = rest.partition(".")
-        if child in seen:
+        child, dot, _ = key[cut:].partition(".")
+        branch = dot != ""
+        kind = seen.get(child)
+        if kind is not None:
+            if kind is not branch:
+                raise _both(prefix + child)
             continue
-        seen.add(child)
-        if dot:
+        if not child:
+            raise _empty_segment(key)
+        seen[child] = branch
+        if branch:
             yield child, View(store, prefix + child)
         else:
             yield child, store._decode(ns, key, data)
 
 
-def to_dict(store: Store, base: str) -> dict[str, Any]:
-    prefix = _prefix(base)
+def _build(store: Store, prefix: str) -> tuple[dict[str, Any], list[str]]:
+    """The nested dict of the keys under *prefix*, and those keys, from one scan.
+
+    Keys that do not form a tree (a name both a leaf and a branch, an empty segment) raise
+    :class:`NameConflictError` in any scan order: a leaf's value may itself be a dict, so
+    the dicts made here for branches are told apart by identity, never by type.
+    """
     cut = len(prefix)
     ns = store._ns
     out: dict[str, Any] = {}
+    branches = {id(out)}
+    keys: list[str] = []
     for key, data in store._ritems(ns, prefix):
         parts = key[cut:].split(".")
+        if "" in parts:
+            raise _empty_segment(key)
         node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for i in range(len(parts) - 1):
+            child = node.get(parts[i], MISSING)  # a leaf's value may be None
+            if child is MISSING:
+                child = node[parts[i]] = {}
+                branches.add(id(child))
+            elif id(child) not in branches:
+                raise _both(prefix + ".".join(parts[: i + 1]))
+            node = child
+        if parts[-1] in node:  # a branch: keys are unique, so never a leaf
+            raise _both(key)
         node[parts[-1]] = store._decode(ns, key, data)
-    return out
+        keys.append(key)
+    return out, keys
 
 
-def pop_item(store: Store, base: str, name: Any, default: Any) -> Any:
+def to_dict(store: Store, base: str) -> dict[str, Any]:
+    return _build(store, _prefix(base))[0]
+
+
+def pop_item(store: Store, base: str, name: Any, default: Any, *, strict: bool = False) -> Any:
+    """``pop(name)``: a leaf first, as a lookup reads it (a name that is also a branch, from
+    keys stored without dot names, loses its leaf and stays a branch). With *strict*, such a
+    name raises :class:`NameConflictError` instead, for :func:`pop_any`."""
+    from ._store import Op
+
     full = _full(base, name)
+    ns = store._ns
     with store._atomic():
-        if _is_leaf(store, full):
-            value = store._decode(store._ns, full, store._rget(store._ns, full) or b"")
-            store._rdelete(store._ns, full)
+        rec = store._rrecord(ns, full)
+        if rec is not None:
+            if strict and _is_branch(store, full):
+                raise _both(full)
+            # Decode before deleting: a corrupt or undecryptable value raises and stays.
+            value = store._decode(ns, full, rec[0])
+            store._rdelete(ns, full)
             return value
-        if _is_branch(store, full):
-            value = to_dict(store, full)
-            del_item(store, base, name)
-            return value
+        tree, keys = _build(store, full + ".")
+        if keys:
+            store._rapply([Op(ns, k, None, None) for k in keys])
+            return tree
     if default is MISSING:
         raise MissingKeyError(name)
     return default
+
+
+def pop_any(store: Store, base: str) -> tuple[str, Any]:
+    """``popitem()`` of the branch *base* (``""``: the store): some ``(name, value)``, a
+    branch as a dict. A name that is both a leaf and a branch raises
+    :class:`NameConflictError`: popping its leaf would leave the name, and the next call
+    would return it again. That check costs one branch scan, so it is made here and not in
+    ``pop``, where a set of the same name pays as much."""
+    while True:
+        name = next(iter_children(store, base), MISSING)
+        if name is MISSING:
+            what = f"branch {base!r}" if base else "store"
+            raise MissingKeyError(f"popitem(): {what} is empty")
+        value = pop_item(store, base, name, MISSING, strict=True)
+        if value is not MISSING:  # another writer may have taken it first
+            return name, value
 
 
 def setdefault_item(store: Store, base: str, name: Any, default: Any) -> Any:
@@ -222,6 +450,8 @@ def make_view(store: Store, name: Any) -> View:
         raise InvalidOptionError("views need a store opened with dot_names=True")
     full = check_dotted(name)
     if _is_leaf(store, full):
+        if _is_branch(store, full):
+            raise _both(full)
         raise NameConflictError(f"{full!r} is a leaf, not a branch")
     return View(store, full)
 
@@ -231,8 +461,8 @@ class View(MutableMapping[str, Any]):
 
     Reads and writes go straight to the store: ``view["x"] = 1`` sets ``"<path>.x"``.
     Names may themselves be dotted (``view["b.c"]``). A view of a branch that has no
-    leaves is empty, and stays usable: writing to it creates the branch again. Thread
-    safety and atomicity are the store's.
+    leaves is empty, and stays usable: writing to it creates the branch again. Every
+    mutator is atomic (``update`` too: all or nothing); thread safety is the store's.
     """
 
     __slots__ = ("_path", "_store")
@@ -264,6 +494,26 @@ class View(MutableMapping[str, Any]):
         """Like :meth:`Store.set`, relative to this branch."""
         set_item(self._store, self._path, name, value, ttl=ttl, encrypt=encrypt)
 
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like ``dict.update``, relative to this branch, and atomic like
+        :meth:`Store.update`: every item is checked and encoded first, and a bad name,
+        value or pair, or a leaf/branch conflict, writes nothing."""
+        self._store._check_writable()
+        pairs: Iterable[Any]
+        if isinstance(other, Mapping) or hasattr(other, "keys"):
+            # dict.update's rule: anything with keys() is a mapping, else (key, value) pairs.
+            keys = other.keys()
+            pairs = [(k, other[k]) for k in keys]
+        else:
+            try:
+                pairs = iter(other)
+            except TypeError:
+                raise OptionTypeError(
+                    f"update() needs a mapping or (key, value) pairs, "
+                    f"not {type(other).__qualname__}"
+                ) from None
+        assign_many(self._store, self._path, chain(pairs, kwargs.items()), ttl=None, encrypt=None)
+
     def __delitem__(self, name: str) -> None:
         del_item(self._store, self._path, name)
 
@@ -283,6 +533,12 @@ class View(MutableMapping[str, Any]):
         """Remove *name* (leaf or whole branch) and return its value (a dict for a branch)."""
         self._store._check_writable()
         return pop_item(self._store, self._path, name, default)
+
+    def popitem(self) -> tuple[str, Any]:
+        """Remove and return some ``(name, value)`` pair (a dict for a branch, as
+        :meth:`pop` returns); ``KeyError`` when the branch is empty."""
+        self._store._check_writable()
+        return pop_any(self._store, self._path)
 
     def setdefault(self, name: str, default: Any = None) -> Any:
         """Insert *default* at *name* unless it exists; return what is stored."""
