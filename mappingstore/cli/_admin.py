@@ -8,7 +8,13 @@ import click
 
 from .._store import Store
 from .._url import redact
-from ..errors import CorruptValueError, IntegrityError, MissingKeyError, PasswordRequiredError
+from ..errors import (
+    CorruptValueError,
+    IntegrityError,
+    MissingKeyError,
+    PasswordRequiredError,
+    ReadOnlyError,
+)
 from . import _app, _kinds, _raw
 from ._app import (
     Settings,
@@ -213,6 +219,11 @@ def _new_password(settings: Settings, path: str | None) -> str:
     return secret
 
 
+def _refuse_readonly(store: Store, outcome: str) -> None:
+    if store.readonly:
+        raise ReadOnlyError(f"{redact(store.url)} was opened read-only: {outcome}")
+
+
 @click.command("passwd")
 @click.option(
     "--new-password-file",
@@ -234,14 +245,19 @@ def passwd_cmd(settings: Settings, new_password_file: str | None) -> None:
     with open_store(settings, readonly=True, values=False) as probe:
         crypto = probe.info().get("encryption")
     if crypto is None:
+        # Opening a writable store with a password is what creates its key slot; opened
+        # read-only (?readonly=true in the URL) it creates none, without complaint.
+        with open_store(settings, readonly=False, values=False) as plain:
+            _refuse_readonly(plain, "no password was set")
         new = _new_password(settings, new_password_file)
-        # Opening a writable store with a password is what creates its key slot.
         with open_store(settings, readonly=False, dot_names=False, password=new) as store:
+            _refuse_readonly(store, "no password was set")
             where = redact(store.url)
         if not settings.quiet:
             click.echo(f"encryption enabled for {where}: new values will be encrypted", err=True)
         return
     with open_store(settings, readonly=False, dot_names=False) as store:
+        _refuse_readonly(store, "the password was not changed")
         new = _new_password(settings, new_password_file)
         # Keep the current argon2id cost unless --security asks for another one.
         store.change_password(new, security=settings.security or crypto.get("security"))

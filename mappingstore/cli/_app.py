@@ -11,12 +11,14 @@ defence (the library's messages never contain them in the first place).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import IO, Any, TypeVar
 
 import click
@@ -37,6 +39,7 @@ from ..errors import (
 __all__ = [
     "DEFAULT_URL",
     "CLIError",
+    "DeepJSONError",
     "Settings",
     "UsageFailure",
     "binary_stdout",
@@ -44,6 +47,7 @@ __all__ = [
     "dumps",
     "echo_json",
     "iter_chunks",
+    "loads",
     "open_store",
     "read_secret",
     "show_key",
@@ -132,23 +136,66 @@ def _message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def is_digit_limit(exc: BaseException) -> bool:
+    """True for CPython's refusal to convert an int of more than
+    ``sys.get_int_max_str_digits()`` digits (4,300 by default) to or from text."""
+    return type(exc) is ValueError and "integer string conversion" in str(exc)
+
+
+#: While a command runs, the recursion limit is at least this. The codec stores lists and
+#: dicts nested up to 1,023 levels (msgpack's limit), and typed JSON (``to_typed``,
+#: ``from_typed``, ``json``) takes a frame per level, on top of click's own frames: the
+#: default limit of 1,000 would fail on such a value. A value nested more deeply than
+#: this cannot have come from a store; it is bad input and gets a one-line error.
+RECURSION_LIMIT = 2_000
+
+
+@contextlib.contextmanager
+def _recursion_limit(limit: int) -> Iterator[None]:
+    # Process-wide, so it is restored after the command (the group may be embedded).
+    old = sys.getrecursionlimit()
+    if old < limit:
+        sys.setrecursionlimit(limit)
+    try:
+        yield
+    finally:
+        if old < limit:
+            sys.setrecursionlimit(old)
+
+
 class _Group(click.Group):
-    """Turns library errors into one-line messages and exit codes, never a traceback."""
+    """Turns library errors into one-line messages and exit codes, never a traceback.
+
+    Beyond :class:`MappingStoreError` and :class:`OSError`, two builtin errors come from
+    the data rather than from the code, and get a one-line error too: RecursionError (a
+    value nested more deeply than typed JSON can carry) and the ValueError CPython raises
+    for an int of too many digits. Any other exception is a bug and keeps its traceback.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _recursion_limit(RECURSION_LIMIT):
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
         except MappingStoreError as exc:
-            settings = ctx.find_object(Settings)
-            secrets = settings.secrets if settings is not None else []
             error = UsageFailure if _exit_code(exc) == 2 else CLIError
-            raise error(_one_line(_message(exc), secrets)) from None
+            raise error(_one_line(_message(exc), _secrets(ctx))) from None
         except OSError as exc:
-            settings = ctx.find_object(Settings)
-            secrets = settings.secrets if settings is not None else []
-            raise CLIError(_one_line(_message(exc), secrets)) from None
+            raise CLIError(_one_line(_message(exc), _secrets(ctx))) from None
+        except RecursionError:
+            raise CLIError(
+                f"a value is nested too deeply (more than about {RECURSION_LIMIT:,} levels)"
+            ) from None
+        except ValueError as exc:
+            if not is_digit_limit(exc):
+                raise
+            raise CLIError(f"a number has too many digits: {_one_line(str(exc), [])}") from None
+
+
+def _secrets(ctx: click.Context) -> list[str]:
+    settings = ctx.find_object(Settings)
+    return settings.secrets if settings is not None else []
 
 
 # -- shared options ------------------------------------------------------------------------
@@ -427,6 +474,35 @@ def dumps(obj: Any, *, pretty: bool = False) -> str:
     except UnicodeEncodeError:  # a key or value with a lone surrogate
         text = json.dumps(obj, ensure_ascii=True, indent=indent, allow_nan=False)
     return text
+
+
+class DeepJSONError(ValueError):
+    """JSON input nested more deeply than :func:`loads` parses."""
+
+
+def _exact_int(text: str) -> int:
+    # int(text) refuses more than sys.get_int_max_str_digits() digits; Decimal has no limit.
+    return int(Decimal(text))
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` for the user's input: an int literal of any length parses exactly.
+
+    Bad JSON raises :class:`json.JSONDecodeError`; nesting deeper than the recursion
+    limit allows raises :class:`DeepJSONError` (both are ValueErrors).
+    """
+    try:
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            # The fast path first: a custom parse_int costs a Python call per int literal.
+            if not is_digit_limit(exc):
+                raise
+            return json.loads(text, parse_int=_exact_int)
+    except RecursionError:
+        raise DeepJSONError(
+            f"nested too deeply (more than about {RECURSION_LIMIT:,} levels)"
+        ) from None
 
 
 def echo_json(obj: Any, settings: Settings) -> None:

@@ -17,17 +17,19 @@ from . import _raw
 from ._app import (
     DEFAULT_URL,
     CLIError,
+    DeepJSONError,
     Settings,
     UsageFailure,
     binary_stdout,
     dumps,
     echo_json,
+    loads,
     open_store,
     show_key,
     store_options,
 )
 
-__all__ = ["COMMANDS", "complete_keys", "parse_json_value", "typed_value"]
+__all__ = ["COMMANDS", "complete_keys", "parse_json_value", "typed_value", "value_from_json"]
 
 _COMPLETION_LIMIT = 500
 
@@ -62,14 +64,23 @@ def complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -
 def parse_json_value(text: str, what: str = "VALUE") -> Any:
     """Parse typed JSON given on the command line; bad input is a usage error (exit 2)."""
     try:
-        obj = json.loads(text)
+        obj = loads(text)
     except json.JSONDecodeError as exc:
         raise UsageFailure(
             f"{what} is not valid JSON ({exc.msg} at character {exc.pos}); "
             "quote strings ('\"text\"') or use --string to store text as is"
         ) from None
+    except DeepJSONError as exc:
+        raise UsageFailure(f"{what} is {exc}") from None
+    return value_from_json(obj, what)
+
+
+def value_from_json(obj: Any, what: str = "VALUE") -> Any:
+    """The value of parsed typed JSON *obj*; a bad tag is a usage error (exit 2)."""
     try:
         return from_typed(obj)
+    except RecursionError:
+        raise UsageFailure(f"{what} is nested too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as exc:
         raise UsageFailure(f"{what} has a bad typed-JSON tag: {exc}") from None
 
@@ -348,6 +359,8 @@ def ttl_cmd(settings: Settings, key: str) -> None:
     """Print the seconds until KEY expires ('no expiry', or null with --json)."""
     with open_store(settings, readonly=True, values=False) as store:
         left = store.ttl(key)
+    if left == math.inf:  # an infinite expiry (see _raw.record) is no expiry
+        left = None
     if settings.json:
         click.echo(dumps(left))
     else:

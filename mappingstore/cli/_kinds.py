@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import itertools
-import math
 import operator
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
 from decimal import Decimal
 from typing import IO, Any, cast
 
@@ -72,33 +72,65 @@ def same_value(a: Any, b: Any) -> bool:
     """True when two decoded values are the same value *and* the same types.
 
     Stricter than ``==`` (``1 == 1.0 == True``, ``{1} == frozenset({1})``, and
-    ``Decimal("1.0") == Decimal("1.00")`` are all equal there), and NaN equals NaN, so
-    a resumed copy recognises exactly the items it already wrote.
+    ``Decimal("1.0") == Decimal("1.00")`` are all equal there), and NaN equals NaN (in
+    sets and dict keys too), so a resumed copy recognises exactly the items it already
+    wrote. Iterative, not recursive: a stored list may nest 1,023 levels deep.
     """
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        if math.isnan(a):
-            return math.isnan(b)
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    if isinstance(a, complex):
-        return same_value(a.real, b.real) and same_value(a.imag, b.imag)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return (
-            len(a) == len(b)
-            and {(type(k), k) for k in a} == {(type(k), k) for k in b}
-            and all(same_value(v, b[k]) for k, v in a.items())
-        )
-    if isinstance(a, (set, frozenset)):
-        return {(type(x), x) for x in a} == {(type(x), x) for x in b}
-    if isinstance(a, Decimal):
-        return str(a) == str(b)
-    if isinstance(a, (_dt.datetime, _dt.time)):
-        # Same instant in another zone compares equal; the stored value is not the same.
-        return a == b and repr(a) == repr(b)
-    return bool(a == b)
+    pending = [(a, b)]
+    while pending:
+        a, b = pending.pop()
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (list, tuple)):
+            if len(a) != len(b):
+                return False
+            pending.extend(zip(a, b, strict=True))
+        elif isinstance(a, dict):
+            if len(a) != len(b):
+                return False
+            # Keys are matched by their canonical form, not by lookup: a NaN key is never
+            # found again (NaN != NaN), and 1 and 1.0 (or True) would find each other.
+            theirs = _by_key(b)
+            for key, values in _by_key(a).items():
+                others = theirs.get(key, [])
+                if len(values) != len(others):
+                    return False
+                pending.extend(zip(values, others, strict=True))
+        elif isinstance(a, (set, frozenset)):
+            if len(a) != len(b) or Counter(map(_canonical, a)) != Counter(map(_canonical, b)):
+                return False
+        elif isinstance(a, _BY_REPR):
+            if repr(a) != repr(b):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+#: Types whose == hides a difference in the stored value: repr tells 0.0 from -0.0 (and
+#: NaN equals NaN), Decimal("1.0") from "1.00", and one instant in two time zones apart.
+_BY_REPR = (float, complex, Decimal, _dt.datetime, _dt.time)
+
+
+def _canonical(x: Any) -> Hashable:
+    """A hashable form of the set element or dict key *x* such that two forms are equal
+    exactly when :func:`same_value` holds: NaN equals NaN, ``1`` is not ``1.0``."""
+    t = type(x)
+    if t in _BY_REPR:
+        return (t, repr(x))
+    if t is tuple:
+        return (t, tuple(map(_canonical, x)))
+    if t is frozenset:
+        return (t, frozenset(Counter(map(_canonical, x)).items()))
+    return (t, x)
+
+
+def _by_key(d: dict[Any, Any]) -> dict[Hashable, list[Any]]:
+    # A list per form: a dict may hold several NaN keys (distinct objects), in order.
+    grouped: dict[Hashable, list[Any]] = {}
+    for k, v in d.items():
+        grouped.setdefault(_canonical(k), []).append(v)
+    return grouped
 
 
 class Instances:

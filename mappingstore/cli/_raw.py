@@ -9,6 +9,7 @@ module is the only place in the CLI that does, so the dependency stays visible.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,12 @@ __all__ = [
 def record(store: Store, ns: str, key: str) -> Record | None:
     """The live record ``(data, expires)`` of *key* in raw namespace *ns*, or ``None``."""
     store._check_open()
-    return store._rrecord(ns, key)
+    rec = store._rrecord(ns, key)
+    if rec is not None and rec[1] == math.inf:
+        # Only an import that took "expires": 1e400 (older versions did) wrote this; it
+        # never expires, and neither JSON nor Redis has a word for it.
+        return (rec[0], None)
+    return rec
 
 
 def keys(store: Store, ns: str, prefix: str = "") -> Iterator[str]:

@@ -17,8 +17,18 @@ from typing import IO, Any
 import click
 
 from .._events import OPS
-from ._app import CLIError, Settings, UsageFailure, dumps, echo_json, open_store, store_options
-from ._items import parse_json_value, typed_value
+from ._app import (
+    CLIError,
+    DeepJSONError,
+    Settings,
+    UsageFailure,
+    dumps,
+    echo_json,
+    loads,
+    open_store,
+    store_options,
+)
+from ._items import parse_json_value, typed_value, value_from_json
 
 __all__ = ["COMMANDS", "parse_changes"]
 
@@ -77,9 +87,11 @@ def _read_points(file: IO[bytes], as_string: bool) -> list[tuple[int, Any]]:
         if not line:
             continue
         try:
-            obj = json.loads(line)
+            obj = loads(line)
         except json.JSONDecodeError as exc:
             raise UsageFailure(f"{where} is not valid JSON ({exc.msg})") from None
+        except DeepJSONError as exc:
+            raise UsageFailure(f"{where} is {exc}") from None
         if not isinstance(obj, dict) or set(obj) != {"t", "value"}:
             raise UsageFailure(f'{where} is not an object {{"t": TIMESTAMP, "value": VALUE}}')
         t = obj["t"]
@@ -90,7 +102,7 @@ def _read_points(file: IO[bytes], as_string: bool) -> list[tuple[int, Any]]:
             if not isinstance(value, str):
                 raise UsageFailure(f"{where}: --string needs a string value")
         else:
-            value = parse_json_value(json.dumps(value), where)
+            value = value_from_json(value, where)
         points.append((t, value))
     return points
 

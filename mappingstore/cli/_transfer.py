@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from typing import IO, Any
 import click
 
 from .._codec import is_encrypted
-from .._jsonio import from_typed, load, to_plain, to_typed
+from .._jsonio import from_typed, to_plain, to_typed
 from .._keys import check_key, check_namespace
 from .._store import Record, Store
 from .._url import redact
@@ -31,12 +33,14 @@ from ..errors import (
 from . import _kinds, _raw
 from ._app import (
     CLIError,
+    DeepJSONError,
     Settings,
     UsageFailure,
     binary_stdout,
     dumps,
     echo_json,
     iter_chunks,
+    loads,
     open_store,
     show_key,
     store_options,
@@ -68,18 +72,62 @@ _all_namespaces = click.option(
 # -- export ---------------------------------------------------------------------------------
 
 
+#: The directory of a process's open descriptors, where /dev/fd and /dev/stdout lead.
+_FD_DIR = re.compile(r"/proc/(?:self|thread-self|\d+)(?:/task/\d+)?/fd")
+_MAX_LINKS = 40  # as the kernel's limit on symbolic links followed in one lookup
+
+
+def _descriptor(path: str) -> int | None:
+    """The descriptor of this process that *path* names (``/dev/fd/N``, ``/dev/stdout``,
+    ``/proc/self/fd/N``, or a symbolic link to one of them), else ``None``."""
+    p = os.path.abspath(path)
+    for _ in range(_MAX_LINKS):
+        parent = os.path.realpath(os.path.dirname(p))
+        name = os.path.basename(p)
+        if _FD_DIR.fullmatch(parent) is not None:
+            pid = parent.split("/")[2]
+            mine = pid in ("self", "thread-self") or pid == str(os.getpid())
+            return int(name) if mine and name.isdigit() else None
+        p = os.path.join(parent, name)
+        if not os.path.islink(p):
+            return None
+        p = os.path.join(parent, os.readlink(p))  # a relative target is relative to parent
+    return None
+
+
 @contextlib.contextmanager
 def _output(path: str) -> Iterator[IO[bytes]]:
-    """stdout for '-'; else a temporary file renamed over *path* only when complete."""
+    """Where ``export`` writes: stdout for '-'; a regular file (new or existing) through a
+    temporary file renamed over it only when complete; anything else directly.
+
+    A symbolic link is followed: the file it points to is replaced, the link stays. A
+    descriptor path (``/dev/fd/N`` of a process substitution, ``/dev/stdout``) is written
+    through a duplicate of that descriptor, as ``>`` or ``>>`` opened it. A FIFO, a
+    terminal or another device is opened and written in place: renaming a file over it
+    would replace it, and its reader would get nothing.
+    """
     if path == "-":
         yield binary_stdout()
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mappingstore-export-", dir=directory)
+    fd = _descriptor(path)
+    if fd is not None:
+        with os.fdopen(os.dup(fd), "wb") as fp:
+            yield fp
+        return
+    target = os.path.realpath(path)  # a symbolic link's file, not the link
+    try:
+        regular = stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:
+        regular = True  # a new file
+    if not regular:
+        with open(target, "wb") as fp:
+            yield fp
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".mappingstore-export-", dir=os.path.dirname(target))
     try:
         with os.fdopen(fd, "wb") as fp:
             yield fp
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -111,7 +159,8 @@ def export_cmd(
     for an item with a TTL and "namespace" with --all-namespaces. With --json the
     output is one object {key: value}, the format of Store.export_json(). Typed JSON
     restores every value exactly with 'import'. A file is created readable by its owner
-    only (it holds decrypted values), under a temporary name renamed when complete.
+    only (it holds decrypted values), under a temporary name renamed when complete (over
+    the target of a symbolic link); a FIFO, a device or a /dev/fd path is written directly.
     """
     if settings.json and all_namespaces:
         raise UsageFailure("--json writes one namespace; use JSON Lines for --all-namespaces")
@@ -162,9 +211,11 @@ class _BadInput(Exception):
 
 def _parse_line(line: bytes, default_ns: str) -> tuple[str, str, Any, float | None]:
     try:
-        obj = json.loads(line)
+        obj = loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _BadInput(f"not valid JSON: {exc}") from None
+    except DeepJSONError as exc:
+        raise _BadInput(str(exc)) from None
     if not isinstance(obj, dict):
         raise _BadInput('expected an object {"key": ..., "value": ...}')
     unknown = set(obj) - {"key", "value", "expires", "namespace"}
@@ -177,12 +228,32 @@ def _parse_line(line: bytes, default_ns: str) -> tuple[str, str, Any, float | No
         key = check_key(obj["key"])
         ns = check_namespace(obj["namespace"]) if "namespace" in obj else default_ns
         value = from_typed(obj["value"])
+    except RecursionError:
+        raise _BadInput("the value is nested too deeply") from None
     except (MappingStoreError, ValueError, TypeError, KeyError, IndexError, ArithmeticError) as exc:
         raise _BadInput(str(exc)) from None
-    expires = obj.get("expires")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
-        raise _BadInput('"expires" must be a number (epoch seconds) or null')
-    return ns, key, value, None if expires is None else float(expires)
+    return ns, key, value, _expires(obj.get("expires"))
+
+
+def _expires(given: Any) -> float | None:
+    """The expiry of an imported item: ``None`` (no expiry) or a finite epoch time.
+
+    A time in the past (zero and negative ones included) is valid and means the item has
+    expired: it is skipped. Infinity and NaN are not times; no export writes them (an
+    item without expiry has no "expires"), and no backend can store them.
+    """
+    if given is None:
+        return None
+    bad = '"expires" must be a finite number (epoch seconds) or null, got '
+    if isinstance(given, bool) or not isinstance(given, (int, float)):
+        raise _BadInput(bad + type(given).__name__)
+    try:
+        expires = float(given)
+    except OverflowError:  # an int beyond any float
+        raise _BadInput(bad + "a number beyond any float") from None
+    if not math.isfinite(expires):
+        raise _BadInput(bad + repr(expires))
+    return expires
 
 
 def _input_size(fp: IO[bytes]) -> int | None:
@@ -204,16 +275,17 @@ def import_cmd(settings: Settings, source: IO[bytes], batch_size: int) -> None:
     """Read items from FILE (default '-': stdin) written by 'export' and store them.
 
     JSON Lines by default; with --json one object {key: value}. Existing keys are
-    overwritten. Items whose "expires" has passed are skipped; items without one get
-    the store's default TTL, if any. Writes commit in batches: if a line is bad, the
-    batches before it stay imported and the error names the line.
+    overwritten. "expires" is a finite epoch time: items whose "expires" has passed are
+    skipped; items without one get the store's default TTL, if any. Writes commit in
+    batches: if a line is bad, the batches before it stay imported and the error names
+    the line.
     """
     with open_store(settings, readonly=False, dot_names=False) as store:
         default_ns = store.namespace
         rows: Iterator[_Row]
         total: int | None
         if settings.json:
-            items = load(source)
+            items = _load_object(source)
             rows = ((0, None, (default_ns, check_key(k), v, None)) for k, v in items.items())
             total, unit = len(items), "item"
         else:
@@ -225,6 +297,18 @@ def import_cmd(settings: Settings, source: IO[bytes], batch_size: int) -> None:
             except CorruptValueError as exc:
                 raise CorruptValueError(f"{exc} ({job.items:,} items imported before it)") from None
             job.summary("imported", f"{expired:,} expired skipped" if expired else "")
+
+
+def _load_object(source: IO[bytes]) -> dict[str, Any]:
+    """The items of one JSON object ``{key: typed value}`` (``import --json``)."""
+    try:
+        obj = loads(source.read())
+        if not isinstance(obj, dict):
+            raise ValueError("expected a JSON object {name: value}")
+        return {k: from_typed(v) for k, v in obj.items()}
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, RecursionError) as exc:
+        # DeepJSONError and JSONDecodeError are ValueErrors.
+        raise CorruptValueError(f"not valid mappingstore JSON: {exc}") from None
 
 
 def _import_rows(
