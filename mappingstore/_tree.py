@@ -591,3 +591,7 @@ class _ViewItems(ItemsView[str, Any]):
         view = self._mapping
         view._store._check_open()
         return iter_child_items(view._store, view._path)
+
+    def __contains__(self, item: object) -> bool:
+        # As dict_items (and the store's items view): only a (key, value) tuple.
+        return isinstance(item, tuple) and len(item) == 2 and super().__contains__(item)

@@ -181,3 +181,7 @@ def test_only_a_pair_tuple_is_in_items() -> None:
     assert ("a", 1) in store.items() and ("a", 2) not in store.items()
     for other in (5, ["a", 1], ("a",), ("a", 1, 2), "a1"):
         assert other not in store.items()
+    dotted = MemoryStore(dot_names=True)
+    dotted["v.a"] = 1
+    items = dotted["v"].items()
+    assert ("a", 1) in items and ["a", 1] not in items and 5 not in items
