@@ -1135,6 +1135,27 @@ class Store(MutableMapping[str, Any]):
             return _tree.to_dict(self, "")
         return dict(self._iter_pairs())
 
+    def copy(self) -> dict[str, Any]:
+        """A plain ``dict`` snapshot, as ``os.environ.copy()`` gives: :meth:`to_dict`."""
+        return self.to_dict()
+
+    # The dict operators, as os.environ (another MutableMapping) has them: ``store | other``
+    # and ``other | store`` make a new plain dict, ``store |= other`` is update().
+    def __or__(self, other: object) -> dict[str, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**self.to_dict(), **other}
+
+    def __ror__(self, other: object) -> dict[str, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**other, **self.to_dict()}
+
+    # Incompatible with __or__ on purpose (typeshed's os._Environ does the same).
+    def __ior__(self, other: Any) -> Store:  # type: ignore[misc]
+        self.update(other)
+        return self
+
     def export_json(self, fp: IO[str] | None = None, *, typed: bool = True) -> str | None:
         """Export as one JSON object ``{name: value}``; return it as text when *fp* is None.
 
