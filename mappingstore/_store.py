@@ -1199,7 +1199,9 @@ class Store(MutableMapping[str, Any]):
                 if kind not in ("ts", "ev", "blob") or not user:
                     continue
                 ns = user
-            if ns in found or not (self._namespaces_live or self._holds_live(raw)):
+            # Only plain items expire: series, event logs and blobs (which a backend may
+            # keep outside its records) are live while listed.
+            if ns in found or not (self._namespaces_live or raw != ns or self._holds_live(raw)):
                 continue
             found.add(ns)
         return sorted(found)
