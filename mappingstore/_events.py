@@ -9,31 +9,45 @@ pickled: ``setitem``, ``delitem``, ``add``, ``sub``, ``mul``, ``truediv``, ``flo
 
 Storage (in the internal namespace ``"\\0ev\\0" + namespace``):
 
-* a **head** record ``H:<len(name)>:<name>`` with the chunk directory
-  ``[[first_timestamp, chunk_id, count], ...]``, the next chunk id, the timestamp of the
-  last event, the **current state** itself, and the *pending* tail of up to
-  :data:`CHUNK_SIZE` events not yet moved into a chunk (with the state before it);
-* **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` with :data:`CHUNK_SIZE` events
-  sorted by time and the *base* state (the state before the chunk's first event).
+* a **head** record ``H:<len(name)>:<name>`` with the next chunk id, the number of
+  chunks, the timestamp of the last event, the **current state** itself, the *pending* tail
+  of fewer than :data:`CHUNK_SIZE` events not yet moved into a chunk (with the state before
+  it), and a write version (``"v"``, changed by every write);
+* a **directory** record ``D:<len(name)>:<name>``, the chunk directory
+  ``[[first_timestamp, chunk_id, count], ...]`` (absent while there is no chunk);
+* **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` with events sorted by time and
+  the *base* state (the state before the chunk's first event). A chunk is written with
+  :data:`CHUNK_SIZE` events when the tail fills up (or with more, when one ``apply``
+  brings many changes at once), and grows past it when events are inserted before the
+  tail: a chunk is never split.
 
 So ``current()`` reads one record; ``apply`` at the end of the sequence validates the
 change against the current state and rewrites the head (and, once every CHUNK_SIZE events,
-writes a chunk): O(1) in the length of the history. ``past(t)`` replays at most one chunk
-from its base. Inserting an event in the past replays the chunks after it (to validate and
-to refresh their bases).
+writes a chunk and the directory): O(1) in the length of the history. ``past(t)`` replays
+one chunk (or the tail) from its base: usually at most CHUNK_SIZE events, more in a chunk
+grown by inserts in the past. Inserting an event in the past replays the chunks after it
+(to validate and to refresh their bases).
 Every change is validated *before* anything is stored, so a sequence can never be
 poisoned by an event that does not replay.
+
+Reads that need more than the head (``past(t)`` before the tail, ``events()``, ``len``)
+are validated like series reads (see ``_series``): every write changes the head's bytes,
+the read re-reads the head after its directory and chunk reads and starts again when it
+changed (a ``prune`` rewrites every chunk under new ids), and falls back to the store's
+exclusive section after a few tries. ``current()`` and ``past(t)`` in the tail read the
+head only.
 """
 
 from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._codec import pack, unpack
 from ._keys import check_key, internal_ns, tagged_key, tagged_names
+from ._series import _Changed, consistent_read, next_version
 from .errors import (
     CorruptValueError,
     EventConflictError,
@@ -136,6 +150,12 @@ def _replay(state: dict[str, Any], ts: int, item: str, op: str, value: Any) -> N
         raise ReplayError(f"event at {ts}: {op} on {item!r} failed: {exc}") from exc
 
 
+def _check_ts(t: Any) -> int:
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise KeyTypeError("timestamps must be int milliseconds")
+    return int(t)
+
+
 def _copy(state: Mapping[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = unpack(pack(dict(state)))
     return result
@@ -145,7 +165,9 @@ class EventLog:
     """The event sequence *name* of a store (get one with :meth:`Store.events`).
 
     An unknown sequence reads as an empty state. Thread-safe, and multi-process safe on
-    backends shared between processes: two processes applying events lose none.
+    backends shared between processes: two processes applying events lose none. Every read
+    (:meth:`current`, :meth:`past`, :meth:`events`, ``len``, iteration) sees one version
+    of the sequence, even while another thread or process applies or prunes.
     """
 
     __slots__ = ("_dir_key", "_head_key", "_name", "_ns", "_store")
@@ -165,7 +187,8 @@ class EventLog:
     # -- storage ------------------------------------------------------------------------
     # head = {"n": next chunk id, "l": last timestamp or None, "s": current state,
     #         "p": pending events (the tail, not yet in a chunk), "b": state before "p",
-    #         "k": number of chunks}
+    #         "k": number of chunks, "v": write version (absent in heads written before
+    #         versions existed)}
     # directory record = [[first_ts, chunk_id, count], ...] (loaded into head["c"])
     # Keeping the tail in the head means an apply reads and writes one small record; a
     # chunk and the directory are written once per CHUNK_SIZE events. The directory grows
@@ -174,16 +197,61 @@ class EventLog:
     def _chunk_key(self, cid: int) -> str:
         return f"{tagged_key('C', self._name)}:{cid:x}"
 
-    def _head(self, *, directory: bool = True) -> dict[str, Any] | None:
-        """The head; with *directory*, ``head["c"]`` holds the chunk directory (else None)."""
+    def _load_head(self) -> tuple[bytes, dict[str, Any]] | None:
+        """``(raw head record, head without the directory)``, or None for no sequence."""
         data = self._store._rget(self._ns, self._head_key)
         if data is None:
             return None
         head = self._store._decode(self._ns, self._head_key, data)
         if not isinstance(head, dict) or not {"n", "l", "s", "p", "b", "k"} <= head.keys():
             raise CorruptValueError(f"event log {self._name!r}: damaged head record")
-        head["c"] = self._directory(head["k"]) if directory else None
+        head["c"] = None
+        return data, head
+
+    def _head(self, *, directory: bool = True) -> dict[str, Any] | None:
+        """The head; with *directory*, ``head["c"]`` holds the chunk directory (else None).
+
+        For writes (under the exclusive section) and single-record reads: a read of the
+        directory or chunks outside it goes through :meth:`_read`."""
+        loaded = self._load_head()
+        if loaded is None:
+            return None
+        head = loaded[1]
+        if directory:
+            head["c"] = self._directory(head["k"])
         return head
+
+    def _read(self, fn: Callable[[dict[str, Any], list[bool]], Any], empty: Any) -> Any:
+        """``fn(head, used)`` computed from one version of the sequence (*empty* when there
+        is no sequence).
+
+        *fn* sets ``used[0]`` when it reads anything besides the head; the head's bytes are
+        then read again and, if a write committed meanwhile (a prune rewrites every chunk
+        under new ids), the read starts again (see ``_series.consistent_read``). An error
+        while reading (a chunk deleted by that write) counts as damage only when the head
+        did not change.
+        """
+
+        def attempt() -> Any:
+            loaded = self._load_head()
+            if loaded is None:
+                return empty
+            raw, head = loaded
+            used = [False]
+            try:
+                result = fn(head, used)
+            except CorruptValueError:
+                if self._changed(raw):
+                    raise _Changed from None
+                raise
+            if used[0] and self._changed(raw):
+                raise _Changed
+            return result
+
+        return consistent_read(self._store, attempt)
+
+    def _changed(self, raw: bytes) -> bool:
+        return self._store._rget(self._ns, self._head_key) != raw
 
     def _directory(self, expected: int) -> list[list[int]]:
         if not expected:
@@ -223,6 +291,10 @@ class EventLog:
         from ._store import Op
 
         stored = {k: v for k, v in head.items() if k != "c"}
+        # Every write changes the head's bytes, which lets a reader see that it overlapped
+        # a write (see _read); the state alone may not change (an event inserted in the
+        # past and overwritten later).
+        stored["v"] = next_version(head.get("v"))
         data = self._store._encode(self._ns, self._head_key, stored)
         return Op(self._ns, self._head_key, data, None)
 
@@ -445,28 +517,30 @@ class EventLog:
         """The state after every event at or before *t*; with ``with_timestamp=True`` a pair
         ``(timestamp of the last event applied or None, state)``."""
         self._store._check_open()
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise KeyTypeError("timestamps must be int milliseconds")
-        head = self._head()
+        t = _check_ts(t)
+
+        def read(head: dict[str, Any], used: list[bool]) -> tuple[dict[str, Any] | None, Any]:
+            if head["p"] and t >= head["p"][0][0]:
+                return head["b"], head["p"]  # in the tail: the head alone answers
+            if not head["k"]:
+                return None, []
+            used[0] = True
+            chunks = self._directory(head["k"])
+            i = bisect.bisect_right([c[0] for c in chunks], t) - 1
+            if i < 0:
+                return None, []
+            return self._chunk(chunks[i][1])
+
+        base, events = self._read(read, (None, []))
         state: dict[str, Any] = {}
         applied: int | None = None
-        if head is not None:
-            base: dict[str, Any] | None = None
-            events: list[list[Any]] = []
-            if head["p"] and t >= head["p"][0][0]:
-                base, events = head["b"], head["p"]
-            else:
-                chunks = head["c"]
-                i = bisect.bisect_right([c[0] for c in chunks], t) - 1
-                if i >= 0:
-                    base, events = self._chunk(chunks[i][1])
-            if base is not None:
-                state = base
-                for e_ts, item, op, value in events:
-                    if e_ts > t:
-                        break
-                    _replay(state, e_ts, item, op, value)
-                    applied = e_ts
+        if base is not None:
+            state = base  # freshly decoded: the caller's own copy
+            for e_ts, item, op, value in events:
+                if e_ts > t:
+                    break
+                _replay(state, e_ts, item, op, value)
+                applied = e_ts
         return (applied, state) if with_timestamp else state
 
     def events(
@@ -481,32 +555,50 @@ class EventLog:
         ``ops`` filters by one operator or a collection of them (functions or names).
         """
         self._store._check_open()
+        lo = None if start is None else _check_ts(start)
+        hi = None if end is None else _check_ts(end)
         wanted = _op_filter(ops)
-        head = self._head()
-        if head is None:
-            return []
-        out: list[Event] = []
-        chunks = head["c"]
-        blocks: list[list[list[Any]] | int] = [c[1] for c in chunks] + [head["p"]]
-        for i, block in enumerate(blocks):
-            if isinstance(block, int):
-                nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
-                if start is not None and nxt is not None and nxt < start:
-                    continue  # the whole chunk is before start
-                block = self._chunk(block)[1]
-            for e_ts, item, op, value in block:
-                if start is not None and e_ts < start:
-                    continue
-                if end is not None and e_ts > end:
-                    return out
-                if wanted is None or op in wanted:
-                    out.append(Event(e_ts, item, op, value))
-        return out
+
+        def read(head: dict[str, Any], used: list[bool]) -> list[Event]:
+            out: list[Event] = []
+            pending = head["p"]
+            blocks: list[list[list[Any]] | int] = []
+            # Chunk events are at or before the tail's first one: after it, skip them all.
+            if head["k"] and not (lo is not None and pending and lo > pending[0][0]):
+                used[0] = True
+                chunks = self._directory(head["k"])
+                for i, c in enumerate(chunks):
+                    nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
+                    if lo is not None and nxt is not None and nxt < lo:
+                        continue  # the whole chunk is before start
+                    blocks.append(c[1])
+            blocks.append(pending)
+            for block in blocks:
+                if isinstance(block, int):
+                    block = self._chunk(block)[1]
+                for e_ts, item, op, value in block:
+                    if lo is not None and e_ts < lo:
+                        continue
+                    if hi is not None and e_ts > hi:
+                        return out
+                    if wanted is None or op in wanted:
+                        out.append(Event(e_ts, item, op, value))
+            return out
+
+        result: list[Event] = self._read(read, [])
+        return result
 
     def __len__(self) -> int:
         self._store._check_open()
-        head = self._head()
-        return 0 if head is None else sum(c[2] for c in head["c"]) + len(head["p"])
+
+        def read(head: dict[str, Any], used: list[bool]) -> int:
+            if not head["k"]:
+                return len(head["p"])
+            used[0] = True
+            return sum(c[2] for c in self._directory(head["k"])) + len(head["p"])
+
+        count: int = self._read(read, 0)
+        return count
 
     def __iter__(self) -> Iterator[Event]:
         return iter(self.events())
@@ -518,7 +610,14 @@ class EventLog:
 def _op_filter(ops: Any) -> set[str] | None:
     if ops is None:
         return None
-    items = [ops] if isinstance(ops, str) or callable(ops) else list(ops)
+    if isinstance(ops, str) or callable(ops):
+        items = [ops]
+    elif isinstance(ops, Iterable):
+        items = list(ops)
+    else:
+        raise OptionTypeError(
+            f"ops must be an operator, an operator name or a collection of them, not {ops!r}"
+        )
     if not items:
         return None
     names = set()

@@ -1,19 +1,24 @@
 """Time series: a sorted ``MutableMapping[int, Any]`` of timestamped values per name.
 
 Layer 3 of the architecture: built only on the backend contract, so every backend (and
-every future one) stores series the same way, and a copy between backends carries them.
+every future one) stores series the same way, and the CLI's ``copy`` carries them between
+backends (decoded and re-encoded through the public API).
 
 Storage (in the internal namespace ``"\\0ts\\0" + namespace``):
 
 * a **head** record ``H:<len(name)>:<name>`` holding the sorted chunk directory
-  ``[[first_timestamp, chunk_id, count], ...]``, the next chunk id, and the first and last
-  points themselves (so ``first()``/``last()`` read one small record);
+  ``[[first_timestamp, chunk_id, count], ...]``, the next chunk id and a write version
+  (``"v"``: a different number after every write, see "Consistent reads" below);
+* an **edge** record ``E:<len(name)>:<name>`` holding the first and last points
+  themselves (so ``first()``/``last()`` read one small record, and the head, read by every
+  operation, stays small whatever the values hold);
 * **chunk** records ``C:<len(name)>:<name>:<chunk_id>`` holding up to :data:`CHUNK_SIZE`
   points as two parallel arrays, timestamps and values (decoded in one msgpack call).
 
 Why chunks: one record per point costs a round trip (or a B-tree insert) per point; a
 time-series store writes points in blocks. Appending 100,000 points writes about 100
-records; a 1% range reads one or two chunks; ``first``/``last``/``len`` read the head.
+records; a 1% range reads one or two chunks; ``len`` reads the head and
+``first``/``last`` the edge record.
 Head and chunks are ordinary values: checksummed, and encrypted and authenticated when
 the store encrypts (the key name and chunk id are bound as associated data, and the
 timestamps live inside the authenticated payload). The length prefix in the key makes the
@@ -22,6 +27,34 @@ timestamps live inside the authenticated payload). The length prefix in the key 
 Writes run under the store's exclusive section and commit all changed records with one
 atomic ``_apply``, so a crash leaves the old or the new series, and two processes
 extending one series lose no point (on backends shared between processes).
+
+Consistent reads (optimistic validation). Reads take no lock: a read that needs the head
+and then some chunks could otherwise mix two versions (a concurrent ``extend`` that splits
+a chunk moves points to a chunk id the reader never visits; a ``remove`` deletes a chunk
+the reader is about to fetch). Every write therefore changes the head's bytes (the write
+version ``"v"`` is incremented; a new series starts from a random 48-bit number, so a
+removed and re-created series repeats an old head with a chance of 2**-48 at most),
+and a read checks, after its chunk reads, that the head's bytes are still the ones it
+started from:
+
+* a read that returns a list or a value (``range``, ``missing``/``iscomplete``,
+  ``series[t]``, ``t in series``) re-reads the head once at the end (one extra head read
+  per call, none when no chunk was read) and starts again from scratch when it changed, so
+  it is a snapshot of one version. A chunk missing while the head did not change is real
+  damage (:class:`~mappingstore.errors.CorruptValueError`);
+* a lazy iteration (``iter(series)``, ``items()``) cannot start again after it has yielded,
+  so it checks the head after each chunk it reads (one extra head read per chunk) and,
+  when it changed, re-reads the directory and resumes strictly after the last timestamp
+  it yielded. It yields each point at most once, in ascending order, and never misses a
+  point that was present for the whole iteration; points written or removed during the
+  iteration may or may not be seen;
+* ``len``, ``first`` and ``last`` read one record and are consistent as they are.
+
+A read that keeps losing the race (a steady stream of writes) backs off (up to
+``_BACKOFF_MAX`` seconds between tries) and, after ``_OPTIMISTIC_TRIES`` tries, takes the
+store's exclusive section for its next try, as a write does, so it finishes; a read-only
+store (which may not take that lock) and a read inside a batch keep retrying with
+backoff instead.
 """
 
 from __future__ import annotations
@@ -30,8 +63,9 @@ import bisect
 import gc
 import os
 import threading
-from collections.abc import Iterable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._codec import pack, unpack_slice
 from ._keys import internal_ns, tagged_key, tagged_names
@@ -41,6 +75,7 @@ from .errors import (
     KeyTypeError,
     MissingFrequencyError,
     MissingKeyError,
+    OptionTypeError,
 )
 
 if TYPE_CHECKING:
@@ -51,6 +86,59 @@ __all__ = ["CHUNK_SIZE", "Series"]
 #: Points per chunk. Larger chunks make appends of single points dearer (the tail chunk is
 #: rewritten); smaller ones make bulk loads and scans issue more records.
 CHUNK_SIZE = 1024
+
+#: Tries of a read without a lock before it takes the store's exclusive section.
+_OPTIMISTIC_TRIES = 8
+#: Longest pause between two tries of a read (seconds); the first retry is immediate and
+#: the pause doubles from 0.5 ms.
+_BACKOFF_MAX = 0.05
+
+_T = TypeVar("_T")
+
+
+class _Changed(Exception):
+    """Internal: the head changed while a read was reading; the read tries again."""
+
+
+def next_version(old: Any) -> int:
+    """The write version of a head record after a write: the old one plus one, or a random
+    48-bit number for a new head (or one written before versions existed), so a removed and
+    re-created series or log repeats the bytes of an old head with a chance of 2**-48."""
+    if type(old) is int:
+        return old + 1
+    return int.from_bytes(os.urandom(6), "big")
+
+
+def consistent_read(store: Store, attempt: Callable[[], _T]) -> _T:
+    """Run *attempt* until it returns; it raises :class:`_Changed` when a write overlapped.
+
+    Optimistic: no lock, so readers never block writers (or each other). The first retry is
+    immediate (the overlapping write has committed by then), later ones back off. After
+    :data:`_OPTIMISTIC_TRIES` tries a writable store runs each further try inside its
+    exclusive section, which excludes the writers (they hold it for their whole
+    read-modify-write), so a steady stream of writes cannot starve the read. A read-only
+    store may be unable to take that lock (a read-only SQLite connection cannot begin a
+    write transaction), and inside a batch the section is a no-op, so those keep retrying
+    with backoff.
+    """
+    tries = 0
+    delay = 0.0005
+    while True:
+        tries += 1
+        if tries > _OPTIMISTIC_TRIES and not store._readonly and store._batch() is None:
+            with store._atomic():
+                try:
+                    return attempt()
+                except _Changed:
+                    pass  # only a writer that ignores the lock gets here
+        else:
+            try:
+                return attempt()
+            except _Changed:
+                pass
+        if tries > 1:
+            time.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
 
 
 def _check_ts(t: Any) -> int:
@@ -154,6 +242,12 @@ class Series(MutableMapping[int, Any]):
     value. Get one with :meth:`Store.series`. Thread-safe and (on backends shared between
     processes) multi-process safe like the store itself; a series of a read-only store
     raises :class:`~mappingstore.errors.ReadOnlyError` from every mutator.
+
+    Reads that return a list or a value (:meth:`range`, :meth:`missing`, ``series[t]``,
+    ``t in series``, ``len``, :meth:`first`, :meth:`last`) see one version of the series,
+    even while other threads or processes write. A lazy iteration (``iter``,
+    :meth:`items`) yields each point at most once, in ascending order, and never misses a
+    point present for the whole iteration (see the module docstring).
     """
 
     __slots__ = ("_cache", "_edge_key", "_freq", "_head_key", "_name", "_ns", "_store")
@@ -203,6 +297,7 @@ class Series(MutableMapping[int, Any]):
             if not (
                 isinstance(head, dict)
                 and type(head["n"]) is int
+                and type(head.get("v", 0)) is int  # no "v": written before versions existed
                 and all(len(c) == 3 and all(type(x) is int for x in c) for c in head["c"])
             ):
                 raise ValueError("bad structure")
@@ -212,12 +307,18 @@ class Series(MutableMapping[int, Any]):
         cached = self._cache = (data, head, [c[0] for c in head["c"]])
         return cached
 
-    def _head(self) -> tuple[list[list[int]], int]:
-        """The chunk directory (shared with the cache: never mutate it) and the next id."""
+    def _head(self) -> tuple[list[list[int]], int, int | None]:
+        """The chunk directory (shared with the cache: never mutate it), the next id and
+        the write version (None: no head, or one written before versions existed)."""
         entry = self._head_entry()
         if entry is None:
-            return [], 0
-        return entry[1]["c"], entry[1]["n"]
+            return [], 0, None
+        head = entry[1]
+        return head["c"], head["n"], head.get("v")
+
+    def _changed(self, raw: bytes) -> bool:
+        """True if the head record's bytes are no longer *raw* (a write committed since)."""
+        return self._store._rget(self._ns, self._head_key) != raw
 
     def _directory(self) -> tuple[list[list[int]], list[int]]:
         """The chunk directory and its chunk start timestamps (both shared with the cache:
@@ -280,14 +381,32 @@ class Series(MutableMapping[int, Any]):
             raise CorruptValueError(f"series {self._name!r}: damaged edge record") from exc
         return first, last
 
+    def _edge_point(self, cid: int, last: bool) -> list[Any]:
+        """The first (or last) ``[timestamp, value]`` of chunk *cid*, read from storage."""
+        ts, packed = self._chunk_raw(cid)
+        if not ts:
+            raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}")
+        j = len(ts) - 1 if last else 0
+        values = unpack_slice(packed, j, j + 1)
+        if len(values) != 1:
+            raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}")
+        return [ts[j], values[0]]
+
     def _head_ops(
         self,
+        old_chunks: list[list[int]],
+        version: int | None,
         chunks: list[list[int]],
         next_id: int,
         written: dict[int, Any],
     ) -> list[Op]:
-        """The new head and edge records; the first/last points come from a chunk written
-        now, or else from the old edge record (the edge chunk was not touched)."""
+        """The new head and edge records (*old_chunks* and *version*: the head before).
+
+        An edge point comes from the chunk written now if the new edge chunk was written;
+        else, if that chunk is the old edge chunk, untouched, from the old edge record;
+        else (a remove deleted the old edge chunk whole, and the next one is untouched) from
+        the new edge chunk itself.
+        """
         from ._store import Op
 
         if not chunks:
@@ -296,24 +415,29 @@ class Series(MutableMapping[int, Any]):
                 Op(self._ns, self._edge_key, None, None),
             ]
         first_cid, last_cid = chunks[0][1], chunks[-1][1]
-        old = None
-        if first_cid not in written or last_cid not in written:
-            old = self._edges()
-        first: Any = None
-        last: Any = None
+        keep_first = first_cid not in written and bool(old_chunks) and old_chunks[0][1] == first_cid
+        keep_last = last_cid not in written and bool(old_chunks) and old_chunks[-1][1] == last_cid
+        old = self._edges() if keep_first or keep_last else None
+        first: Any
+        last: Any
         if first_cid in written:
             ts, vs = written[first_cid]
             first = [ts[0], vs[0]]
-        elif old is not None:
+        elif keep_first and old is not None:
             first = old[0]
+        else:
+            first = self._edge_point(first_cid, last=False)
         if last_cid in written:
             ts, vs = written[last_cid]
             last = [ts[-1], vs[-1]]
-        elif old is not None:
+        elif keep_last and old is not None:
             last = old[1]
-        if first is None or last is None:  # pragma: no cover - would be a logic error
-            raise CorruptValueError(f"series {self._name!r}: cannot find its edge points")
-        head = {"c": chunks, "n": next_id}
+        else:
+            last = self._edge_point(last_cid, last=True)
+        # Every write changes the head's bytes (see "Consistent reads" in the module
+        # docstring): the version, not the directory, guarantees it (a value overwritten in
+        # place leaves the directory as it was).
+        head = {"c": chunks, "n": next_id, "v": next_version(version)}
         edges = {"f": first, "z": last}
         store = self._store
         return [
@@ -340,8 +464,14 @@ class Series(MutableMapping[int, Any]):
         """
         store = self._store
         store._check_writable()
+        try:
+            it = iter(points)
+        except TypeError as exc:
+            raise OptionTypeError(
+                f"points must be an iterable of (timestamp, value) pairs, got {points!r}"
+            ) from exc
         new: dict[int, Any] = {}
-        for point in points:
+        for point in it:
             try:
                 t, v = point
             except (TypeError, ValueError) as exc:
@@ -354,7 +484,7 @@ class Series(MutableMapping[int, Any]):
         # Values are serialised when their chunk is encoded, all before the one atomic
         # write: an unsupported value raises SerializationError and stores nothing.
         with store._atomic():
-            chunks, next_id = self._head()
+            chunks, next_id, version = self._head()
             written: dict[int, Any] = {}
             groups: dict[int, dict[int, Any]] = {}
             if chunks:
@@ -375,7 +505,7 @@ class Series(MutableMapping[int, Any]):
                 new_chunks.extend(pieces)
             if not chunks:
                 new_chunks, next_id = self._pieces(new, None, next_id, ops, written)
-            ops.extend(self._head_ops(new_chunks, next_id, written))
+            ops.extend(self._head_ops(chunks, version, new_chunks, next_id, written))
             store._rapply(ops)
 
     def _pieces(
@@ -424,7 +554,7 @@ class Series(MutableMapping[int, Any]):
             return 0
         removed = 0
         with store._atomic():
-            chunks, next_id = self._head()
+            chunks, next_id, version = self._head()
             written: dict[int, Any] = {}
             ops: list[Op] = []
             kept: list[list[int]] = []
@@ -452,30 +582,134 @@ class Series(MutableMapping[int, Any]):
                 else:
                     ops.append(self._delete_op(entry[1]))
             if removed:
-                ops.extend(self._head_ops(kept, next_id, written))
+                ops.extend(self._head_ops(chunks, version, kept, next_id, written))
                 store._rapply(ops)
         return removed
 
     # -- reads --------------------------------------------------------------------------
 
-    def _spans(
-        self, lo: int | None, hi: int | None
+    def _spans_of(
+        self,
+        entry: tuple[bytes, dict[str, Any], list[int]],
+        lo: int | None,
+        hi: int | None,
+        fetched: list[int],
     ) -> Iterator[tuple[int, list[int], bytes, int, int]]:
-        """``(chunk_id, timestamps, packed values, a, b)`` for each chunk holding points of
-        ``lo <= t <= hi``: its points ``a:b`` are the ones in range (values not decoded)."""
-        self._store._check_open()
-        chunks, starts = self._directory()
+        """``(chunk_id, timestamps, packed values, a, b)`` for each chunk of the head *entry*
+        holding points of ``lo <= t <= hi``: its points ``a:b`` are the ones in range (values
+        not decoded). Appends each chunk id it fetches to *fetched*. Not validated: see
+        :meth:`_read`."""
+        chunks, starts = entry[1]["c"], entry[2]
         # The first chunk that can hold lo is the last one starting at or before it.
         first = 0 if lo is None else max(bisect.bisect_right(starts, lo) - 1, 0)
         for i in range(first, len(chunks)):
-            entry = chunks[i]
-            if hi is not None and entry[0] > hi:
+            c = chunks[i]
+            if hi is not None and c[0] > hi:
                 return
-            ts, packed = self._chunk_raw(entry[1])
+            fetched.append(c[1])
+            ts, packed = self._chunk_raw(c[1])
             a = 0 if lo is None else bisect.bisect_left(ts, lo)
             b = len(ts) if hi is None else bisect.bisect_right(ts, hi)
             if a < b:
-                yield entry[1], ts, packed, a, b
+                yield c[1], ts, packed, a, b
+
+    def _read(
+        self,
+        lo: int | None,
+        hi: int | None,
+        consume: Callable[[Iterator[tuple[int, list[int], bytes, int, int]]], _T],
+    ) -> _T:
+        """``consume(spans of lo..hi)`` computed from one version of the series.
+
+        Reads the head, lets *consume* pull the chunks it needs, then reads the head's bytes
+        again: if a write committed meanwhile, the result may mix two versions, so it is
+        dropped and the whole read starts again (see :func:`consistent_read`). One extra
+        head read per call, and none when no chunk was read (the result then depends on the
+        head alone). An error while reading chunks (a chunk deleted by the write) counts as
+        damage only when the head did not change.
+        """
+        self._store._check_open()
+
+        def attempt() -> _T:
+            entry = self._head_entry()
+            if entry is None:
+                return consume(iter(()))
+            fetched: list[int] = []
+            try:
+                result = consume(self._spans_of(entry, lo, hi, fetched))
+            except CorruptValueError:
+                if self._changed(entry[0]):
+                    raise _Changed from None
+                raise
+            if fetched and self._changed(entry[0]):
+                raise _Changed
+            return result
+
+        return consistent_read(self._store, attempt)
+
+    def _walk(
+        self, lo: int | None, hi: int | None
+    ) -> Iterator[tuple[int, list[int], bytes, int, int]]:
+        """Like :meth:`_spans_of` for a lazy iteration, each chunk validated as it is read.
+
+        A lazy iteration cannot start again once it has yielded, so after each chunk read
+        it checks the head; if a write committed, it re-reads the directory and resumes
+        strictly after the last timestamp it yielded. Each point is yielded at most once, in
+        ascending order, and a point present for the whole iteration is never missed (it is
+        in every version, and every version's chunks after the resume point are walked).
+        One head read per chunk on top of the chunk read. No lock is held across a yield.
+        """
+        self._store._check_open()
+        # [head entry (None: read it again), index of the next chunk in its directory]
+        pos: list[Any] = [None, 0]
+
+        def step() -> tuple[int, list[int], bytes, int, int] | None:
+            entry = pos[0]
+            if entry is None:
+                entry = self._head_entry()
+                if entry is None:
+                    return None
+                pos[0] = entry
+                pos[1] = 0 if lo is None else max(bisect.bisect_right(entry[2], lo) - 1, 0)
+            chunks = entry[1]["c"]
+            i = pos[1]
+            span = None
+            fetched = False
+            # Chunks with nothing left in range (the one a resume lands in may hold only
+            # points already yielded) are passed over within the same try: so a try made
+            # under the lock always yields a point or ends the iteration.
+            while i < len(chunks) and (hi is None or chunks[i][0] <= hi):
+                cid = chunks[i][1]
+                fetched = True
+                try:
+                    ts, packed = self._chunk_raw(cid)
+                except CorruptValueError:
+                    if self._changed(entry[0]):
+                        pos[0] = None
+                        raise _Changed from None
+                    raise
+                i += 1
+                a = 0 if lo is None else bisect.bisect_left(ts, lo)
+                b = len(ts) if hi is None else bisect.bisect_right(ts, hi)
+                if a < b:
+                    span = cid, ts, packed, a, b
+                    break
+            # Ending with no chunk read is fine even on a stale head: a point present for
+            # the whole iteration is in it, so none lies beyond its last chunk.
+            if fetched and self._changed(entry[0]):
+                pos[0] = None
+                raise _Changed
+            pos[1] = i
+            return span
+
+        store = self._store
+        while True:
+            span = consistent_read(store, step)
+            if span is None:
+                return
+            yield span
+            # Resume strictly after the last point yielded, whatever version comes next.
+            lo = span[1][span[4] - 1] + 1
 
     def _decode_into(
         self, out: list[tuple[int, Any]], cid: int, ts: list[int], packed: bytes, a: int, b: int
@@ -497,36 +731,71 @@ class Series(MutableMapping[int, Any]):
 
     def _scan(self, lo: int | None, hi: int | None) -> Iterator[tuple[int, Any]]:
         # Decoded a chunk's slice at a time: the collector is never paused across a yield.
-        for cid, ts, packed, a, b in self._spans(lo, hi):
+        for cid, ts, packed, a, b in self._walk(lo, hi):
             points: list[tuple[int, Any]] = []
             self._decode_into(points, cid, ts, packed, a, b)
             yield from points
 
     def _points(self, lo: int | None, hi: int | None, n: int | None) -> list[tuple[int, Any]]:
         """The first *n* (``None``: all) points of ``lo <= t <= hi`` as one list."""
-        out: list[tuple[int, Any]] = []
-        for cid, ts, packed, a, b in self._spans(lo, hi):
-            if n is not None:
-                b = min(b, a + n - len(out))
-            self._decode_into(out, cid, ts, packed, a, b)
-            if n is not None and len(out) >= n:
-                break
-        return out
+
+        def consume(spans: Iterator[tuple[int, list[int], bytes, int, int]]) -> list[Any]:
+            out: list[tuple[int, Any]] = []
+            for cid, ts, packed, a, b in spans:
+                if n is not None:
+                    b = min(b, a + n - len(out))
+                self._decode_into(out, cid, ts, packed, a, b)
+                if n is not None and len(out) >= n:
+                    break
+            return out
+
+        return self._read(lo, hi, consume)
+
+    def _thinned(
+        self, lo: int | None, hi: int | None, n: int | None, step: int
+    ) -> list[tuple[int, Any]]:
+        """``range(lo, hi, n=n, freq=step)``: see :meth:`range`."""
+
+        def consume(spans: Iterator[tuple[int, list[int], bytes, int, int]]) -> list[Any]:
+            out: list[tuple[int, Any]] = []
+            last_kept: int | None = None
+            for cid, ts, packed, a, b in spans:
+                points: list[tuple[int, Any]] = []
+                self._decode_into(points, cid, ts, packed, a, b)
+                for t, v in points:
+                    if last_kept is not None and t < last_kept + step:
+                        continue
+                    out.append((t, v))
+                    last_kept = t
+                    if n is not None and len(out) >= n:
+                        return out
+            return out
+
+        return self._read(lo, hi, consume)
 
     def __getitem__(self, t: int) -> Any:
         t = _check_ts(t)
-        for _, v in self._scan(t, t):
-            return v
-        raise MissingKeyError(t)
+
+        def consume(spans: Iterator[tuple[int, list[int], bytes, int, int]]) -> list[Any]:
+            out: list[tuple[int, Any]] = []
+            for cid, ts, packed, a, b in spans:
+                self._decode_into(out, cid, ts, packed, a, b)
+                break
+            return out
+
+        found = self._read(t, t, consume)
+        if not found:
+            raise MissingKeyError(t)
+        return found[0][1]
 
     def __contains__(self, t: object) -> bool:
         if isinstance(t, bool) or not isinstance(t, int):
             return False
         # Timestamps only: the chunk's values are not decoded (nor in __iter__, missing).
-        return any(True for _ in self._spans(t, t))
+        return self._read(t, t, lambda spans: any(True for _ in spans))
 
     def __iter__(self) -> Iterator[int]:
-        for _, ts, _, a, b in self._spans(None, None):
+        for _, ts, _, a, b in self._walk(None, None):
             yield from ts[a:b]
 
     def __len__(self) -> int:
@@ -572,16 +841,7 @@ class Series(MutableMapping[int, Any]):
             return []
         if step is None:
             return self._points(lo, hi, n)
-        out: list[tuple[int, Any]] = []
-        last_kept: int | None = None
-        for t, v in self._scan(lo, hi):
-            if last_kept is not None and t < last_kept + step:
-                continue
-            out.append((t, v))
-            last_kept = t
-            if n is not None and len(out) >= n:
-                break
-        return out
+        return self._thinned(lo, hi, n, step)
 
     def missing(self, start: int, end: int | None = None, *, freq: int | None = None) -> list[int]:
         """Grid timestamps ``start, start+freq, ...`` up to and including *end* that have no
@@ -599,7 +859,7 @@ class Series(MutableMapping[int, Any]):
         step = _check_freq(step)
         if lo > hi:
             return []
-        present = {t for _, ts, _, a, b in self._spans(lo, hi) for t in ts[a:b]}
+        present = self._read(lo, hi, lambda spans: {t for _, ts, _, a, b in spans for t in ts[a:b]})
         return [t for t in range(lo, hi + 1, step) if t not in present]
 
     def iscomplete(self, start: int, end: int | None = None, *, freq: int | None = None) -> bool:
