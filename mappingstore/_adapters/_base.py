@@ -10,28 +10,105 @@ and vice versa, and key-mapping adapters (:class:`~mappingstore.Prefixed`) compo
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from .._keys import internal_ns
+from .._series import Series
 from .._store import Store
 from ..errors import InvalidOptionError, OptionTypeError, PasswordRequiredError
 
-__all__ = ["META_NS", "Adapter", "add_query"]
+__all__ = ["META_NS", "Adapter", "add_query", "query_option"]
 
 #: The raw namespace of a store's own metadata (salt, wrapped data key, store id). An
 #: adapter never caches, replicates, shards or prefixes it: it belongs to one store.
 META_NS = internal_ns("meta")
 
 
-def add_query(url: str, **params: str) -> str:
-    """*url* with extra ``?name=value`` query options (for an adapter's ``url``)."""
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _query_parts(url: str) -> tuple[str, list[str], str]:
+    """``(head, query items, "#fragment")`` of *url*, split as ``open()`` splits it."""
+    head, qmark, rest = url.partition("?")
+    if qmark:
+        query, hsh, frag = rest.partition("#")
+    else:
+        head, hsh, frag = url.partition("#")
+        query = ""
+    return head, [part for part in query.split("&") if part], hsh + frag
+
+
+def _option_name(part: str) -> str:
+    from urllib.parse import unquote_plus
+
+    return unquote_plus(part.partition("=")[0])
+
+
+def query_option(url: str, name: str) -> str | None:
+    """The value of the query option *name* of *url* (the last one), or ``None``."""
+    from urllib.parse import unquote_plus
+
+    found = None
+    for part in _query_parts(url)[1]:
+        if _option_name(part) == name:
+            found = unquote_plus(part.partition("=")[2])
+    return found
+
+
+def add_query(url: str, **params: str | None) -> str:
+    """*url* with the query options *params* set (for an adapter's ``url``).
+
+    An option *url* already has is replaced, not repeated (``open()`` refuses an option
+    given twice, so a nested adapter's URL must carry each option once); ``None`` removes
+    it.
+    """
     from urllib.parse import quote
 
-    extra = "&".join(f"{name}={quote(value, safe='')}" for name, value in params.items())
-    base, hsh, frag = url.partition("#")
-    joined = f"{base}{'&' if '?' in base else '?'}{extra}"
-    return joined + hsh + frag
+    if _URL_START.match(url) is None:
+        # Not a URL open() takes (Tiered/Sharded show "tiered:[url, url]"): only append.
+        extra = "&".join(f"{n}={quote(v, safe='')}" for n, v in params.items() if v is not None)
+        return f"{url}{'&' if '?' in url else '?'}{extra}"
+    head, parts, tail = _query_parts(url)
+    kept = [part for part in parts if _option_name(part) not in params]
+    kept += [
+        f"{name}={quote(value, safe='')}" for name, value in params.items() if value is not None
+    ]
+    return head + ("?" + "&".join(kept) if kept else "") + tail
+
+
+class _ReadOnlySeries(Series):
+    """A series of a read-only adapter.
+
+    The mutators :class:`Series` inherits from ``MutableMapping`` write only when there
+    is something to change: ``clear()`` of an empty series, ``update({})``,
+    ``pop(t, default)`` of a missing point or ``setdefault`` of a present one returned
+    without ever asking the store, so they "succeeded" on a read-only store. Here they
+    refuse first, as every mutator of :class:`Store` does.
+    """
+
+    __slots__ = ()
+
+    def clear(self) -> None:
+        self._store._check_writable()
+        super().clear()
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        self._store._check_writable()
+        super().update(other, **kwargs)
+
+    def pop(self, t: int, *default: Any) -> Any:
+        self._store._check_writable()
+        return super().pop(t, *default)
+
+    def popitem(self) -> tuple[int, Any]:
+        self._store._check_writable()
+        return super().popitem()
+
+    def setdefault(self, t: int, default: Any = None) -> Any:
+        self._store._check_writable()
+        return super().setdefault(t, default)
 
 
 class Adapter(Store):
@@ -129,6 +206,30 @@ class Adapter(Store):
     def stores(self) -> tuple[Store, ...]:
         """The wrapped stores, in the order given."""
         return self._inners
+
+    # -- what info() reports: the wrapped store's, not the Store class defaults ----------
+
+    @property
+    def durability(self) -> str:  # type: ignore[override]
+        """The wrapped store's durability (``Tiered`` and ``Sharded`` combine theirs).
+
+        An instance property, not a class attribute: it depends on what is wrapped.
+        """
+        return self._primary.durability
+
+    @property
+    def shared_across_processes(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped store is shared between processes (see ``durability``)."""
+        return self._primary.shared_across_processes
+
+    # -- time series: every mutator of a read-only adapter's series refuses ------------
+
+    def series(self, name: str, *, freq: int | None = None) -> Series:
+        """docstring inherited"""
+        if not self._readonly:
+            return super().series(name, freq=freq)
+        self._check_open()
+        return _ReadOnlySeries(self, name, freq)
 
     # -- codec: the primary store encodes (it holds the data key) -----------------------
 

@@ -113,10 +113,14 @@ class Cached(Adapter):
 
     @property
     def url(self) -> str:
-        params = {"cache": str(self._maxsize)}
-        if self._trust is not None:
-            params["cache_ttl"] = repr(self._trust)
-        return add_query(self._inner.url, **params)
+        """The wrapped store's URL with ``cache=`` (and ``cache_ttl=``).
+
+        A URL holds one cache: for a ``Cached`` over another ``Cached`` (directly or
+        through other adapters) it is this, the outer cache's options, which replace the
+        inner one's. The URL opens one cache instead of two, over the same data.
+        """
+        ttl = None if self._trust is None else repr(self._trust)
+        return add_query(self._inner.url, cache=str(self._maxsize), cache_ttl=ttl)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""

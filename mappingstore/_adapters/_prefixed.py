@@ -7,9 +7,9 @@ from typing import IO, Any, ClassVar
 
 from .._blobs import BlobReader, Blobs
 from .._keys import check_key
-from .._store import Op, Record, Store
-from ..errors import MissingKeyError, OptionTypeError
-from ._base import META_NS, Adapter, add_query
+from .._store import KEEP, Op, Record, Store
+from ..errors import MissingKeyError, NameConflictError, OptionTypeError
+from ._base import META_NS, Adapter, add_query, query_option
 
 __all__ = ["Prefixed"]
 
@@ -74,6 +74,14 @@ class Prefixed(Adapter):
     store's own form (a directory store's file), and ``blob_names`` lists only those
     inside the prefix. ``purge_blobs`` cleans the whole wrapped namespace.
 
+    **Dot names.** Over a dot-names store, a write through the adapter is refused with
+    :class:`~mappingstore.errors.NameConflictError` when a name the prefix passes
+    through is a leaf of the wrapped store (``Prefixed(db, "app.")["x"] = 1`` while
+    ``db["app"]`` holds a value), exactly as ``db["app.x"] = 1`` is: a name is never both
+    a leaf and a branch. That costs one read of the wrapped store per dot in the prefix
+    per write (none without dot names or without a dot in the prefix). Inside a batch
+    the check runs when the batch commits, and a refused batch writes nothing.
+
     Costs: ``len`` counts by scanning the prefix range (one streaming query); ``clear``
     deletes the range in one atomic write. ``purge_expired`` purges the whole wrapped
     namespace (expired records are invisible anyway). Thread-safe and shared between
@@ -87,6 +95,12 @@ class Prefixed(Adapter):
             raise OptionTypeError(f"prefix must be str, not {type(prefix).__qualname__}")
         self._prefix = check_key(prefix)
         super().__init__([store], store, close_inner=close_inner)
+        # Under dot names, the wrapped store's names the prefix passes through ("app" for
+        # "app.", "a" and "a.b" for "a.b.c"): outside our key range, so the dot-name
+        # checks made through this adapter cannot see them; each must not be a leaf.
+        self._parents = (
+            tuple(prefix[:i] for i, ch in enumerate(prefix) if ch == "." and i) if self._dot else ()
+        )
 
     @property
     def prefix(self) -> str:
@@ -95,7 +109,16 @@ class Prefixed(Adapter):
 
     @property
     def url(self) -> str:
-        return add_query(self._inner.url, key_prefix=self._prefix)
+        """The wrapped store's URL with ``key_prefix=``.
+
+        Over another ``Prefixed`` (directly or through ``Cached``/``ReadOnly``) the
+        prefixes are joined into one, which stores the same keys:
+        ``Prefixed(Prefixed(s, "a:"), "b:")`` and ``Prefixed(s, "a:b:")`` both store
+        ``"a:b:k"``.
+        """
+        inner = self._inner.url
+        outer = query_option(inner, "key_prefix") or ""
+        return add_query(inner, key_prefix=outer + self._prefix)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -139,7 +162,25 @@ class Prefixed(Adapter):
     def _contains(self, ns: str, key: str) -> bool:
         return self._inner._contains(ns, self._full(ns, key))
 
+    def _conflict(self, ns: str, keys: Iterable[str]) -> NameConflictError | None:
+        """The error for writing leaves *keys* of *ns* when a name the prefix passes
+        through is a leaf of the wrapped store (dot names only), else ``None``."""
+        if ns != self._ns:  # dot names are about the store's own keys, not its series
+            return None
+        for parent in self._parents:
+            if self._inner._contains(ns, parent):
+                key = next(iter(keys))
+                return NameConflictError(
+                    f"cannot set {key!r} (stored as {self._prefix + key!r}): "
+                    f"{parent!r} is a leaf of the wrapped store, not a branch"
+                )
+        return None
+
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
+        if self._parents:
+            error = self._conflict(ns, [key])
+            if error is not None:
+                raise error
         self._inner._put(ns, self._full(ns, key), data, expires)
 
     def _delete(self, ns: str, key: str) -> bool:
@@ -169,9 +210,26 @@ class Prefixed(Adapter):
         return self._inner._get_many(ns, [self._full(ns, k) for k in keys])
 
     def _apply(self, ops: Sequence[Op]) -> None:
+        if self._parents:
+            written = [op.key for op in ops if op.data is not None and op.ns == self._ns]
+            error = self._conflict(self._ns, written) if written else None
+            if error is not None:
+                raise error
         self._inner._apply([op._replace(key=self._full(op.ns, op.key)) for op in ops])
 
     def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
+        error = self._conflict(ns, [key]) if self._parents else None
+        if error is not None:
+            # Read before the update (a backend may run fn inside its own transaction),
+            # refused only if fn writes: pop() and deletes stay possible.
+            inner_fn = fn
+
+            def fn(rec: Record | None) -> Any:
+                new = inner_fn(rec)
+                if new is not KEEP and new is not None:
+                    raise error
+                return new
+
         self._inner._update(ns, self._full(ns, key), fn)
 
     def _clear(self, ns: str) -> None:

@@ -37,6 +37,7 @@ class ReadOnly(Adapter):
 
     @property
     def url(self) -> str:
+        # add_query replaces a readonly= the wrapped URL has (a ReadOnly of a ReadOnly).
         return add_query(self._inner.url, readonly="true")
 
     def __repr__(self) -> str:

@@ -98,6 +98,23 @@ class Sharded(Adapter):
         state = " closed" if self._closed else ""
         return f"<Sharded{state} [{self._inner_reprs()}]>"
 
+    @property
+    def durability(self) -> str:  # type: ignore[override]
+        """Each shard's own (named per shard when they differ)."""
+        kinds = [s.durability for s in self._shards]
+        if len(set(kinds)) == 1:
+            text = "each shard's: " + kinds[0]
+        else:
+            text = "per shard: " + " | ".join(
+                f"{name!r}: {kind}" for name, kind in zip(self._names, kinds, strict=True)
+            )
+        return text + " (a write spanning several shards commits shard by shard)"
+
+    @property
+    def shared_across_processes(self) -> bool:  # type: ignore[override]
+        """True when every shard is (placement is the same in every process)."""
+        return all(s.shared_across_processes for s in self._shards)
+
     # -- placement ----------------------------------------------------------------------
 
     def _rendezvous(self, data: bytes) -> int:

@@ -23,11 +23,20 @@ class Tiered(Adapter):
     * **Reads** try each tier in order. A hit in a slower tier is copied, as the raw
       record with its expiry, into every faster tier (promotion); a miss everywhere
       raises a plain ``KeyError`` (:class:`~mappingstore.errors.MissingKeyError`).
+      Promotion is best-effort: if a faster tier cannot take the copy (it is full, its
+      server is gone...), the read still returns the record, the failure is logged as
+      a warning, and that tier's copy of the key is deleted, so it holds either the
+      current record or none. An error *reading* a tier is raised.
     * **Writes** (set, delete, ``modify``, batches) go to every tier in an order that a
       crash cannot turn into a wrong read: the key is first removed from the faster
       tiers, then written to the slowest tier, then to the faster tiers from slow to
       fast. Deletes go from the fastest tier to the slowest. A crash in between leaves
       at worst a faster tier *without* the key, and the next read promotes it again.
+      An error before the slowest tier is written is raised, and no value changed (a
+      faster tier may have lost its copy, which changes no read). Once the slowest
+      tier holds the new value, the write has happened: a faster tier that then fails
+      to take it is logged as a warning and has its copy of the key deleted (a fast tier
+      never keeps the old value), and the write returns normally.
     * ``modify``, ``pop`` and ``setdefault`` run atomically on the slowest tier (across
       processes if that backend is shared), then update the faster tiers.
     * **Listing**, ``len``, ``items()`` and ``namespaces()`` come from the slowest tier;
@@ -37,8 +46,8 @@ class Tiered(Adapter):
     its format (with encryption, open the tiers with the same password and always read
     them through this adapter). The store's metadata stays in each tier.
 
-    Thread-safe: writes of one key through this object are serialised (striped
-    locks), and a promotion never copies a record over a newer write or delete.
+    Thread-safe: writes and promotions of one key through this object are serialised
+    (striped locks), and a promotion never copies a record over a newer write or delete.
     Processes: a faster tier only learns about writes made through a ``Tiered`` over
     it. If another process writes the slowest tier directly, or through its own
     private fast tier, this process's private fast tier keeps serving its old copy
@@ -76,6 +85,19 @@ class Tiered(Adapter):
         state = " closed" if self._closed else ""
         return f"<Tiered{state} [{self._inner_reprs()}]>"
 
+    @property
+    def durability(self) -> str:  # type: ignore[override]
+        """The slowest tier's: every write reaches it before any faster tier, and the
+        faster tiers only hold copies of what it holds."""
+        return "the slowest tier's (written before the faster tiers): " + self._slow.durability
+
+    @property
+    def shared_across_processes(self) -> bool:  # type: ignore[override]
+        """False with faster tiers: another process's writes never reach this process's
+        private fast tier, and writes through a shared one are not serialised (see the
+        class docstring). A single tier: that store's answer."""
+        return not self._fast and self._slow.shared_across_processes
+
     # -- write serialisation and promotion guard ---------------------------------------
 
     @contextlib.contextmanager
@@ -102,8 +124,54 @@ class Tiered(Adapter):
                 return KEEP
             return rec
 
-        for tier in reversed(self._fast[:upto]):
-            tier._update(ns, key, fill)
+        # Under the key's write lock: with the generation alone, a read that saw the old
+        # record could fill it in between a write's slowest-tier and fast-tier steps, and
+        # if that fast step then failed the old copy would stay. Never waited for: a
+        # read may run inside a write's atomic section (a modify function reading another
+        # key), where waiting could deadlock; and a copy is only an optimisation.
+        lock = self._key_locks[hash((ns, key)) % _LOCKS]
+        if not lock.acquire(blocking=False):
+            return  # a write of this lock stripe is under way: skip the copy
+        try:
+            if self._gens[stripe] != gen:  # a write came in meanwhile: its copy is newer
+                return
+            for tier in reversed(self._fast[:upto]):
+                try:
+                    tier._update(ns, key, fill)
+                except Exception as exc:  # best-effort: the read has its record already
+                    self._fast_failed(tier, [(ns, key)], "copy a record into", exc)
+        finally:
+            lock.release()
+
+    def _fast_failed(
+        self, tier: Store, keys: Iterable[tuple[str, str]], what: str, exc: Exception
+    ) -> None:
+        """A faster *tier* could not take a record (the slowest tier has it): log it and
+        delete that tier's copy of *keys*, whatever state the failure left it in.
+
+        Called under the keys' write locks, so no write of these keys through this
+        adapter is under way: deleting can only turn a copy into a miss, never lose data.
+        """
+        self._log.warning(
+            "%r: could not %s the faster tier %r (%s: %s); its copy is dropped",
+            self,
+            what,
+            tier,
+            type(exc).__name__,
+            exc,
+        )
+        try:
+            tier._apply([Op(ns, key, None, None) for ns, key in dict.fromkeys(keys)])
+        except Exception as drop_exc:
+            # Nothing more to do: under the write locks, the tier can only hold the
+            # current record or none (the write dropped the old one first).
+            self._log.error(
+                "%r: could not drop the copy in the faster tier %r either (%s: %s)",
+                self,
+                tier,
+                type(drop_exc).__name__,
+                drop_exc,
+            )
 
     # -- reads (docstrings inherited) ---------------------------------------------------
 
@@ -194,8 +262,12 @@ class Tiered(Adapter):
                 for tier in self._fast:  # no fast tier may keep an old value if we crash
                     tier._apply(drop)
                 self._slow._apply(ops)
+                # From here on the write has happened: a fast tier's failure is not ours.
                 for tier in reversed(self._fast):
-                    tier._apply(ops)
+                    try:
+                        tier._apply(ops)
+                    except Exception as exc:
+                        self._fast_failed(tier, keys, "write", exc)
             finally:
                 self._bump(keys)
 
@@ -222,7 +294,10 @@ class Tiered(Adapter):
                     result = current if new is KEEP else new
                     if result is not None:
                         for tier in reversed(self._fast):
-                            tier._put(ns, key, result[0], result[1])
+                            try:
+                                tier._put(ns, key, result[0], result[1])
+                            except Exception as exc:  # the slowest tier has it: done
+                                self._fast_failed(tier, [(ns, key)], "write", exc)
             finally:
                 self._bump([(ns, key)])
 
