@@ -64,7 +64,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._codec import pack, unpack_slice
@@ -531,6 +531,36 @@ class Series(MutableMapping[int, Any]):
 
     def __setitem__(self, t: int, value: Any) -> None:
         self.extend([(t, value)])
+
+    # The mutators MutableMapping provides write only when there is something to change:
+    # clear() of an empty series, update({}), pop(t, default) of a missing point or
+    # setdefault() of a present one returned without asking the store, so they
+    # "succeeded" on a read-only store. They refuse first, as every mutator of Store does.
+
+    def clear(self) -> None:
+        """Delete every point (one atomic write, as :meth:`remove` with no bounds)."""
+        self._store._check_writable()
+        self.remove()
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like ``dict.update``: one atomic :meth:`extend` of every point."""
+        self._store._check_writable()
+        if kwargs:  # keywords are str keys: never timestamps
+            raise KeyTypeError("timestamps must be int, not str")
+        points = other.items() if isinstance(other, Mapping) else other
+        self.extend(points)
+
+    def pop(self, t: int, *default: Any) -> Any:
+        self._store._check_writable()
+        return super().pop(t, *default)
+
+    def popitem(self) -> tuple[int, Any]:
+        self._store._check_writable()
+        return super().popitem()
+
+    def setdefault(self, t: int, default: Any = None) -> Any:
+        self._store._check_writable()
+        return super().setdefault(t, default)
 
     def __delitem__(self, t: int) -> None:
         t = _check_ts(t)

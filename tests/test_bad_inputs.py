@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,38 @@ def test_only_a_pair_tuple_is_in_items() -> None:
     dotted["v.a"] = 1
     items = dotted["v"].items()
     assert ("a", 1) in items and ["a", 1] not in items and 5 not in items
+
+
+def test_every_series_mutator_of_a_read_only_store_refuses_even_with_nothing_to_do() -> None:
+    # clear() of an empty series, update({}), pop(t, default) of a missing point and
+    # setdefault() of a present one returned without error on a read-only store.
+    from mappingstore.errors import ReadOnlyError
+
+    writer = mappingstore.open("memory://ro-series")
+    writer.series("s")[1] = "a"
+    reader = mappingstore.open("memory://ro-series", readonly=True)
+    for name in ("s", "empty"):
+        series = reader.series(name)
+        calls = [
+            series.clear,
+            partial(series.update, {}),
+            partial(series.pop, 5, None),
+            series.popitem,
+            partial(series.setdefault, 1, "x"),
+        ]
+        for call in calls:
+            with pytest.raises(ReadOnlyError):
+                call()
+    assert list(writer.series("s").items()) == [(1, "a")]
+
+
+def test_series_update_and_clear_are_one_atomic_write_each() -> None:
+    store = MemoryStore()
+    series = store.series("s")
+    series.update({2: "b", 1: "a"})
+    series.update([(3, "c")])
+    with pytest.raises(SerializationError):
+        series.update({4: "d", 5: object()})
+    assert list(series.items()) == [(1, "a"), (2, "b"), (3, "c")]
+    series.clear()
+    assert len(series) == 0 and store.series_names() == []

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from .._keys import internal_ns
-from .._series import Series
 from .._store import Store
 from ..errors import InvalidOptionError, OptionTypeError, PasswordRequiredError
 
@@ -76,39 +75,6 @@ def add_query(url: str, **params: str | None) -> str:
         f"{name}={quote(value, safe='')}" for name, value in params.items() if value is not None
     ]
     return head + ("?" + "&".join(kept) if kept else "") + tail
-
-
-class _ReadOnlySeries(Series):
-    """A series of a read-only adapter.
-
-    The mutators :class:`Series` inherits from ``MutableMapping`` write only when there
-    is something to change: ``clear()`` of an empty series, ``update({})``,
-    ``pop(t, default)`` of a missing point or ``setdefault`` of a present one returned
-    without ever asking the store, so they "succeeded" on a read-only store. Here they
-    refuse first, as every mutator of :class:`Store` does.
-    """
-
-    __slots__ = ()
-
-    def clear(self) -> None:
-        self._store._check_writable()
-        super().clear()
-
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        self._store._check_writable()
-        super().update(other, **kwargs)
-
-    def pop(self, t: int, *default: Any) -> Any:
-        self._store._check_writable()
-        return super().pop(t, *default)
-
-    def popitem(self) -> tuple[int, Any]:
-        self._store._check_writable()
-        return super().popitem()
-
-    def setdefault(self, t: int, default: Any = None) -> Any:
-        self._store._check_writable()
-        return super().setdefault(t, default)
 
 
 class Adapter(Store):
@@ -223,13 +189,6 @@ class Adapter(Store):
         return self._primary.shared_across_processes
 
     # -- time series: every mutator of a read-only adapter's series refuses ------------
-
-    def series(self, name: str, *, freq: int | None = None) -> Series:
-        """docstring inherited"""
-        if not self._readonly:
-            return super().series(name, freq=freq)
-        self._check_open()
-        return _ReadOnlySeries(self, name, freq)
 
     # -- codec: the primary store encodes (it holds the data key) -----------------------
 
