@@ -221,3 +221,20 @@ def test_series_update_and_clear_are_one_atomic_write_each() -> None:
     assert list(series.items()) == [(1, "a"), (2, "b"), (3, "c")]
     series.clear()
     assert len(series) == 0 and store.series_names() == []
+
+
+def test_async_bulk_methods_refuse_what_is_not_iterable() -> None:
+    import asyncio
+
+    from mappingstore import aio
+
+    async def main() -> None:
+        store = await aio.open("memory://")
+        await store.set("a", 1)
+        for call in (store.get_many, store.delete_many, store.set_many, store.update):
+            with pytest.raises(OptionTypeError):
+                await call(5)
+        assert await store.to_dict() == {"a": 1}
+        await store.close()
+
+    asyncio.run(main())

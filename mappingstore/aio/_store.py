@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .._keys import MISSING, check_key
-from .._store import Op, Store, _require_str
+from .._store import Op, Store, _iterable, _require_str
 from ..errors import MissingKeyError, OptionTypeError, StoreClosedError
 
 if TYPE_CHECKING:
@@ -438,10 +438,10 @@ class AsyncStore:
         """Values of the *keys* that exist, in one round trip."""
         native = self._native_call()
         if native is None:
-            return await self._run(self._store.get_many, list(keys))
+            return await self._run(self._store.get_many, list(_iterable(keys, "get_many()")))
         store = self._store
         ns = store._ns
-        checked = [check_key(k) for k in keys]
+        checked = [check_key(k) for k in _iterable(keys, "get_many()")]
         datas = await self._native_run(lambda: native.get_many(ns, checked))
         return store._decode_many(ns, checked, datas)
 
@@ -453,7 +453,7 @@ class AsyncStore:
         encrypt: bool | None = None,
     ) -> None:
         """Store many items atomically."""
-        pairs = dict(items) if isinstance(items, Mapping) else list(items)
+        pairs = dict(items) if isinstance(items, Mapping) else list(_iterable(items, "set_many()"))
         native = self._native_call()
         if native is None or not self._can_capture(encrypt):
             await self._run(self._store.set_many, pairs, ttl=ttl, encrypt=encrypt)
@@ -485,11 +485,11 @@ class AsyncStore:
         """Delete the *keys* that exist, atomically; return how many existed."""
         native = self._native_call()
         if native is None:
-            return await self._run(self._store.delete_many, list(keys))
+            return await self._run(self._store.delete_many, list(_iterable(keys, "delete_many()")))
         store = self._store
         store._check_writable()
         ns = store._ns
-        checked = list(dict.fromkeys(check_key(k) for k in keys))
+        checked = list(dict.fromkeys(check_key(k) for k in _iterable(keys, "delete_many()")))
         return await self._native_run(lambda: native.delete_many(ns, checked))
 
     async def pop(self, key: str, default: Any = MISSING) -> Any:
