@@ -120,7 +120,10 @@ _OPTION_ERROR = re.compile(
     r'invalid integer value "[^"]*" for connection option|\binvalid \w+ value: "'
     r"|invalid port number|could not match \d+ (host names|port numbers)"
     r"|invalid SSL protocol version range|\bmay not be used with\b"
-    r"|FATAL:\s+invalid value for parameter"
+    r"|FATAL:\s+invalid value for parameter|FATAL:\s+unrecognized configuration parameter"
+    r"|\bis outside the valid range for parameter"
+    r"|FATAL:\s+parameter \S+ cannot be changed|FATAL:\s+permission denied to set parameter"
+    r"|FATAL:\s+-c \S* requires a value|FATAL:\s+invalid command-line argument"
 )
 
 
@@ -527,7 +530,7 @@ class PostgresStore(Store):
         """The store's URL, without the password; checks the conninfo and the libpq
         settings first (no I/O), so that a bad one is an ``InvalidOptionError`` and not a
         connection failure, and no part of a password can reach the URL."""
-        if re.match(r"(?i)postgres(ql)?://", self._conninfo):
+        if self._owns_pool and re.match(r"(?i)postgres(ql)?://", self._conninfo):
             # A URL given as conninfo: the same checks as from_url's (an unescaped "/",
             # "?" or "#" in the password would make libpq read part of it as the port).
             check_userinfo(self._conninfo)
@@ -553,9 +556,14 @@ class PostgresStore(Store):
                     f"{name} must be one of {', '.join(choices)}; got {value!r}"
                 )
         user = params.get("user")
-        host = str(params.get("host") or "")
-        port = params.get("port")
-        netloc = (f"{user}@" if user else "") + host + (f":{port}" if port else "")
+        hosts = str(params.get("host") or "").split(",")
+        ports = str(params.get("port") or "").split(",")
+        if len(ports) == 1:  # one port for every host
+            ports *= len(hosts)
+        # Each host with its own port (libpq pairs them by position): h1:p1,h2:p2.
+        netloc = (f"{user}@" if user else "") + ",".join(
+            h + (f":{p}" if p else "") for h, p in zip(hosts, ports, strict=False)
+        )
         query = f"?table={self._table}" + (f"&schema={self._schema}" if self._schema else "")
         return f"postgresql://{netloc}/{params.get('dbname') or ''}{query}"
 

@@ -240,6 +240,10 @@ class RedisStore(Store):
         **options: Any,
     ) -> None:
         redis_opts = {k: options.pop(k) for k in list(options) if k in URL_OPTIONS}
+        # A keyword given as None means "not given" (the URL's value, else the default),
+        # as for every store option; it never reaches redis-py (socket_timeout=None would
+        # mean "wait forever").
+        redis_opts = {k: v for k, v in redis_opts.items() if v is not None}
         # Checked here, before anything is opened: the same checks as the URL's values.
         check_options(redis_opts)
         retries = redis_opts.pop("retries", None)

@@ -85,12 +85,18 @@ _CLIENT_NAME = re.compile(r"[!-~]*")
 def _seconds(name: str, value: Any, *, zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionTypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero) or value > _MAX_SECONDS:
         least = ">= 0" if zero else "> 0"
         raise InvalidOptionError(
-            f"{name} must be a finite number of seconds {least}, got {value!r}"
+            f"{name} must be a number of seconds {least} and at most {_MAX_SECONDS:,}, "
+            f"got {value!r}"
         )
     return float(value)
+
+
+#: The longest timeout a socket takes (about 31 years; the kernel's limit is near 9.2e9 s,
+#: past which Python raises OverflowError).
+_MAX_SECONDS = 10**9
 
 
 def _count(name: str, value: Any, least: int) -> int:
@@ -102,8 +108,12 @@ def _count(name: str, value: Any, least: int) -> int:
 
 
 def check_db(value: Any) -> int:
-    """A database number (``db``): an int >= 0 (the server may have fewer)."""
-    return _count("db", value, 0)
+    """A database number (``db``): an int from 0 to 2**31 - 1, the server's range (it
+    may have fewer)."""
+    db = _count("db", value, 0)
+    if db >= 2**31:
+        raise InvalidOptionError(f"db must be below 2**31, got {db}")
+    return db
 
 
 def check_options(opts: dict[str, Any]) -> None:

@@ -256,7 +256,8 @@ BAD_VALUES: list[tuple[str, Any, type[Exception]]] = [
     ("socket_timeout", float("nan"), InvalidOptionError),
     ("socket_timeout", float("inf"), InvalidOptionError),
     ("socket_timeout", "abc", OptionTypeError),
-    ("socket_timeout", None, OptionTypeError),
+    ("socket_timeout", 1e10, InvalidOptionError),  # beyond a socket's limit: OverflowError
+    ("socket_connect_timeout", 1e10, InvalidOptionError),
     ("socket_connect_timeout", -1, InvalidOptionError),
     ("socket_connect_timeout", float("nan"), InvalidOptionError),
     ("health_check_interval", -1, InvalidOptionError),
@@ -269,6 +270,7 @@ BAD_VALUES: list[tuple[str, Any, type[Exception]]] = [
     ("client_name", "two words", InvalidOptionError),
     ("client_name", 7, OptionTypeError),
     ("db", -1, InvalidOptionError),
+    ("db", 2**31, InvalidOptionError),  # beyond the server's range: a late BackendError
 ]
 
 
@@ -351,6 +353,10 @@ def test_postgres_bad_port(port: str, table: str, admin: Any) -> None:
         "channel_binding=bogus",
         "keepalives=abc",
         "options='-c TimeZone=xyzzy'",  # refused by the server at connection
+        "options='-c no_such_param=1'",
+        "options='-c work_mem=1'",  # outside the valid range
+        "options='-c shared_buffers=1'",  # cannot be changed without a restart
+        "options='-c'",
     ],
 )
 def test_postgres_settings_libpq_refuses(setting: str, table: str, admin: Any) -> None:
@@ -479,3 +485,33 @@ def test_postgres_namespaces_skip_namespaces_with_only_expired_records(table: st
     finally:
         for close in opened:
             close()
+
+
+@pytest.mark.parametrize("name", ["retries", "socket_timeout", "max_connections", "client_name"])
+def test_redis_keyword_none_means_not_given(name: str, prefix: str) -> None:
+    # None used to be refused (OptionTypeError) after the option checks came in; before
+    # them it meant "not given", as for every store option.
+    with RedisStore(REDIS_URL, prefix=prefix, **{name: None}) as store:
+        store["a"] = 1
+        assert store["a"] == 1
+        store.clear()
+
+
+def test_postgres_ready_pool_with_an_at_sign_in_a_query_value(table: str, admin: Any) -> None:
+    from psycopg_pool import ConnectionPool
+
+    url = f"postgresql://{PG_USER}@{PG_HOSTPORT}/{PG_DB}?application_name=ops@host"
+    pool = ConnectionPool(url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=True)
+    with pool, PostgresStore(pool, table=table) as store:
+        store["a"] = 1
+        assert store["a"] == 1
+
+
+def test_postgres_multi_host_url_pairs_each_host_with_its_port(table: str) -> None:
+    # store.url joined all hosts, then all ports ("h1,h2:p1,p2"), which libpq reads wrong.
+    url = f"postgresql://{PG_USER}@127.0.0.1:1,{PG_HOSTPORT}/{PG_DB}"
+    with PostgresStore(url, table=table) as store:
+        assert f"@127.0.0.1:1,{PG_HOSTPORT}/" in store.url
+        with mappingstore.open(store.url) as again:
+            again["k"] = 1
+            assert store["k"] == 1
