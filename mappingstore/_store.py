@@ -111,11 +111,35 @@ class Op(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("depth", "ops")
+    """The pending writes of a batch; a nested batch (a savepoint) is its own _Batch over
+    the enclosing one (``outer``): its writes go to its own ``ops``, reads look through
+    the chain, and it is merged into the enclosing batch when it ends without an error,
+    or dropped when it raises. Entering one costs nothing, however many writes are
+    pending (copying them made a loop of small nested batches quadratic)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("ops", "outer")
+
+    def __init__(self, outer: _Batch | None = None) -> None:
         self.ops: dict[tuple[str, str], tuple[bytes | None, float | None]] = {}
-        self.depth = 0
+        self.outer = outer
+
+    def lookup(self, k: tuple[str, str]) -> tuple[bytes | None, float | None] | None:
+        """The pending write of *k* in this batch or an enclosing one (innermost wins)."""
+        batch: _Batch | None = self
+        while batch is not None:
+            hit = batch.ops.get(k)
+            if hit is not None:
+                return hit
+            batch = batch.outer
+        return None
+
+    def pending(self) -> dict[tuple[str, str], tuple[bytes | None, float | None]]:
+        """Every pending write, of this batch and the enclosing ones (innermost wins)."""
+        if self.outer is None:
+            return self.ops
+        merged = dict(self.outer.pending())
+        merged.update(self.ops)
+        return merged
 
 
 def _check_ttl(ttl: Any) -> float | None:
@@ -451,6 +475,8 @@ class Store(MutableMapping[str, Any]):
         batch = self._batch()
         if batch is not None:
             hit = batch.ops.get((ns, key))
+            if hit is None and batch.outer is not None:
+                hit = batch.lookup((ns, key))
             if hit is not None:
                 data, expires = hit
                 if data is None or (expires is not None and expires <= self._clock()):
@@ -503,7 +529,9 @@ class Store(MutableMapping[str, Any]):
         if batch is None:
             yield from self._iter_keys(ns, prefix)
             return
-        pending = {k: v for (n, k), v in batch.ops.items() if n == ns and k.startswith(prefix)}
+        pending = {
+            k: v for (n, k), v in batch.pending().items() if n == ns and k.startswith(prefix)
+        }
         now = self._clock()
         for key in self._iter_keys(ns, prefix):
             if key not in pending:
@@ -1062,23 +1090,20 @@ class Store(MutableMapping[str, Any]):
         thread); at the end they commit together, or not at all if the block raises.
 
         Nested batches join the outer one; a nested block that raises takes back its own
-        writes (a savepoint: it copies the outer batch's pending writes when it begins), so
-        a caller that catches the error keeps the outer batch's earlier writes and nothing
-        of the failed block. Reads are not isolated from other writers.
+        writes (a savepoint), so a caller that catches the error keeps the outer batch's
+        earlier writes and nothing of the failed block. Reads are not isolated from other
+        writers.
         """
         self._check_writable()
-        batch = self._batch()
-        if batch is not None:
-            saved = dict(batch.ops)
-            batch.depth += 1
+        outer = self._batch()
+        if outer is not None:
+            inner = _Batch(outer)
+            self._tls.batch = inner
             try:
                 yield self
-            except BaseException:
-                batch.ops.clear()
-                batch.ops.update(saved)
-                raise
             finally:
-                batch.depth -= 1
+                self._tls.batch = outer
+            outer.ops.update(inner.ops)  # only when the block did not raise
             return
         batch = _Batch()
         self._tls.batch = batch
