@@ -197,10 +197,6 @@ def _unpackb_nested(data: bytes) -> Any:
 _PACKERS: list[msgpack.Packer] = []
 
 
-#: Containers msgpack's C unpacker nests (its stack size).
-_MAX_NEST = 1024
-
-
 def pack(value: Any) -> bytes:
     """msgpack-encode *value*; unsupported types raise :class:`SerializationError`."""
     try:
@@ -209,12 +205,6 @@ def pack(value: Any) -> bytes:
         except IndexError:
             packer = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
         data: bytes = packer.pack(value)
-        if len(data) > _MAX_NEST:
-            # The packer nests one level deeper than the unpacker's fixed stack (1,024)
-            # reads back: refuse that depth here, or it would be stored and never read.
-            # Only a value of more than 1,024 bytes can nest so deep; packing it inside
-            # a list runs into the packer's limit exactly one level earlier.
-            packer.pack([value])
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"cannot serialize value: {exc}") from exc
     _PACKERS.append(packer)

@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from . import _codec
-from ._codec import _HEADER_CRC, _MAX_NEST, _PACKERS, PLAIN_HEADER, pack
+from ._codec import _HEADER_CRC, _PACKERS, PLAIN_HEADER, pack
 from ._keys import MISSING
 from ._shm_base import PAGE, SHM_DIR, Handle, check_name
 from ._shm_bytes import SharedBytes
@@ -409,8 +409,6 @@ class SharedMemoryStore(Store):
                 payload = pack(value)
             else:
                 _PACKERS.append(packer)
-                if len(payload) > _MAX_NEST:  # pack() checks the depth of a long payload
-                    payload = pack(value)
         data = _HEADER_CRC(PLAIN_HEADER, _crc32(payload)) + payload
         dl = len(data)
         if dl > 4096:
