@@ -109,7 +109,9 @@ def next_version(old: Any) -> int:
     return int.from_bytes(os.urandom(6), "big")
 
 
-def consistent_read(store: Store, attempt: Callable[[], _T]) -> _T:
+def consistent_read(
+    store: Store, attempt: Callable[[], _T], fallback: Callable[[], _T] | None = None
+) -> _T:
     """Run *attempt* until it returns; it raises :class:`_Changed` when a write overlapped.
 
     Optimistic: no lock, so readers never block writers (or each other). The first retry is
@@ -119,13 +121,18 @@ def consistent_read(store: Store, attempt: Callable[[], _T]) -> _T:
     read-modify-write), so a steady stream of writes cannot starve the read. A read-only
     store may be unable to take that lock (a read-only SQLite connection cannot begin a
     write transaction), and inside a batch the section is a no-op, so those keep retrying
-    with backoff.
+    with backoff, or, given a *fallback* (a read that always makes progress, with a weaker
+    guarantee), return what it returns: a read longer than the gap between two writes
+    would otherwise never finish.
     """
     tries = 0
     delay = 0.0005
     while True:
         tries += 1
-        if tries > _OPTIMISTIC_TRIES and not store._readonly and store._batch() is None:
+        locked = not store._readonly and store._batch() is None
+        if tries > _OPTIMISTIC_TRIES and not locked and fallback is not None:
+            return fallback()
+        if tries > _OPTIMISTIC_TRIES and locked:
             with store._atomic():
                 try:
                     return attempt()
@@ -317,7 +324,27 @@ class Series(MutableMapping[int, Any]):
         return head["c"], head["n"], head.get("v")
 
     def _changed(self, raw: bytes) -> bool:
-        """True if the head record's bytes are no longer *raw* (a write committed since)."""
+        """True if a write committed since the head record *raw* was read.
+
+        Every write rewrites the head and the edge record together, with the same write
+        version, so a head with a version is checked against the small edge record (the
+        head holds the whole chunk directory: re-reading it after every chunk made a walk
+        of a long series read its directory quadratically). A head written before versions
+        existed is compared whole."""
+        cached = self._cache
+        version = cached[1].get("v") if cached is not None and cached[0] == raw else None
+        if version is None:
+            return self._store._rget(self._ns, self._head_key) != raw
+        data = self._store._rget(self._ns, self._edge_key)
+        if data is not None:
+            try:
+                edges = self._store._decode(self._ns, self._edge_key, data)
+            except CorruptValueError:
+                edges = None
+            if isinstance(edges, dict) and edges.get("v") == version:
+                return False  # a write sets both to a new version: none committed
+        # Another version (or a damaged or missing edge record): the head decides, so an
+        # edge record that disagrees with its head is never taken for a write forever.
         return self._store._rget(self._ns, self._head_key) != raw
 
     def _directory(self) -> tuple[list[list[int]], list[int]]:
@@ -437,8 +464,11 @@ class Series(MutableMapping[int, Any]):
         # Every write changes the head's bytes (see "Consistent reads" in the module
         # docstring): the version, not the directory, guarantees it (a value overwritten in
         # place leaves the directory as it was).
-        head = {"c": chunks, "n": next_id, "v": next_version(version)}
-        edges = {"f": first, "z": last}
+        v = next_version(version)
+        head = {"c": chunks, "n": next_id, "v": v}
+        # The edge record carries the same version: a read validates against this small
+        # record instead of the head, whose directory grows with the series.
+        edges = {"f": first, "z": last, "v": v}
         store = self._store
         return [
             Op(self._ns, self._head_key, store._encode(self._ns, self._head_key, head), None),
@@ -547,7 +577,12 @@ class Series(MutableMapping[int, Any]):
         self._store._check_writable()
         if kwargs:  # keywords are str keys: never timestamps
             raise KeyTypeError("timestamps must be int, not str")
-        points = other.items() if isinstance(other, Mapping) else other
+        if isinstance(other, Mapping) or hasattr(other, "keys"):
+            # dict.update's rule: anything with keys() is a mapping (a pandas Series too).
+            keys = other.keys()  # not iter(other): a pandas Series iterates its values
+            points: Iterable[Any] = [(t, other[t]) for t in keys]
+        else:
+            points = other
         self.extend(points)
 
     def pop(self, t: int, *default: Any) -> Any:
@@ -675,7 +710,9 @@ class Series(MutableMapping[int, Any]):
                 raise _Changed
             return result
 
-        return consistent_read(self._store, attempt)
+        # Starved without the lock (a read-only store, or inside a batch): the chunk-by-chunk
+        # walk of a lazy iteration, which always progresses (see _walk for its guarantee).
+        return consistent_read(self._store, attempt, lambda: consume(self._walk(lo, hi)))
 
     def _walk(
         self, lo: int | None, hi: int | None

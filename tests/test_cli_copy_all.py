@@ -404,3 +404,81 @@ def test_check_all_namespaces_reads_series_of_every_namespace(tmp_path: Path) ->
     run = invoke("--url", url, "check", "--all-namespaces")
     assert run.code == 1
     assert run.stdout.startswith("BAD [other] event log E:"), run.stdout
+
+
+def test_copy_lists_the_destination_names_of_each_kind_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Listing the destination's names per object made copy quadratic in their number.
+    src, dst = f"sqlite:///{tmp_path / 'src.db'}", f"sqlite:///{tmp_path / 'dst.db'}"
+    n = 12
+    with mappingstore.open(src) as s:
+        for i in range(n):
+            s.series(f"s{i}")[1] = i
+            s.events(f"e{i}").apply({"a": i}, 5)
+            s.put_file(f"b{i}", io.BytesIO(b"x" * i))
+    calls: dict[str, int] = {}
+    for method in ("series_names", "event_names", "blob_names"):
+        original = getattr(mappingstore.Store, method)
+
+        def counted(self: mappingstore.Store, _f: Any = original, _m: str = method) -> Any:
+            calls[_m] = calls.get(_m, 0) + 1
+            return _f(self)
+
+        monkeypatch.setattr(mappingstore.Store, method, counted)
+    run = ok("--json", "copy", src, dst)
+    report = json.loads(run.stdout)
+    assert [report[k]["copied"] for k in ("series", "event_logs", "blobs")] == [n, n, n]
+    # One listing of the source and one of the destination per kind, whatever n is.
+    assert calls == {"series_names": 2, "event_names": 2, "blob_names": 2}
+    calls.clear()
+    report = json.loads(ok("--json", "copy", src, dst).stdout)  # a rerun: all present
+    assert [report[k]["present"] for k in ("series", "event_logs", "blobs")] == [n, n, n]
+    assert calls == {"series_names": 2, "event_names": 2, "blob_names": 2}
+    with mappingstore.open(dst) as b:
+        assert b.series_names() == sorted(f"s{i}" for i in range(n))
+        assert [b.series(f"s{i}")[1] for i in range(n)] == list(range(n))
+        assert [b.events(f"e{i}").current() for i in range(n)] == [{"a": i} for i in range(n)]
+        for i in range(n):
+            with b.open(f"b{i}") as f:
+                assert f.read() == b"x" * i
+
+
+def _stale_edges(s: mappingstore.Store, name: str, first: list[Any], last: list[Any]) -> None:
+    """Rewrite the edge record of series *name* by hand: authentic, but holding *first* and
+    *last* (every other field, such as a write version, is kept)."""
+    ns, key = "\x00ts\x00" + s.namespace, f"E:{len(name)}:{name}"
+    data = s._rget(ns, key)
+    assert data is not None
+    edges = s._decode(ns, key, data)
+    s._rput(ns, key, s._encode(ns, key, {**edges, "f": first, "z": last}), None)
+
+
+@pytest.mark.parametrize("password", [None, PASSWORD])
+def test_check_reports_a_series_whose_first_or_last_point_is_not_in_its_data(
+    tmp_path: Path, password: str | None
+) -> None:
+    # What the old code left behind: an edge record still holding deleted points.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opts: dict[str, Any] = {"password": password, "security": "low"} if password else {}
+    env = {"MAPPINGSTORE_PASSWORD": password} if password else {}
+    with mappingstore.open(url, **opts) as s:
+        s.series("fine").extend([(t, t) for t in range(10)])
+        ser = s.series("stale")
+        ser.extend([(t, str(t)) for t in range(3000)])
+        ser.remove(None, 1023)
+        _stale_edges(s, "stale", [0, "0"], [2999, "2999"])
+        assert ser.first() == (0, "0") and ser[1024] == "1024"
+    run = invoke("--url", url, "check", env=env)
+    assert run.code == 1, run
+    assert run.stdout.startswith("BAD series stale: "), run.stdout
+    assert "first/last point disagree with the data" in run.stdout
+    assert len(run.stdout.splitlines()) == 1, run.stdout  # "fine" is fine
+    assert "2 series, 1 bad" in run.stderr
+    # Only the value of the last point differs (1 is not 1.0): reported too.
+    with mappingstore.open(url, **opts) as s:
+        s.series("stale").remove()
+        s.series("stale").extend([(1, 1), (2, 2)])
+        _stale_edges(s, "stale", [1, 1], [2, 2.0])
+    run = invoke("--url", url, "check", env=env)
+    assert run.code == 1 and run.stdout.startswith("BAD series stale: "), run

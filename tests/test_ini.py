@@ -215,8 +215,8 @@ def test_any_hand_written_file_keeps_every_line_on_write(lines: list[str]) -> No
         ("", ""),
         ("'single'", "'single'"),
         ('{"a": 1', '{"a": 1'),
-        # JSON literals no stored value can hold (a lone surrogate): the text as written (they raised
-        # SerializationError, from every read and every listing of the store).
+        # JSON literals no stored value can hold (a lone surrogate): the text as written
+        # (they raised SerializationError, from every read and listing of the store).
         ('"\\ud800"', '"\\ud800"'),
         ('["\\udc80x"]', '["\\udc80x"]'),
     ],

@@ -634,6 +634,7 @@ def _copy(
     ]
     _check_plaintext(src, dst, plan, options["allow_plaintext"])
     tallies = {kind: _kinds.Tally() for kind, *_ in _kinds.KINDS}
+    names_held: dict[tuple[str, str], set[str]] = {}
     total = sum(len(names) + sum(map(len, objects.values())) for _, _, names, objects in plan)
     with Job(settings, "copy", total=total) as job, _raw.RecordReader(src) as reader:
         for sns, dns, names, objects in plan:
@@ -652,13 +653,23 @@ def _copy(
                     _raw.write(dst, ops)
                 job.add(len(ops), sum(len(op[2]) for op in ops), progress=len(chunk))
             for kind, found in objects.items():
+                if not found:
+                    continue
+                target = dsts.get(dns) if dsts is not None else None
+                # The destination's names of this kind, listed once per namespace and kept
+                # up to date by copy_object: a listing per object made copy quadratic.
+                held = names_held.get((dns, kind))
+                if held is None:
+                    listed = _kinds.names(target, kind, prefix) if target is not None else []
+                    held = names_held[dns, kind] = set(listed)
                 for name in found:
                     _kinds.copy_object(
                         kind,
                         srcs.get(sns),
-                        dsts.get(dns) if dsts is not None else None,
+                        target,
                         name,
                         tallies[kind],
+                        held=held,
                         overwrite=options["overwrite"],
                         dry=dry_run,
                     )
