@@ -576,6 +576,35 @@ class DirectoryStore(Store):
                 found.append(internal_ns("blob", ns))
         return found
 
+    def _holds_live(self, ns: str) -> bool:
+        """Whether *ns* has a live record, stopping at the first (``namespaces()`` asks):
+        without a TTL ever set in it, any record file; otherwise the first file that is not
+        expired. A damaged file counts as data (it is there to be repaired), never as an
+        error that would hide every namespace from the listing."""
+        if self._nbatch:
+            return super()._holds_live(ns)
+        directory = self._ns_dir(ns)
+        try:
+            names = [n for n in os.listdir(directory) if n[0] != "."]
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if not os.access(os.path.join(directory, ".expiring"), os.F_OK):
+            return any(n[0] == _HASHED or decode_name(n) is not None for n in names)
+        now = self._clock()
+        for name in names:
+            if name[0] != _HASHED and decode_name(name) is None:
+                continue  # not a record file of ours
+            raw = _read(os.path.join(directory, name))
+            if raw is None:
+                continue  # deleted since the listing
+            try:
+                _, expires, _ = parse_record(raw, name)
+            except CorruptValueError:
+                return True
+            if expires is None or expires > now:
+                return True
+        return False
+
     def _blob_backend_for(self, facade: Store) -> Blobs:
         """Blobs as one plain file each, not chunk records (see ``_dir_blobs``), also
         through ``ReadOnly`` and ``Cached`` adapters (*facade*)."""

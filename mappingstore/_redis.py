@@ -506,7 +506,10 @@ class RedisStore(Store):
         """Milliseconds from now until *expires* (``None``: no expiry); may be <= 0."""
         if expires is None:
             return None
-        px = math.ceil((expires - self._clock()) * 1000)  # ceil: never expire early
+        ms = (expires - self._clock()) * 1000
+        if ms > _MAX_PX:  # before ceil(): a huge float ttl overflows to inf (OverflowError)
+            raise InvalidOptionError("ttl is too large for Redis (more than 31,000 years)")
+        px = math.ceil(ms)  # ceil: never expire early
         if px > _MAX_PX:
             raise InvalidOptionError("ttl is too large for Redis (more than 31,000 years)")
         return px

@@ -238,3 +238,17 @@ def test_async_bulk_methods_refuse_what_is_not_iterable() -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_prefixed_refuses_an_empty_dot_segment_over_dot_names() -> None:
+    # Prefixed(db, "a..") wrote keys the wrapped dot-names store refuses, after which its
+    # to_dict(), iteration and popitem() raised.
+    from mappingstore import Prefixed
+
+    db = MemoryStore(dot_names=True)
+    for prefix in ("a..", ".p.", "."):
+        with pytest.raises(InvalidOptionError):
+            Prefixed(db, prefix)
+    for prefix in ("a.b.", "a.b", "app"):
+        Prefixed(db, prefix)["x"] = 1
+    assert db.to_dict() == {"a": {"b": {"x": 1}, "bx": 1}, "appx": 1}

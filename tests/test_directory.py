@@ -592,3 +592,19 @@ def test_file_lock_is_reentrant_per_thread_and_exclusive_between_instances(tmp_p
         two.acquire(True)  # shared -> exclusive would not be atomic: refused
     one.close()
     two.close()
+
+
+def test_namespaces_lists_a_namespace_holding_a_damaged_long_key_file(tmp_path: Path) -> None:
+    # namespaces() probes each namespace for a live record; a damaged file there counts
+    # as data (it raised CorruptValueError and hid every namespace, CLI info included).
+    with (
+        DirectoryStore(tmp_path / "s") as store,
+        DirectoryStore(tmp_path / "s", namespace="other") as other,
+    ):
+        store["x"] = 1
+        other.set("k" * 300, 2, ttl=1000)  # a hashed file name, in a namespace with TTLs
+        (hashed,) = [p for p in (tmp_path / "s" / "other").iterdir() if p.name.startswith("~")]
+        raw = bytearray(hashed.read_bytes())
+        raw[30] ^= 0x01
+        hashed.write_bytes(bytes(raw))
+        assert store.namespaces() == ["default", "other"]

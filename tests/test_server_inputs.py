@@ -515,3 +515,12 @@ def test_postgres_multi_host_url_pairs_each_host_with_its_port(table: str) -> No
         with mappingstore.open(store.url) as again:
             again["k"] = 1
             assert store["k"] == 1
+
+
+def test_redis_huge_float_ttl_is_an_option_error(prefix: str) -> None:
+    # 1e308 seconds overflowed to inf in the millisecond conversion: builtin OverflowError.
+    with RedisStore(REDIS_URL, prefix=prefix) as store:
+        for ttl in (1e308, 10**306, 1e20):
+            with pytest.raises(InvalidOptionError):
+                store.set("k", 1, ttl=ttl)
+        assert "k" not in store

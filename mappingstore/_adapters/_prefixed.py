@@ -8,7 +8,7 @@ from typing import IO, Any, ClassVar
 from .._blobs import BlobReader, Blobs
 from .._keys import check_key
 from .._store import KEEP, Op, Record, Store
-from ..errors import MissingKeyError, NameConflictError, OptionTypeError
+from ..errors import InvalidOptionError, MissingKeyError, NameConflictError, OptionTypeError
 from ._base import META_NS, Adapter, add_query, query_option
 
 __all__ = ["Prefixed"]
@@ -95,6 +95,10 @@ class Prefixed(Adapter):
             raise OptionTypeError(f"prefix must be str, not {type(prefix).__qualname__}")
         self._prefix = check_key(prefix)
         super().__init__([store], store, close_inner=close_inner)
+        if self._dot and "" in prefix.split(".")[:-1]:
+            # "a..", ".p.": every key written through it would have an empty dot-name
+            # segment, which the wrapped store's own writes refuse.
+            raise InvalidOptionError(f"prefix {prefix!r} has an empty dot-name segment")
         # Under dot names, the wrapped store's names the prefix passes through ("app" for
         # "app.", "a" and "a.b" for "a.b.c"): outside our key range, so the dot-name
         # checks made through this adapter cannot see them; each must not be a leaf.
