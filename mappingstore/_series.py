@@ -64,7 +64,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._codec import pack, unpack_slice
@@ -577,13 +577,9 @@ class Series(MutableMapping[int, Any]):
         self._store._check_writable()
         if kwargs:  # keywords are str keys: never timestamps
             raise KeyTypeError("timestamps must be int, not str")
-        if isinstance(other, Mapping) or hasattr(other, "keys"):
-            # dict.update's rule: anything with keys() is a mapping (a pandas Series too).
-            keys = other.keys()  # not iter(other): a pandas Series iterates its values
-            points: Iterable[Any] = [(t, other[t]) for t in keys]
-        else:
-            points = other
-        self.extend(points)
+        from ._store import _update_pairs
+
+        self.extend(_update_pairs(other))
 
     def pop(self, t: int, *default: Any) -> Any:
         self._store._check_writable()

@@ -189,6 +189,17 @@ def _check_hooks(logger: object, clock: object) -> None:
         raise OptionTypeError(f"clock must be a callable returning seconds, got {clock!r}")
 
 
+def _update_pairs(other: Any, what: str = "update()") -> Iterable[Any]:
+    """The items of ``dict.update(other)``: anything with ``keys()`` is a mapping, read as
+    ``other[key]`` (not ``iter(other)``: a pandas Series iterates its values), else an
+    iterable of ``(key, value)`` pairs (:class:`OptionTypeError` if it is not iterable).
+    Store, View and Series ``update()`` all follow this rule."""
+    if isinstance(other, Mapping) or hasattr(other, "keys"):
+        keys = other.keys()
+        return ((k, other[k]) for k in keys)
+    return _iterable(other, what)
+
+
 def _pair(pair: Any) -> tuple[Any, Any]:
     """``(key, value)`` of one item of ``update(pairs)``, with dict.update's error types."""
     try:
@@ -836,13 +847,7 @@ class Store(MutableMapping[str, Any]):
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Like ``dict.update``; every write commits together (one transaction/pipeline)."""
         self._check_writable()
-        if isinstance(other, Mapping) or hasattr(other, "keys"):
-            # dict.update's rule: anything with keys() is a mapping, else (key, value) pairs.
-            keys = other.keys()
-            pairs: Iterable[tuple[Any, Any]] = ((k, other[k]) for k in keys)
-        else:
-            pairs = _iterable(other, "update()")
-        self.set_many(pairs, _extra=kwargs or None)
+        self.set_many(_update_pairs(other), _extra=kwargs or None)
 
     def set_many(
         self,

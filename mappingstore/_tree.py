@@ -26,7 +26,6 @@ from .errors import (
     InvalidOptionError,
     MissingKeyError,
     NameConflictError,
-    OptionTypeError,
     SerializationError,
 )
 
@@ -191,17 +190,6 @@ def set_item(
         store._rapply(ops + puts)
 
 
-def _pair(pair: Any) -> tuple[Any, Any]:
-    """``key, value = pair`` with the errors of ``Store.update`` for a malformed pair."""
-    try:
-        key, value = pair
-    except TypeError as exc:  # as dict.update: not a sequence -> TypeError
-        raise OptionTypeError(f"update() needs (key, value) pairs, got {pair!r}") from exc
-    except ValueError as exc:  # as dict.update: wrong length -> ValueError
-        raise InvalidOptionError(f"update() needs (key, value) pairs, got {pair!r}") from exc
-    return key, value
-
-
 def assign_many(
     store: Store, base: str, pairs: Iterable[Any], *, ttl: float | None, encrypt: bool | None
 ) -> None:
@@ -216,7 +204,7 @@ def assign_many(
     reaches its buffer before every check passed). Reads per item are those of a single
     write (its ancestors, a scan of ``name.``), ancestors looked up once per call.
     """
-    from ._store import Op
+    from ._store import Op, _pair
 
     store._check_writable()
     ns = store._ns
@@ -498,21 +486,11 @@ class View(MutableMapping[str, Any]):
         """Like ``dict.update``, relative to this branch, and atomic like
         :meth:`Store.update`: every item is checked and encoded first, and a bad name,
         value or pair, or a leaf/branch conflict, writes nothing."""
+        from ._store import _update_pairs
+
         self._store._check_writable()
-        pairs: Iterable[Any]
-        if isinstance(other, Mapping) or hasattr(other, "keys"):
-            # dict.update's rule: anything with keys() is a mapping, else (key, value) pairs.
-            keys = other.keys()
-            pairs = [(k, other[k]) for k in keys]
-        else:
-            try:
-                pairs = iter(other)
-            except TypeError:
-                raise OptionTypeError(
-                    f"update() needs a mapping or (key, value) pairs, "
-                    f"not {type(other).__qualname__}"
-                ) from None
-        assign_many(self._store, self._path, chain(pairs, kwargs.items()), ttl=None, encrypt=None)
+        pairs = chain(_update_pairs(other), kwargs.items())
+        assign_many(self._store, self._path, pairs, ttl=None, encrypt=None)
 
     def __delitem__(self, name: str) -> None:
         del_item(self._store, self._path, name)
