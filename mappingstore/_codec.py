@@ -274,7 +274,43 @@ def _ext_hook(code: int, data: bytes) -> Any:
 def _unpackb(data: bytes) -> Any:
     # raw=False and use_list=True are msgpack's defaults (>= 1.0); spelling them out costs
     # keyword parsing on every read.
-    return msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+    except msgpack.StackError:
+        return _unpack_outer(data)
+
+
+_ARRAY_HEADS = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))
+_MAP_HEADS = frozenset((*range(0x80, 0x90), 0xDE, 0xDF))
+
+
+def _unpack_outer(data: bytes) -> Any:
+    """Decode a payload one level too deep for msgpack's unpacker.
+
+    msgpack's packer accepts one level of nesting more than its unpacker (1,025 against
+    1,024 containers), so a value it wrote can fail to read back with ``StackError``. The
+    outermost container is read here by its header and each of its items by the unpacker,
+    which then has one level less to go. A deeper payload (only a forged one: the packer
+    refuses it) still raises ``StackError``.
+    """
+    unpacker = msgpack.Unpacker(
+        None, ext_hook=_ext_hook, raw=False, strict_map_key=False, max_buffer_size=len(data)
+    )
+    unpacker.feed(data)
+    head = data[0]
+    value: Any
+    if head in _ARRAY_HEADS:
+        value = [unpacker.unpack() for _ in range(unpacker.read_array_header())]
+    elif head in _MAP_HEADS:
+        value = {}
+        for _ in range(unpacker.read_map_header()):
+            name = unpacker.unpack()
+            value[name] = unpacker.unpack()
+    else:  # pragma: no cover - only a container can be too deep
+        raise msgpack.StackError("unpack stack overflow")
+    if unpacker.tell() != len(data):
+        raise msgpack.ExtraData(value, data[unpacker.tell() :])
+    return value
 
 
 _DECODE_ERRORS = (
@@ -342,29 +378,36 @@ def unpack_slice(payload: bytes, start: int, stop: int) -> list[Any]:
         if start == 0 and stop == size:
             items = _unpackb(payload)
         else:
-            pos: int = unpacker.tell()
-            view = memoryview(payload)
-            if start:
-                skipper = msgpack.Unpacker(None, max_buffer_size=len(payload) - pos + 5)
-                skipper.feed(_ARRAY32(0xDD, start))
-                skipper.feed(view[pos:])
-                skipper.skip()
-                pos += skipper.tell() - 5
-            window = msgpack.Unpacker(
-                None,
-                ext_hook=_ext_hook,
-                raw=False,
-                strict_map_key=False,
-                max_buffer_size=len(payload) - pos + 5,
-            )
-            window.feed(_ARRAY32(0xDD, stop - start))
-            window.feed(view[pos:])
-            items = window.unpack()
+            items = _unpack_window(payload, unpacker.tell(), start, stop)
     except (*_DECODE_ERRORS, msgpack.UnpackException) as exc:
         raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
     if type(items) is not list:  # pragma: no cover - the header said array
         raise CorruptValueError("stored value cannot be decoded: not an array")
     return items
+
+
+def _unpack_window(payload: bytes, pos: int, start: int, stop: int) -> Any:
+    """Items ``start:stop`` of the array whose items begin at *pos* (see unpack_slice)."""
+    try:
+        view = memoryview(payload)
+        if start:
+            skipper = msgpack.Unpacker(None, max_buffer_size=len(payload) - pos + 5)
+            skipper.feed(_ARRAY32(0xDD, start))
+            skipper.feed(view[pos:])
+            skipper.skip()
+            pos += skipper.tell() - 5
+        window = msgpack.Unpacker(
+            None,
+            ext_hook=_ext_hook,
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=len(payload) - pos + 5,
+        )
+        window.feed(_ARRAY32(0xDD, stop - start))
+        window.feed(view[pos:])
+        return window.unpack()
+    except msgpack.StackError:  # an item one level short of too deep: decode it all
+        return _unpackb(payload)[start:stop]
 
 
 _CRC_AT_2 = struct.Struct(">I").unpack_from
@@ -394,8 +437,8 @@ def decode_plain(record: bytes) -> Any:
         raise CorruptValueError("stored value is damaged: checksum mismatch")
     try:  # unpack() and _unpackb() inlined: this is every plain read's path
         return msgpack.unpackb(payload, ext_hook=_ext_hook, strict_map_key=False)
-    except _DECODE_ERRORS as exc:
-        raise CorruptValueError(f"stored value cannot be decoded: {type(exc).__name__}") from exc
+    except _DECODE_ERRORS:
+        return unpack(payload)  # a value one level too deep, or the error to raise
 
 
 def decode_plain_many(records: Sequence[bytes]) -> list[Any] | None:

@@ -13,7 +13,7 @@ from ._codec import _DECODE_ERRORS, _ext_hook, pack, unpack, unwrap_plain, wrap_
 from ._keys import check_key
 from ._store import Op, Record, Store, _iterable
 from ._url import parse_url
-from .errors import CorruptValueError, InvalidURLError
+from .errors import InvalidURLError
 
 __all__ = ["MemoryStore"]
 
@@ -138,10 +138,8 @@ class MemoryStore(Store):
                     body = entry[0]
                 try:  # codec.unpack() inlined: this is every read's path
                     return msgpack.unpackb(body, ext_hook=_ext_hook, strict_map_key=False)
-                except _DECODE_ERRORS as exc:
-                    raise CorruptValueError(
-                        f"stored value cannot be decoded: {type(exc).__name__}"
-                    ) from exc
+                except _DECODE_ERRORS:
+                    return unpack(body)  # a value one level too deep, or the error to raise
         return super().__getitem__(key)
 
     def __setitem__(self, key: str, value: Any) -> None:

@@ -257,6 +257,24 @@ class MappingTests(SuiteBase):
         for name, value in VALUE_SAMPLES:
             assert_same(got[name], value, name)
 
+    def test_deepest_nesting_reads_back(self, store: Store) -> None:
+        # msgpack writes one level of nesting more than it reads: a value at the writer's
+        # limit must read back, and one past it must be refused, never stored unreadable.
+        for kind in (list, dict):
+            for depth, fits in ((1025, True), (1026, False)):
+                value = _nested(kind, depth)
+                label = f"{kind.__name__} {depth} deep"
+                try:
+                    store["deep"] = value
+                except SerializationError:  # refusing is fine; storing it unreadable is not
+                    assert "deep" not in store, label
+                    continue
+                assert fits, f"{label}: stored"
+                _assert_nested(store["deep"], kind, depth, label)
+                _assert_nested(store.get_many(["deep"])["deep"], kind, depth, label)
+                _assert_nested(dict(store.items())["deep"], kind, depth, label)
+                del store["deep"]
+
     def test_subclasses_are_stored_as_their_base_type(self, store: Store) -> None:
         from enum import IntEnum
 
@@ -504,3 +522,22 @@ class MappingTests(SuiteBase):
         with pytest.raises(MissingKeyError) as info:
             store["k 1"]
         assert str(info.value) == "'k 1'"
+
+
+def _nested(kind: type, depth: int) -> Any:
+    """A list (or dict) holding one list (dict) ... *depth* containers deep, innermost empty."""
+    value: Any = kind()
+    for _ in range(depth - 1):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+def _assert_nested(value: Any, kind: type, depth: int, label: str) -> None:
+    # Walked by hand: == on two such values exceeds Python's recursion limit.
+    for level in range(depth):
+        assert type(value) is kind, f"{label}: level {level} is {type(value).__name__}"
+        if level == depth - 1:
+            assert len(value) == 0, f"{label}: innermost not empty"
+        else:
+            assert len(value) == 1, f"{label}: level {level} holds {len(value)} items"
+            value = value[0] if kind is list else value["k"]

@@ -174,6 +174,26 @@ class SeriesTests:
             t.extend([(10, 1), (11, object())])
         assert 10 not in t  # atomic: nothing stored
 
+    def test_series_deepest_values(self, factory: Factory) -> None:
+        # A chunk is one msgpack array: a point nested as deep as the writer allows inside
+        # it must read back through every path (whole chunk, windows, edges), and a deeper
+        # one is refused whole.
+        from ._mapping import _assert_nested, _nested
+
+        t = factory().series("deep")
+        t.extend([(1, 0), (2, _nested(list, 1024)), (3, 0)])
+        for label, got in (
+            ("[]", t[2]),
+            ("range", t.range(2, 2)[0][1]),
+            ("whole", t.range()[1][1]),
+            ("iteration", dict(t.items())[2]),
+        ):
+            _assert_nested(got, list, 1024, label)
+        assert t.first() == (1, 0) and t.last() == (3, 0)
+        with pytest.raises(errors.SerializationError):
+            t.extend([(4, 4), (5, _nested(list, 1025))])
+        assert 4 not in t and len(t) == 3
+
     def test_series_readonly(self, factory: Factory) -> None:
         if not self.persistent:
             pytest.skip("needs reopen")
