@@ -524,7 +524,7 @@ class MappingTests(SuiteBase):
         assert str(info.value) == "'k 1'"
 
 
-def _nested(kind: type, depth: int) -> Any:
+def _nested(kind: type[Any], depth: int) -> Any:
     """A list (or dict) holding one list (dict) ... *depth* containers deep, innermost empty."""
     value: Any = kind()
     for _ in range(depth - 1):
@@ -532,7 +532,7 @@ def _nested(kind: type, depth: int) -> Any:
     return value
 
 
-def _assert_nested(value: Any, kind: type, depth: int, label: str) -> None:
+def _assert_nested(value: Any, kind: type[Any], depth: int, label: str) -> None:
     # Walked by hand: == on two such values exceeds Python's recursion limit.
     for level in range(depth):
         assert type(value) is kind, f"{label}: level {level} is {type(value).__name__}"
