@@ -355,6 +355,8 @@ class RedisStore(Store):
 
     def _run(self, what: str, write: bool, fn: Callable[[], T]) -> T:
         """Run one Redis exchange, retrying only what is safe; convert every error."""
+        if self._closed:  # redis-py would reconnect a closed client: an iterator made
+            self._check_open()  # before close() must not open connections after it
         attempt = 0
         while True:
             try:
@@ -827,7 +829,9 @@ class RedisStore(Store):
             finally:
                 local.depth = 0
                 _RENEWER.drop(renewal)
-                released = self._run(
+                # Closed meanwhile (by another thread): no connection to release it with;
+                # the lease, no longer renewed, frees it.
+                released = self._closed or self._run(
                     "UNLOCK", False, lambda: self._client.eval(_RELEASE, 1, key, token)
                 )
                 if not released:

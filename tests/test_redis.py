@@ -36,6 +36,7 @@ from mappingstore.errors import (
     CorruptValueError,
     InvalidOptionError,
     InvalidURLError,
+    StoreClosedError,
     UnknownOutcomeError,
 )
 from mappingstore.testing import HOSTILE_NAMESPACE_PAIRS, StoreFactory, StoreTests
@@ -327,6 +328,19 @@ def test_client_kill_recovers(store: RedisStore, raw: Any) -> None:
     raw.client_kill_filter(_id=store.client.client_id())
     store["k"] = 2
     assert store["k"] == 2
+
+
+def test_an_iterator_made_before_close_opens_no_connection(prefix: str) -> None:
+    store = mappingstore.open(f"{REDIS_URL}?prefix={prefix}")
+    store.update({f"k{i}": i for i in range(5000)})  # several pages of iteration
+    keys, items = iter(store), iter(store.items())
+    next(keys), next(items)
+    store.close()
+    # redis-py reconnects a closed client on demand: the next page must not be read.
+    for it in (keys, items):
+        with pytest.raises(StoreClosedError):
+            for _ in it:
+                pass
 
 
 @pytest.fixture(scope="module")
