@@ -188,8 +188,17 @@ class EventLog:
     # head = {"n": next chunk id, "l": last timestamp or None, "s": current state,
     #         "p": pending events (the tail, not yet in a chunk), "b": state before "p",
     #         "k": number of chunks, "v": write version (absent in heads written before
-    #         versions existed)}
-    # directory record = [[first_ts, chunk_id, count], ...] (loaded into head["c"])
+    #         versions existed), "r": directory epoch (see below; absent until the first
+    #         chunk of a log written before epochs existed)}
+    # directory record = {"r": epoch, "c": [[first_ts, chunk_id, count], ...]} (the list
+    #         loaded into head["c"]; a directory written before epochs is the bare list)
+    # A chunk id is never reused: ids count up from a random base per log (so a removed
+    # and re-created log does not reuse its ids either), and a write that changes chunks
+    # (an event inserted in the past, a prune) writes them under new ids and deletes the
+    # old ones. The epoch changes exactly when such a write changes the directory's
+    # existing entries; otherwise the directory only grows. So a reader holding a head
+    # whose epoch the directory still has sees that head's chunks, unchanged, in the
+    # directory's first head["k"] entries, and needs no second look at the head (_read).
     # Keeping the tail in the head means an apply reads and writes one small record; a
     # chunk and the directory are written once per CHUNK_SIZE events. The directory grows
     # with the history, so it stays out of the per-apply path.
@@ -225,11 +234,12 @@ class EventLog:
         """``fn(head, used)`` computed from one version of the sequence (*empty* when there
         is no sequence).
 
-        *fn* sets ``used[0]`` when it reads anything besides the head; the head's bytes are
-        then read again and, if a write committed meanwhile (a prune rewrites every chunk
-        under new ids), the read starts again (see ``_series.consistent_read``). An error
-        while reading (a chunk deleted by that write) counts as damage only when the head
-        did not change.
+        *fn* reads the directory with :meth:`_read_directory`, which checks it against the
+        head (see the storage notes above). An error while reading (a chunk deleted, a
+        directory of another epoch) means a write committed meanwhile if the head's bytes
+        changed, and the read starts again (see ``_series.consistent_read``); otherwise it
+        is damage. A directory from before epochs sets ``used[0]``: the head is then read
+        again after *fn*, and any change starts the read again.
         """
 
         def attempt() -> Any:
@@ -253,16 +263,37 @@ class EventLog:
     def _changed(self, raw: bytes) -> bool:
         return self._store._rget(self._ns, self._head_key) != raw
 
+    def _load_directory(self) -> tuple[Any, Any]:
+        """``(epoch, entries)`` of the directory record (epoch None: written before epochs,
+        or no directory)."""
+        data = self._store._rget(self._ns, self._dir_key)
+        record = None if data is None else self._store._decode(self._ns, self._dir_key, data)
+        if isinstance(record, dict):
+            return record.get("r"), record.get("c")
+        return None, record
+
     def _directory(self, expected: int) -> list[list[int]]:
+        """The directory, for a writer (inside the exclusive section)."""
         if not expected:
             return []
-        data = self._store._rget(self._ns, self._dir_key)
-        chunks = None if data is None else self._store._decode(self._ns, self._dir_key, data)
+        chunks = self._load_directory()[1]
         # The head records how many chunks exist; a directory that disagrees (only a
         # tampered store can produce one: both are written in one atomic write) is refused.
         if not isinstance(chunks, list) or len(chunks) != expected:
             raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
         return chunks
+
+    def _read_directory(self, head: dict[str, Any], used: list[bool]) -> list[list[int]]:
+        """The directory as *head* knew it, for a reader (see :meth:`_read`)."""
+        epoch, chunks = self._load_directory()
+        expected = head["k"]
+        if epoch is None:  # from before epochs: only the exact count can be checked
+            used[0] = True
+            if isinstance(chunks, list) and len(chunks) == expected:
+                return chunks
+        elif epoch == head.get("r") and isinstance(chunks, list) and len(chunks) >= expected:
+            return chunks[:expected]  # chunks flushed since the head was read: not ours
+        raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
 
     def _need_directory(self, head: dict[str, Any]) -> list[list[int]]:
         if head["c"] is None:
@@ -298,13 +329,17 @@ class EventLog:
         data = self._store._encode(self._ns, self._head_key, stored)
         return Op(self._ns, self._head_key, data, None)
 
-    def _put_directory(self, head: dict[str, Any]) -> Op:
+    def _put_directory(self, head: dict[str, Any], *, rewritten: bool = False) -> Op:
+        """Write the directory; *rewritten*: its existing entries changed (a new epoch)."""
         from ._store import Op
 
         head["k"] = len(head["c"])
+        if rewritten or "r" not in head:
+            head["r"] = next_version(head.get("r"))
         if not head["c"]:
             return Op(self._ns, self._dir_key, None, None)
-        data = self._store._encode(self._ns, self._dir_key, head["c"])
+        record = {"r": head["r"], "c": head["c"]}
+        data = self._store._encode(self._ns, self._dir_key, record)
         return Op(self._ns, self._dir_key, data, None)
 
     @staticmethod
@@ -337,7 +372,7 @@ class EventLog:
         with store._atomic():
             head = self._head(directory=False) or {
                 "c": [],
-                "n": 0,
+                "n": next_version(None),  # the random base of chunk ids (see above)
                 "l": None,
                 "s": {},
                 "p": [],
@@ -419,6 +454,8 @@ class EventLog:
     def _insert_chunks(
         self, head: dict[str, Any], ts: int, new_events: list[list[Any]]
     ) -> list[Op]:
+        from ._store import Op
+
         chunks = head["c"]
         i = max(bisect.bisect_right([c[0] for c in chunks], ts) - 1, 0)
         loaded = [self._chunk(c[1]) for c in chunks[i:]]
@@ -432,13 +469,16 @@ class EventLog:
             base = _copy(state)
             for e_ts, item, op, value in events:
                 _replay(state, e_ts, item, op, value)
-            entry[0], entry[2] = events[0][0], len(events)
+            # Under a new id: a reader of the old version may still be reading the old.
+            ops.append(Op(self._ns, self._chunk_key(entry[1]), None, None))
+            entry[:] = [events[0][0], head["n"], len(events)]
+            head["n"] += 1
             ops.append(self._put_chunk(entry[1], base, events))
         head["b"] = _copy(state)
         for e_ts, item, op, value in head["p"]:
             _replay(state, e_ts, item, op, value)
         head["s"] = state
-        ops.append(self._put_directory(head))
+        ops.append(self._put_directory(head, rewritten=True))
         ops.append(self._put_head(head))
         return ops
 
@@ -482,7 +522,7 @@ class EventLog:
             head["s"] = state
             if len(head["p"]) >= CHUNK_SIZE:
                 ops += self._flush(head)
-        ops.append(self._put_directory(head))
+        ops.append(self._put_directory(head, rewritten=True))
         ops.append(self._put_head(head))
         return ops
 
@@ -524,8 +564,7 @@ class EventLog:
                 return head["b"], head["p"]  # in the tail: the head alone answers
             if not head["k"]:
                 return None, []
-            used[0] = True
-            chunks = self._directory(head["k"])
+            chunks = self._read_directory(head, used)
             i = bisect.bisect_right([c[0] for c in chunks], t) - 1
             if i < 0:
                 return None, []
@@ -565,8 +604,7 @@ class EventLog:
             blocks: list[list[list[Any]] | int] = []
             # Chunk events are at or before the tail's first one: after it, skip them all.
             if head["k"] and not (lo is not None and pending and lo > pending[0][0]):
-                used[0] = True
-                chunks = self._directory(head["k"])
+                chunks = self._read_directory(head, used)
                 for i, c in enumerate(chunks):
                     nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
                     if lo is not None and nxt is not None and nxt < lo:
@@ -594,8 +632,7 @@ class EventLog:
         def read(head: dict[str, Any], used: list[bool]) -> int:
             if not head["k"]:
                 return len(head["p"])
-            used[0] = True
-            return sum(c[2] for c in self._directory(head["k"])) + len(head["p"])
+            return sum(c[2] for c in self._read_directory(head, used)) + len(head["p"])
 
         count: int = self._read(read, 0)
         return count

@@ -367,7 +367,9 @@ def test_check_reads_every_record_of_series_event_logs_and_blobs(
     assert "checked 2 items (" in run.stderr
     assert "2 series, 3 event logs, 3 blobs, 0 bad" in run.stderr
     tamper(path, "\x00ts\x00default", "C:5:temps:1")  # the second chunk of a series
-    tamper(path, "\x00ev\x00default", "C:4:acct:0")  # the first chunk of an event log
+    with mappingstore.open(url, **opts) as s:
+        first_chunk = s.events("acct")._head()["c"][0][1]  # type: ignore[index]
+    tamper(path, "\x00ev\x00default", f"C:4:acct:{first_chunk:x}")  # an event log's chunk
     tamper(
         path,
         "\x00blob\x00default",

@@ -434,12 +434,91 @@ def test_events_and_len_while_a_prune_rewrites_the_chunks(
 
 def test_event_damage_is_still_reported(logs: tuple[_events.EventLog, Store]) -> None:
     log = logs[0]
-    log._store._delete(log._ns, log._chunk_key(2))
-    with pytest.raises(CorruptValueError, match="chunk 2 is missing"):
+    cid = log._head()["c"][2][1]  # type: ignore[index]
+    log._store._delete(log._ns, log._chunk_key(cid))
+    with pytest.raises(CorruptValueError, match=f"chunk {cid} is missing"):
         log.past(20)
-    with pytest.raises(CorruptValueError, match="chunk 2 is missing"):
+    with pytest.raises(CorruptValueError, match=f"chunk {cid} is missing"):
         log.events()
     assert log.past(199) == {"n": 199}  # the tail: the head alone
+
+
+def test_read_only_event_reads_finish_under_a_write_before_every_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process applies an event before every chunk and directory read the reader
+    # makes (appends that flush new chunks along the way), so the head changes during
+    # every try: a read that compared heads could never finish on a read-only store
+    # (it cannot take the lock). Appends only add chunks; a head's chunks stay as they
+    # were, so each try answers as of the head it read.
+    url = f"sqlite:///{tmp_path}/e.db"
+    with mappingstore.open(url) as writer:
+        log = writer.events("l")
+        for i in range(1, 200):
+            log.apply({"n": i}, i)
+        with mappingstore.open(url, readonly=True) as reader:
+            ts = [10_000]
+
+            def append() -> None:
+                ts[0] += 1
+                log.apply({"n": ts[0]}, ts[0])
+
+            hook = Hook(monkeypatch, reader, "", append, times=None)
+            r = reader.events("l")
+            assert r.past(50) == {"n": 50}
+            assert [e.timestamp for e in r.events(None, 9_999)] == list(range(1, 200))
+            assert len(r) >= 199
+            assert hook.fired > 3 and hook.locked_reads == 0
+
+
+def test_an_event_inserted_in_the_past_during_a_read_restarts_it(
+    pair: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, writer = pair
+    log = reader.events("l")
+    for i in range(1, 200):
+        log.apply({"n": i}, i * 10)
+    before = log._head()["c"]  # type: ignore[index]
+    # Before the reader's second chunk read, the first chunk gets a new event: the chunks
+    # are rewritten under new ids, so the reader cannot mix versions.
+    hook = Hook(monkeypatch, reader, "C:", lambda: writer.events("l").apply({"x": 1}, 5), nth=2)
+    got = [(e.timestamp, e.item) for e in log.events(None, 2000)]
+    assert hook.fired == 1
+    assert got[0] == (5, "x") and len(got) == 200  # the version after the insert, whole
+    after = log._head()["c"]  # type: ignore[index]
+    assert not {c[1] for c in before} & {c[1] for c in after}
+    assert [log._store._rget(log._ns, log._chunk_key(c[1])) for c in before] == [None] * len(before)
+
+
+def test_a_re_created_log_reuses_no_chunk_id(pair: tuple[Store, Store]) -> None:
+    store = pair[0]
+    log = store.events("l")
+    for i in range(1, 100):
+        log.apply({"n": i}, i)
+    first = {c[1] for c in log._head()["c"]}  # type: ignore[index]
+    log.remove()
+    for i in range(1, 100):
+        log.apply({"n": i}, i)
+    assert not first & {c[1] for c in log._head()["c"]}  # type: ignore[index]
+
+
+def test_an_event_log_written_before_epochs_still_reads(pair: tuple[Store, Store]) -> None:
+    # A directory record of the earlier format (the bare list) and a head without "r":
+    # reads check the whole head again, as they did; the next write upgrades both.
+    store = pair[0]
+    log = store.events("l")
+    for i in range(1, 200):
+        log.apply({"n": i}, i)
+    head = log._head()
+    assert head is not None
+    ns = log._ns
+    stored = {k: v for k, v in head.items() if k not in ("c", "r")}
+    store._put(ns, log._head_key, store._encode(ns, log._head_key, stored), None)
+    store._put(ns, log._dir_key, store._encode(ns, log._dir_key, head["c"]), None)
+    assert log.past(50) == {"n": 50} and len(log) == 199
+    log.apply({"n": 0}, 1000)
+    assert isinstance(store._decode(ns, log._dir_key, store._rget(ns, log._dir_key)), dict)
+    assert log.past(50) == {"n": 50} and len(log) == 200
 
 
 def test_every_event_write_changes_the_head(pair: tuple[Store, Store]) -> None:
