@@ -25,43 +25,11 @@ import pytest
 click_testing = pytest.importorskip("click.testing")
 
 import mappingstore  # noqa: E402
-from mappingstore.cli import cli  # noqa: E402
+from tests.cli.support import exact, invoke, ok  # noqa: E402
 
 PASSWORD = "Tr0ub4dor&3-correct-horse"
 OTHER_PASSWORD = "n3w-Battery-Staple-42"
 BIG = os.urandom((5 << 20) // 2)  # 2.5 MiB: three chunks of a chunked blob
-
-
-class Run:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-    def __repr__(self) -> str:
-        return f"Run(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MAPPINGSTORE_"):
-            monkeypatch.delenv(name)
-
-
-def invoke(*args: str, env: dict[str, str] | None = None) -> Run:
-    result = click_testing.CliRunner().invoke(cli, list(args), env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return Run(result.exit_code, result.stdout, result.stderr)
-
-
-def ok(*args: str, env: dict[str, str] | None = None) -> Run:
-    run = invoke(*args, env=env)
-    assert run.code == 0, run
-    return run
-
-
-def exact(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and repr(a) == repr(b)
 
 
 # -- what a user stores ---------------------------------------------------------------------

@@ -32,8 +32,9 @@ from mappingstore import MemoryStore  # noqa: E402
 from mappingstore._jsonio import from_typed, to_typed  # noqa: E402
 from mappingstore.cli import _app, cli  # noqa: E402
 from mappingstore.cli._transfer import same_value  # noqa: E402
+from tests.cli.support import exact, invoke, ok  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Tr0ub4dor&3-correct-horse"  # distinctive: must never show up in any output
 OTHER_PASSWORD = "n3w-Battery-Staple-42"
 
@@ -78,60 +79,7 @@ if PARIS is not None:
     VALUES["zoned"] = dt.datetime(2024, 7, 1, 9, 0, tzinfo=PARIS)
 
 
-def exact(a: Any, b: Any) -> bool:
-    """Same type and same value, NaN included (repr is exact for every type above)."""
-    return type(a) is type(b) and repr(a) == repr(b)
-
-
 # -- in-process helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MAPPINGSTORE_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    name = f"cli-{uuid.uuid4().hex}"
-    yield f"memory://{name}"
-    MemoryStore.drop(name)
-
-
-@pytest.fixture
-def other_url() -> Iterator[str]:
-    name = f"cli-{uuid.uuid4().hex}"
-    yield f"memory://{name}"
-    MemoryStore.drop(name)
-
-
-class Run:
-    """The outcome of one CLI invocation."""
-
-    def __init__(self, code: int, stdout: str, stderr: str, stdout_bytes: bytes = b"") -> None:
-        self.code = code
-        self.stdout = stdout
-        self.stderr = stderr
-        self.stdout_bytes = stdout_bytes
-
-    def __repr__(self) -> str:
-        return f"Run(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
-
-
-def invoke(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Run:
-    runner = click_testing.CliRunner()
-    result = runner.invoke(cli, list(args), input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a bug, not a handled error: show its traceback
-    return Run(result.exit_code, result.stdout, result.stderr, result.stdout_bytes)
-
-
-def ok(*args: str, **kwargs: Any) -> Run:
-    run = invoke(*args, **kwargs)
-    assert run.code == 0, run
-    return run
 
 
 def store(url: str, **options: Any) -> mappingstore.Store:

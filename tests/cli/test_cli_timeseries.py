@@ -12,8 +12,6 @@ import operator
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,48 +20,12 @@ import pytest
 click_testing = pytest.importorskip("click.testing")
 
 import mappingstore  # noqa: E402
-from mappingstore import MemoryStore  # noqa: E402
-from mappingstore.cli import cli  # noqa: E402
 from mappingstore.cli._app import UsageFailure  # noqa: E402
 from mappingstore.cli._timeseries import parse_changes  # noqa: E402
+from tests.cli.support import Run, invoke, ok  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Tr0ub4dor&3-series-horse"  # distinctive: must never show up in any output
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MAPPINGSTORE_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    name = f"cli-ts-{uuid.uuid4().hex}"
-    yield f"memory://{name}"
-    MemoryStore.drop(name)
-
-
-class Run:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-    def __repr__(self) -> str:
-        return f"Run(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
-
-
-def invoke(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Run:
-    result = click_testing.CliRunner().invoke(cli, list(args), input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a bug, not a handled error
-    return Run(result.exit_code, result.stdout, result.stderr)
-
-
-def ok(*args: str, **kwargs: Any) -> Run:
-    run = invoke(*args, **kwargs)
-    assert run.code == 0, run
-    return run
 
 
 def as_json(run: Run) -> Any:

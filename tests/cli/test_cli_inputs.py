@@ -11,8 +11,6 @@ import json
 import math
 import os
 import stat
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,10 @@ import pytest
 click_testing = pytest.importorskip("click.testing")
 
 import mappingstore  # noqa: E402
-from mappingstore import MemoryStore  # noqa: E402
 from mappingstore._store import Op  # noqa: E402
-from mappingstore.cli import _items, cli  # noqa: E402
+from mappingstore.cli import _items  # noqa: E402
 from mappingstore.cli._kinds import same_value  # noqa: E402
+from tests.cli.support import invoke, ok  # noqa: E402
 
 PASSWORD = "Tr0ub4dor&3-correct-horse"
 OTHER_PASSWORD = "n3w-Battery-Staple-42"
@@ -37,48 +35,6 @@ def _big() -> int:
     from decimal import Decimal
 
     return int(Decimal(DIGITS))
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MAPPINGSTORE_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    name = f"cli-{uuid.uuid4().hex}"
-    yield f"memory://{name}"
-    MemoryStore.drop(name)
-
-
-@pytest.fixture
-def other_url() -> Iterator[str]:
-    name = f"cli-{uuid.uuid4().hex}"
-    yield f"memory://{name}"
-    MemoryStore.drop(name)
-
-
-class Run:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-    def __repr__(self) -> str:
-        return f"Run(code={self.code}, stdout={self.stdout[:300]!r}, stderr={self.stderr!r})"
-
-
-def invoke(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Run:
-    result = click_testing.CliRunner().invoke(cli, list(args), input=input, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a traceback: what these tests exist to rule out
-    return Run(result.exit_code, result.stdout, result.stderr)
-
-
-def ok(*args: str, **kwargs: Any) -> Run:
-    run = invoke(*args, **kwargs)
-    assert run.code == 0, run
-    return run
 
 
 def failed(code: int, *args: str, **kwargs: Any) -> str:
