@@ -588,11 +588,12 @@ def _check_plaintext(src: Store, dst: Store | None, plan: list[Any], allow_plain
     """Refuse to store the series, event logs and blobs of an encrypted source unencrypted.
 
     Items are judged one by one (each record says whether it is encrypted); these are
-    judged by the source store: when it has a password, they count as encrypted. They
-    are written with the destination's own encryption, so a destination without a
-    password would store them in plaintext: that takes --allow-plaintext.
+    judged by the source store: when it holds a key (a password, even if ``encrypt=false``
+    turned its default encryption off), they count as encrypted. They are written with the
+    destination's own encryption, so a destination that does not encrypt by default would
+    store them in plaintext: that takes --allow-plaintext.
     """
-    if dst is None or allow_plaintext or not src.encrypted or dst.encrypted:
+    if dst is None or allow_plaintext or src._cipher is None or dst.encrypted:
         return
     found = [
         (one, name)
@@ -603,7 +604,8 @@ def _check_plaintext(src: Store, dst: Store | None, plan: list[Any], allow_plain
     if found:
         one, name = found[0]
         raise PasswordRequiredError(
-            f"the source is encrypted but the destination has no password, so its {one} "
+            "the source is encrypted but the destination does not encrypt (no password, "
+            f"or encrypt=false), so its {one} "
             f"{name!r} would be stored unencrypted: set ${DST_PASSWORD_ENV} or "
             "--dst-password-file, or pass --allow-plaintext"
         )

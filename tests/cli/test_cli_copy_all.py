@@ -169,6 +169,33 @@ def test_an_encrypted_source_is_never_decrypted_silently(tmp_path: Path) -> None
         assert d.info()["encryption"] is None
 
 
+@pytest.mark.parametrize("kind", ["series", "event log", "blob"])
+@pytest.mark.parametrize(
+    ("src_query", "dst_query"), [("?encrypt=false", ""), ("", "?encrypt=false")]
+)
+def test_encrypt_false_on_either_side_decrypts_nothing_silently(
+    tmp_path: Path, kind: str, src_query: str, dst_query: str
+) -> None:
+    # encrypt=false turns the default off, not the key: the source's objects are still
+    # encrypted, and a destination with encrypt=false would store them in plaintext.
+    src, dst = url_of("sqlite", tmp_path, "src"), url_of("sqlite", tmp_path, "dst")
+    with mappingstore.open(src, password=PASSWORD, security="low") as s:
+        if kind == "series":
+            s.series("x").extend([(1, "top secret")])
+        elif kind == "event log":
+            s.events("x").apply({"k": "top secret"}, 1)
+        else:
+            s.put_file("x", io.BytesIO(b"top secret"))
+    env = {"MAPPINGSTORE_PASSWORD": PASSWORD, "MAPPINGSTORE_DST_PASSWORD": PASSWORD}
+    if not dst_query:
+        del env["MAPPINGSTORE_DST_PASSWORD"]
+    run = invoke("copy", src + src_query, dst + dst_query, env=env)
+    assert run.code == 1, run
+    assert f"{kind} 'x' would be stored unencrypted" in run.stderr
+    written = tmp_path / "dst.db"
+    assert not written.exists() or b"top secret" not in written.read_bytes()
+
+
 def test_copy_conflicts_are_reported_never_merged_and_overwrite_replaces(
     tmp_path: Path,
 ) -> None:
