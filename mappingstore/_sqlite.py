@@ -272,8 +272,11 @@ class _ForkGate:
             with self.cond:
                 self.cond.notify_all()
 
-    def close(self, conn: sqlite3.Connection) -> None:
-        """Close *conn*, holding ``fork()`` back meanwhile (see the class docstring).
+    def close(self, conn: sqlite3.Connection, cursor: sqlite3.Cursor | None = None) -> None:
+        """Close *conn* (and first *cursor*, its reusable cursor: a statement left in it,
+        e.g. by a call that failed, would keep SQLite from closing the file while an
+        exception's traceback keeps the cursor alive), holding ``fork()`` back meanwhile
+        (see the class docstring).
 
         Counted in one shared number, not per thread: this runs as a finalizer, also
         while a thread is ending, when its thread-local state may already be gone.
@@ -284,6 +287,9 @@ class _ForkGate:
                 self.cond.wait()
             self.closing += 1
         try:
+            if cursor is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    cursor.close()
             conn.close()
         finally:
             with self.cond:
@@ -389,13 +395,40 @@ def _float_option(text: str) -> float:
 _URL_OPTIONS: dict[str, Callable[[str], Any]] = {"synchronous": str, "timeout": _float_option}
 
 
-class _Conn:
-    """One connection, and the depth of its open ``_exclusive()`` transaction."""
+# What _run() returns.
+_ONE, _ALL, _COUNT_CHANGED = 0, 1, 2
 
-    __slots__ = ("__weakref__", "conn", "cursor", "depth", "finalizer", "pending")
+
+class _Conn:
+    """One connection, and the depth of its open ``_exclusive()`` transaction.
+
+    ``close()`` may run in any thread, and Python's ``sqlite3`` crashes (a segfault, not
+    an exception) when a connection is closed while another thread is inside one of its
+    calls. So each use of a connection is bracketed by :meth:`enter` and :meth:`leave`
+    (inlined on the hot paths), and ``close()`` calls :meth:`close_when_idle`: it closes
+    an idle connection at once and leaves a busy one to its user, who closes it on
+    leaving. The two sides write their own flag and then read the other's (``busy``,
+    then ``closing``; ``closing``, then ``busy``), and the GIL orders these reads and
+    writes, so at least one side sees the other and no call runs on a closed connection.
+    Only the thread using a connection changes ``busy`` (the shared connection of a
+    memory database is used under its lock), so ``+= 1`` loses no update.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "busy",
+        "closing",
+        "conn",
+        "cursor",
+        "depth",
+        "finalizer",
+        "pending",
+    )
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.busy = 0
+        self.closing = False
         # Reused for single-row statements (a point read reaches SQLITE_DONE at once, so
         # it never holds a read snapshot open): saves a Cursor object per call.
         self.cursor = conn.cursor()
@@ -405,11 +438,28 @@ class _Conn:
         self.pending: dict[str, int] = {}
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
-        self.finalizer = weakref.finalize(self, _GATE.close, conn)
+        self.finalizer = weakref.finalize(self, _GATE.close, conn, self.cursor)
         # Not at interpreter exit: the main thread would close connections that daemon
         # threads are still writing with (tracebacks, or a segfault mid-statement). The
         # OS closes the descriptor, and every acknowledged write is already committed.
         self.finalizer.atexit = False
+
+    def enter(self) -> None:
+        """Mark the connection in use; ``StoreClosedError`` once its store is closing."""
+        self.busy += 1
+        if self.closing:
+            self.leave()
+            raise StoreClosedError("SQLiteStore is closed")
+
+    def leave(self) -> None:
+        self.busy -= 1
+        if self.closing and not self.busy:
+            self.finalizer()
+
+    def close_when_idle(self) -> None:
+        self.closing = True
+        if not self.busy:
+            self.finalizer()
 
 
 def _read_header(path: str) -> bytes:
@@ -785,27 +835,46 @@ class SQLiteStore(Store):
     # -- statement helpers --------------------------------------------------------------
 
     def _one(self, sql: str, params: Sequence[Any]) -> Any:
+        """The first row of one statement."""
         lock = self._memlock
-        try:
-            if lock is None:
-                return self._cursor().execute(sql, params).fetchone()
-            with lock:
-                return self._cursor().execute(sql, params).fetchone()
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+        if lock is None:
+            return self._run(sql, params, _ONE)
+        with lock:
+            return self._run(sql, params, _ONE)
+
+    def _all(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Every row of one statement."""
+        lock = self._memlock
+        if lock is None:
+            return self._run(sql, params, _ALL)  # type: ignore[no-any-return]
+        with lock:
+            return self._run(sql, params, _ALL)  # type: ignore[no-any-return]
 
     def _write(self, sql: str, params: Sequence[Any]) -> int:
+        """The number of rows one statement changed."""
         lock = self._memlock
         _GATE.enter()
         try:
             if lock is None:
-                return self._cursor().execute(sql, params).rowcount
+                return self._run(sql, params, _COUNT_CHANGED)  # type: ignore[no-any-return]
             with lock:
-                return self._cursor().execute(sql, params).rowcount
+                return self._run(sql, params, _COUNT_CHANGED)  # type: ignore[no-any-return]
+        finally:
+            _GATE.leave()
+
+    def _run(self, sql: str, params: Sequence[Any], result: int) -> Any:
+        """One statement on the thread's connection, marked in use (see _Conn)."""
+        holder = self._thread_conn()
+        holder.enter()
+        try:
+            cursor = holder.cursor.execute(sql, params)
+            if result == _ONE:
+                return cursor.fetchone()
+            return cursor.rowcount if result == _COUNT_CHANGED else cursor.fetchall()
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         finally:
-            _GATE.leave()
+            holder.leave()
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -828,6 +897,7 @@ class SQLiteStore(Store):
                     holder.depth -= 1
                 return
             conn = holder.conn
+            holder.enter()  # for the whole transaction: close() lets it end first
             _GATE.enter(own=True)
             try:
                 try:
@@ -859,6 +929,7 @@ class SQLiteStore(Store):
             finally:
                 holder.pending.clear()
                 _GATE.leave(own=True)
+                holder.leave()
         finally:
             if lock is not None:
                 lock.release()
@@ -923,15 +994,19 @@ class SQLiteStore(Store):
             yield holder.conn
             return
         conn = holder.conn
+        holder.enter()
         try:
-            conn.execute("BEGIN")
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
-        try:
-            yield conn
+            try:
+                conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("COMMIT")
+            holder.leave()
 
     def _rows(self, sql: str, params: tuple[Any, ...], column: int | None) -> Iterator[Any]:
         """Stream the rows of one SELECT ordered by key (only column *column* if given).
@@ -966,37 +1041,60 @@ class SQLiteStore(Store):
         return itertools.chain.from_iterable(self._column_pages(sql, params, column))
 
     def _stream_rows(self, sql: str, params: tuple[Any, ...]) -> Iterator[Any]:
-        with self._reading(sql, params) as cursor:
-            for row in cursor:
-                if type(row[0]) is not str:
-                    return  # a BLOB key: it and every row after it (see _text_rows)
+        with self._reading(sql, params) as (reader, cursor):
+            while True:
+                reader.enter()
+                try:
+                    row = cursor.fetchone()
+                finally:
+                    reader.leave()
+                if row is None or type(row[0]) is not str:
+                    return  # the end, or a BLOB key: it and every row after it (_text_rows)
                 yield row
 
     def _column_pages(
         self, sql: str, params: tuple[Any, ...], column: int
     ) -> Iterator[Iterator[Any]]:
-        with self._reading(sql, params) as cursor:
+        with self._reading(sql, params) as (reader, cursor):
             pick = itemgetter(column)
             size = 1
-            while rows := cursor.fetchmany(size):
+            while True:
+                reader.enter()
+                try:
+                    rows = cursor.fetchmany(size)
+                finally:
+                    reader.leave()
+                if not rows:
+                    return
                 yield map(pick, _text_rows(rows, column))
                 size = min(size * 8, _FETCH)
 
     @contextlib.contextmanager
-    def _reading(self, sql: str, params: tuple[Any, ...]) -> Iterator[sqlite3.Cursor]:
-        """A cursor over *sql* on a pooled reader connection, returned to the pool at the end."""
+    def _reading(self, sql: str, params: tuple[Any, ...]) -> Iterator[tuple[_Conn, sqlite3.Cursor]]:
+        """A pooled reader connection and a cursor over *sql* on it, returned to the pool
+        at the end. Each fetch is marked in use (``reader.enter()``/``leave()``, see _Conn):
+        a stream left suspended does not keep close() from closing its connection, and
+        its next fetch raises ``StoreClosedError``."""
         reader = self._take_reader()
         cursor: sqlite3.Cursor | None = None
         try:
             try:
-                cursor = reader.conn.execute(sql, params)
-                yield cursor
+                reader.enter()
+                try:
+                    cursor = reader.conn.execute(sql, params)
+                finally:
+                    reader.leave()
+                yield reader, cursor
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
         finally:
             if cursor is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    cursor.close()
+                with contextlib.suppress(StoreClosedError, sqlite3.Error):
+                    reader.enter()  # raises once closing: the connection goes anyway
+                    try:
+                        cursor.close()
+                    finally:
+                        reader.leave()
             self._return_reader(reader)
 
     def _paged_rows(self, lock: Any, sql: str, params: tuple[Any, ...]) -> Iterator[Any]:
@@ -1058,7 +1156,11 @@ class SQLiteStore(Store):
         try:
             with lock if lock is not None else contextlib.nullcontext():
                 holder = self._thread_conn()
-                row = holder.cursor.execute(_NS_ID, (ns,)).fetchone()
+                holder.enter()
+                try:
+                    row = holder.cursor.execute(_NS_ID, (ns,)).fetchone()
+                finally:
+                    holder.leave()
                 if row is None:
                     return None
                 nid = int(row[0])
@@ -1094,14 +1196,7 @@ class SQLiteStore(Store):
 
     def _point(self, sql: str, nid: int, key: str) -> Any:
         """The row of a primary-key lookup (hot path: kept flat on purpose)."""
-        lock = self._memlock
-        try:
-            if lock is None:
-                return self._cursor().execute(sql, (nid, key)).fetchone()
-            with lock:
-                return self._cursor().execute(sql, (nid, key)).fetchone()
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+        return self._one(sql, (nid, key))
 
     def __getitem__(self, key: str) -> Any:
         # docstring inherited. Store.__getitem__ and _get() inlined for the common read (an
@@ -1109,13 +1204,20 @@ class SQLiteStore(Store):
         nid = self._fastnid
         if nid is not None and not self._nbatch and type(key) is str and key and key.isascii():
             try:
-                cursor = self._local.holder.cursor
+                holder = self._local.holder
             except AttributeError:
-                cursor = self._thread_conn().cursor
+                holder = self._thread_conn()
+            holder.busy += 1  # holder.enter() and leave() inlined (see _Conn)
             try:
-                row = cursor.execute(_GET_FOREVER, (nid, key)).fetchone()
+                if holder.closing:
+                    self._check_open()
+                row = holder.cursor.execute(_GET_FOREVER, (nid, key)).fetchone()
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
+            finally:
+                holder.busy -= 1
+                if holder.closing and not holder.busy:
+                    holder.finalizer()
             if row is None:
                 raise MissingKeyError(key)
             data = row[0]
@@ -1161,12 +1263,20 @@ class SQLiteStore(Store):
         try:
             if self._memlock is None and self._gen == _fork_gen:
                 try:
-                    cursor = self._local.holder.cursor
+                    holder = self._local.holder
                 except AttributeError:
-                    cursor = self._thread_conn().cursor
-                row = cursor.execute(_GET, (nid, key)).fetchone()
+                    holder = self._thread_conn()
+                holder.busy += 1  # holder.enter() and leave() inlined (see _Conn)
+                try:
+                    if holder.closing:
+                        self._check_open()
+                    row = holder.cursor.execute(_GET, (nid, key)).fetchone()
+                finally:
+                    holder.busy -= 1
+                    if holder.closing and not holder.busy:
+                        holder.finalizer()
             else:
-                row = self._point(_GET, nid, key)
+                row = self._one(_GET, (nid, key))
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         if row is None or (row[1] is not None and row[1] <= self._clock()):
@@ -1184,24 +1294,13 @@ class SQLiteStore(Store):
         nid = self._ids.get(ns)
         if nid is None:
             nid = self._ns_id_for_write(ns)
-        lock = self._memlock
         value: bytes | bytearray = bytearray(data) if len(data) <= _COPY_MAX else data
         params: tuple[Any, ...]
         if expires is None:
             sql, params = _PUT_FOREVER, (nid, key, value)
         else:
             sql, params = _PUT, (nid, key, value, expires)
-        _GATE.enter()
-        try:
-            if lock is None:
-                self._cursor().execute(sql, params)
-            else:
-                with lock:
-                    self._cursor().execute(sql, params)
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
-        finally:
-            _GATE.leave()
+        self._write(sql, params)
 
     def _delete(self, ns: str, key: str) -> bool:
         nid = self._ns_id(ns)
@@ -1223,13 +1322,20 @@ class SQLiteStore(Store):
         nid = self._fastnid
         if nid is not None and not self._nbatch:
             try:
-                cursor = self._local.holder.cursor
+                holder = self._local.holder
             except AttributeError:
-                cursor = self._thread_conn().cursor
+                holder = self._thread_conn()
+            holder.busy += 1  # holder.enter() and leave() inlined (see _Conn)
             try:
-                count: int = cursor.execute(_COUNT, (nid, self._clock())).fetchone()[0]
+                if holder.closing:
+                    self._check_open()
+                count: int = holder.cursor.execute(_COUNT, (nid, self._clock())).fetchone()[0]
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
+            finally:
+                holder.busy -= 1
+                if holder.closing and not holder.busy:
+                    holder.finalizer()
             return count
         if self._nbatch or self._dot or self._closed:
             return super().__len__()
@@ -1279,9 +1385,16 @@ class SQLiteStore(Store):
     def _decoded_page_runs(
         self, ns: str, sql: str, params: tuple[Any, ...]
     ) -> Iterator[Iterable[tuple[str, Any]]]:
-        with self._reading(sql, params) as cursor:
+        with self._reading(sql, params) as (reader, cursor):
             size = 1
-            while rows := _text_rows(cursor.fetchmany(size)):
+            while True:
+                reader.enter()
+                try:
+                    rows = _text_rows(cursor.fetchmany(size))
+                finally:
+                    reader.leave()
+                if not rows:
+                    return
                 keys, datas = zip(*rows, strict=True)
                 average = sum(map(len, datas)) // len(datas) + 1
                 size = max(1, min(size * 8, _FETCH, _PAGE_BYTES // average))
@@ -1334,7 +1447,12 @@ class SQLiteStore(Store):
 
         try:
             if len(unique) <= _IN_CHUNK and self._memlock is None:
-                run(self._conn())
+                holder = self._thread_conn()
+                holder.enter()
+                try:
+                    run(holder.conn)
+                finally:
+                    holder.leave()
             else:
                 with self._snapshot() as conn:
                     run(conn)
@@ -1392,12 +1510,7 @@ class SQLiteStore(Store):
         return self._write(_PURGE, (nid, now)) + self._write(_PURGE_OTHERS, (nid, now))
 
     def _namespaces(self) -> Iterable[str]:
-        lock = self._memlock
-        try:
-            with lock if lock is not None else contextlib.nullcontext():
-                return [r[0] for r in self._conn().execute(_NAMESPACES).fetchall()]
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+        return [r[0] for r in self._all(_NAMESPACES, ())]
 
     def _close(self) -> None:
         self._rfast = False
@@ -1407,12 +1520,18 @@ class SQLiteStore(Store):
             holders = list(self._holders)
             self._holders = weakref.WeakSet()
             self._readers = []
+        lock = self._memlock
         for holder in holders:
             if forked:  # never close a connection inherited from the parent
                 holder.finalizer.detach()
                 _INHERITED.append(holder.conn)
+            elif lock is not None:  # the one shared connection, used under the lock
+                with lock:
+                    holder.finalizer()
             else:
-                holder.finalizer()
+                # A connection another thread is using is closed by that thread when its
+                # call (or transaction, or stream) ends: closing it under the call crashes.
+                holder.close_when_idle()
         self._local = threading.local()
         if self._file_unregister is not None:
             self._file_unregister()

@@ -481,6 +481,70 @@ def test_close_releases_every_connection(tmp_path: Path) -> None:
         store["k"] = 2
 
 
+_CLOSE_UNDER_LOAD = """
+import sys, threading, time
+from mappingstore import SQLiteStore
+from mappingstore.errors import StoreClosedError
+
+path, delay = sys.argv[1], float(sys.argv[2])
+store = SQLiteStore(path)
+store.update({f"k{i}": i for i in range(2000)})
+started = threading.Barrier(4)
+outcomes = []
+
+filled = threading.Event()
+
+def writer():
+    started.wait()
+    try:
+        with store.batch():
+            store.set_many({f"b{i}": i for i in range(100000)})
+            filled.set()  # the commit (one long executemany) starts now
+        outcomes.append("committed")
+    except StoreClosedError:
+        outcomes.append("closed")
+    finally:
+        filled.set()
+
+def reader():
+    started.wait()
+    try:
+        while True:
+            store["k1"]
+            len(store)
+            for _ in store.items():
+                pass
+    except StoreClosedError:
+        outcomes.append("closed")
+
+threads = [threading.Thread(target=f) for f in (writer, reader, reader)]
+for t in threads:
+    t.start()
+started.wait()
+filled.wait()
+time.sleep(delay)
+store.close()
+for t in threads:
+    t.join()
+assert len(outcomes) == 3, outcomes
+print(" ".join(outcomes))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1])
+def test_close_while_other_threads_commit_read_and_iterate(tmp_path: Path, delay: float) -> None:
+    # Python's sqlite3 crashes (SIGSEGV) when a connection is closed while another thread
+    # is inside one of its calls: close() must leave a connection in use to its user.
+    # In a subprocess, so that a crash fails this test instead of killing the run.
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSE_UNDER_LOAD, str(tmp_path / "c.db"), str(delay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
 @needs_proc
 def test_threads_that_end_do_not_leak_connections(db: SQLiteStore) -> None:
     db["k"] = 0
