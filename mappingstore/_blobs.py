@@ -28,6 +28,9 @@ half blob: readers see the old version or the new one. The chunks of an upload t
 committed are orphans, invisible to every read; ``cleanup`` (``Store.purge_blobs``)
 removes them once they are older than a grace period. The version id starts with the
 upload's start time so that cleanup can tell an abandoned upload from one in progress.
+If the swap itself fails with an unknown outcome (a lost reply), the new chunks may
+already be the blob: the manifest is read back before anything is removed, and if it
+cannot be, nothing is (``ChunkedBlobs._abandon``).
 
 Every chunk goes through the store's codec with ``(version, index, final)`` as extra
 associated data: with encryption each chunk is authenticated and bound to its blob,
@@ -44,21 +47,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import operator
 import os
+import stat
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from ._codec import ENCRYPTED_HEADER
+from ._filelock import fsync_dir
 from ._keys import check_key, internal_ns, tagged_key, tagged_names
 from .errors import (
+    BackendError,
     CorruptValueError,
     IntegrityError,
     InvalidOptionError,
+    MappingStoreError,
     MissingKeyError,
     OptionTypeError,
+    StoreNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -76,6 +84,9 @@ MAX_CHUNK_SIZE = 64 << 20
 DEFAULT_GRACE = 24 * 3600.0
 #: Chunk deletions are committed in groups of this many records.
 _DELETE_GROUP = 256
+#: What reading a damaged manifest raises: a plain one fails its CRC or its own checks
+#: (``CorruptValueError``), an encrypted one its authentication (``IntegrityError``).
+_DAMAGED = (CorruptValueError, IntegrityError)
 
 Source = str | os.PathLike[str] | IO[bytes]
 
@@ -169,37 +180,111 @@ def _check_chunk_size(chunk_size: Any) -> int:
     return chunk_size
 
 
-def _read_full(src: IO[bytes], n: int) -> bytes:
-    """Up to *n* bytes; fewer only at end of stream (raw files may return short reads)."""
-    data = src.read(n)
-    if data is None:
-        raise InvalidOptionError("the source is a non-blocking file with no data ready")
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise OptionTypeError("the source must be a binary file (opened with 'rb')")
-    if len(data) == n or not data:
-        return bytes(data)
-    parts = [bytes(data)]
-    got = len(data)
-    while got < n:
-        more = src.read(n - got)
-        if not more:
-            break
-        parts.append(bytes(more))
-        got += len(more)
-    return b"".join(parts)
+class SourceReader:
+    """Reads a source in pieces of exactly the size asked, fewer bytes only at its end.
+
+    A raw file may return short reads, so a short piece is not the end: only ``b""`` is.
+    A file-like whose ``read(n)`` returns *more* than *n* bytes (one that ignores the
+    size, a common shortcut) is handled too: the excess is kept for the next piece.
+    Taking such a piece whole would make a chunk longer than ``chunk_size``, which the
+    one-chunk look-ahead of the writers then took for the last one: a truncated blob
+    behind a manifest that fails its own check. After the first ``b""`` the source is
+    never read again (the end is the end, for every writer alike).
+    """
+
+    __slots__ = ("_end", "_extra", "_offset", "_src")
+
+    def __init__(self, src: IO[bytes]) -> None:
+        self._src = src
+        self._extra = b""  # bytes read beyond what was asked, from _offset on
+        self._offset = 0
+        self._end = False
+
+    def _read(self, n: int) -> bytes:
+        data = self._src.read(n)
+        if data is None:
+            raise InvalidOptionError("the source is a non-blocking file with no data ready")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise OptionTypeError("the source must be a binary file (opened with 'rb')")
+        return bytes(data)  # the same object for bytes: no copy
+
+    def read(self, n: int) -> bytes:
+        """*n* bytes (``n >= 1``); fewer only at the end of the source, ``b""`` at it."""
+        parts: list[bytes] = []
+        got = 0
+        if self._extra:
+            # A slice per piece, never a copy of the whole rest: a source may hand over
+            # a GiB at once.
+            piece = self._extra[self._offset : self._offset + n]
+            self._offset += len(piece)
+            if self._offset >= len(self._extra):
+                self._extra, self._offset = b"", 0
+            parts.append(piece)
+            got = len(piece)
+        while got < n and not self._end:
+            data = self._read(n - got)
+            if not data:
+                self._end = True
+                break
+            if len(data) > n - got:
+                self._extra, self._offset = data, n - got
+                data = data[: n - got]
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 @contextlib.contextmanager
-def _opened(target: Source, mode: str) -> Iterator[IO[bytes]]:
-    if isinstance(target, str | os.PathLike):
-        with open(target, mode) as f:
-            yield f
-    elif callable(getattr(target, "read" if mode == "rb" else "write", None)):
+def _file_errors(what: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an ``OSError`` about the caller's file *path* (not already one of ours) into
+    ours, keeping the builtin: :class:`StoreNotFoundError` (a ``FileNotFoundError``) for
+    a missing file or directory, :class:`BackendError` (an ``OSError``) otherwise, with
+    the errno, and *path* as the file name (not the temporary file beside it)."""
+    try:
+        yield
+    except MappingStoreError:
+        raise
+    except OSError as exc:
+        cls = StoreNotFoundError if isinstance(exc, FileNotFoundError) else BackendError
+        if exc.errno is None or exc.strerror is None:
+            raise cls(f"{what} {os.fspath(path)!r}: {exc}") from exc
+        raise cls(exc.errno, f"{what}: {exc.strerror}", os.fspath(path)) from exc
+
+
+@contextlib.contextmanager
+def _opened(target: IO[bytes], mode: str) -> Iterator[IO[bytes]]:
+    """*target*, a file object (not a path), checked for ``read`` or ``write``."""
+    if callable(getattr(target, "read" if mode == "rb" else "write", None)):
         yield target
     else:
         raise OptionTypeError(
             f"expected a path or a binary file object, not {type(target).__qualname__}"
         )
+
+
+def _create_beside(path: str) -> tuple[int, str]:
+    """A new temporary file in *path*'s directory, with the mode *path* will have.
+
+    Not ``mkstemp``: its 0600 would survive the rename, so ``get_file`` would make a file
+    nobody else can read whatever the umask, and turn an existing 0644 target into 0600.
+    A new file gets what ``open(path, "wb")`` gives (0666 minus the umask, applied by
+    ``os.open``), an existing target keeps its permission bits.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".mappingstore-{os.urandom(8).hex()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            pass
+        else:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def _delete_chunks(store: Store, keys: list[str]) -> None:
@@ -238,6 +323,11 @@ class Blobs:
         name = check_key(name)
         chunk_size = _check_chunk_size(chunk_size)
         _check_no_batch(store, "put_file")
+        if isinstance(source, str | os.PathLike):
+            # The caller's file: a missing one is a StoreNotFoundError (a
+            # FileNotFoundError), any other failure to open or read it a BackendError.
+            with _file_errors("cannot read the source", source), open(source, "rb") as f:
+                return self._put(name, f, encrypt, chunk_size)
         with _opened(source, "rb") as src:
             return self._put(name, src, encrypt, chunk_size)
 
@@ -251,18 +341,20 @@ class Blobs:
         with self.open(name) as reader:
             if isinstance(target, str | os.PathLike):
                 path = os.fspath(target)
-                directory = os.path.dirname(os.path.abspath(path))
-                fd, tmp = tempfile.mkstemp(prefix=".mappingstore-", suffix=".part", dir=directory)
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        n = reader.copy_to(f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                with _file_errors("cannot write the target", path):
+                    fd, tmp = _create_beside(path)
+                    try:
+                        with os.fdopen(fd, "wb") as f:
+                            n = reader.copy_to(f)
+                            f.flush()
+                            os.fsync(f.fileno())
+                        os.replace(tmp, path)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
+                        raise
+                    with contextlib.suppress(OSError):  # best effort: not every file
+                        fsync_dir(os.path.dirname(os.path.abspath(path)))  # system can
                 return n
             with _opened(target, "wb") as f:
                 return reader.copy_to(f)
@@ -320,12 +412,15 @@ class ChunkedBlobs(Blobs):
         written: list[str] = []
         digest = hashlib.sha256()
         size = 0
+        reader = SourceReader(src)
+        replaced: list[_Manifest | None] = []
+        swapping = False
         try:
-            data = _read_full(src, chunk_size)
+            data = reader.read(chunk_size)
             index = 0
             while data:
                 # Read one chunk ahead: the last chunk carries the final flag in its AAD.
-                following = _read_full(src, chunk_size) if len(data) == chunk_size else b""
+                following = reader.read(chunk_size) if len(data) == chunk_size else b""
                 key = _chunk_key(name, version, index)
                 record = store._encode(
                     ns, key, data, encrypt, context=_context(version, index, not following)
@@ -340,31 +435,60 @@ class ChunkedBlobs(Blobs):
             manifest = _Manifest(version, size, chunk_size, index, digest.digest())
             mkey = _manifest_key(name)
             encoded = store._encode(ns, mkey, manifest.to_value(), encrypt)
-            replaced: list[_Manifest | None] = []
 
             def swap(rec: Any) -> Any:
-                replaced.clear()
+                replaced.clear()  # empty while this runs: if it raises, nothing committed
                 old = None
                 if rec is not None:
-                    # A damaged old manifest must not block a new upload: its chunks are
-                    # orphans for cleanup().
-                    with contextlib.suppress(CorruptValueError):
+                    # A damaged old manifest (damaged plain, or failing authentication)
+                    # must not block a new upload: its chunks are orphans for cleanup().
+                    with contextlib.suppress(*_DAMAGED):
                         old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
                 replaced.append(old)
                 return (encoded, None)
 
             store._check_open()
+            swapping = True
             store._update(ns, mkey, swap)
         except BaseException:
-            # Best effort: what cannot be removed now is an orphan for cleanup().
-            with contextlib.suppress(Exception):
-                if not store.closed:
-                    _delete_chunks(store, written)
+            # The swap may have committed only if its function returned a new manifest.
+            self._abandon(name, version, written, replaced if swapping and replaced else None)
             raise
         old = replaced[0] if replaced else None
         if old is not None and old.version != version:
             _delete_chunks(store, [_chunk_key(name, old.version, i) for i in range(old.count)])
         return size
+
+    def _abandon(
+        self, name: str, version: str, written: list[str], replaced: list[_Manifest | None] | None
+    ) -> None:
+        """Clean up after an upload that raised; best effort: what cannot be removed now
+        is an orphan for cleanup().
+
+        *replaced* is ``None`` if the manifest swap cannot have committed (never tried, or
+        its function raised): then the chunks in *written* are nobody's and go.
+        Otherwise the swap's outcome may be unknown (``UnknownOutcomeError``: the
+        connection was lost before the reply; or an interrupt between the commit and the
+        return), and deleting the chunks under a committed manifest would leave a blob
+        that is neither the old version nor the new one. So the manifest decides: ours,
+        the upload happened (the chunks stay, and the replaced version's go, as after a
+        success); another one, ours is not (or no longer) the blob (the chunks go). If
+        it cannot be read, nothing is deleted: orphans are recoverable by
+        ``purge_blobs``, a destroyed blob is not.
+        """
+        store = self.store
+        with contextlib.suppress(Exception):
+            if store.closed:
+                return
+            if replaced is not None:
+                current = _read_manifest(store, name)
+                if current is not None and current.version == version:
+                    old = replaced[0]
+                    if old is not None and old.version != version:
+                        doomed = [_chunk_key(name, old.version, i) for i in range(old.count)]
+                        _delete_chunks(store, doomed)
+                    return
+            _delete_chunks(store, written)
 
     def _open(self, name: str) -> BlobReader:
         manifest = _read_manifest(self.store, name)
@@ -382,7 +506,7 @@ class ChunkedBlobs(Blobs):
             if rec is None:
                 raise MissingKeyError(name)
             old = None
-            with contextlib.suppress(CorruptValueError):
+            with contextlib.suppress(*_DAMAGED):  # its chunks are orphans for cleanup()
                 old = _Manifest.from_value(name, store._decode(ns, mkey, rec[0]))
             removed.append(old)
             return None
@@ -414,7 +538,7 @@ class ChunkedBlobs(Blobs):
             if name not in live:
                 try:
                     m = _read_manifest(store, name)
-                except CorruptValueError:
+                except _DAMAGED:
                     continue  # never guess about a blob whose manifest cannot be read
                 live[name] = None if m is None else m.version
             started = _version_time(version)
@@ -422,6 +546,22 @@ class ChunkedBlobs(Blobs):
                 doomed.append(key)
         _delete_chunks(store, doomed)
         return len(doomed)
+
+
+def _index(value: Any, what: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise OptionTypeError(f"{what} must be an int, not {type(value).__qualname__}") from None
+
+
+def _writable(buffer: Any) -> memoryview:
+    """*buffer* as a writable memoryview of bytes; a read-only one is refused before
+    any read (as ``FileIO.readinto`` does), the same way by every reader."""
+    out = memoryview(buffer)
+    if out.readonly:
+        raise OptionTypeError("readinto() needs a writable buffer, not a read-only one")
+    return out.cast("B")
 
 
 class BlobReader(io.RawIOBase):
@@ -491,6 +631,9 @@ class BlobReader(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._check()
+        # As a file does: an int (or an object with __index__), never a float.
+        offset = _index(offset, "the seek offset")
+        whence = _index(whence, "whence")
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
@@ -525,9 +668,17 @@ class BlobReader(io.RawIOBase):
     def _track(self, piece: bytes) -> None:
         """Called with each piece read, before the position moves past it."""
 
+    def write(self, data: Any) -> int:
+        """Not writable: raises :class:`io.UnsupportedOperation`, as a file opened for
+        reading does (and as ``truncate()`` and ``fileno()`` of this reader do)."""
+        self._check()
+        raise io.UnsupportedOperation("write: blob readers are read-only")
+
     def readinto(self, buffer: Any) -> int:
         self._check()
-        out = memoryview(buffer).cast("B")
+        out = _writable(buffer)
+        # Before any byte, also one from the cached chunk: a closed store reads nothing.
+        self._check_store()
         want = len(out)
         done = 0
         while done < want and self._pos < self._size:
@@ -549,6 +700,7 @@ class BlobReader(io.RawIOBase):
     def copy_to(self, target: IO[bytes]) -> int:
         """Write the rest of the blob to *target* chunk by chunk; return the bytes written."""
         self._check()
+        self._check_store()
         total = 0
         while self._pos < self._size:
             piece = self._piece(self._pos, self._size - self._pos)

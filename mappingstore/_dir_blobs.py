@@ -55,7 +55,7 @@ import stat
 import struct
 from typing import IO, TYPE_CHECKING, Any
 
-from ._blobs import BlobReader, Blobs, _ns, _read_full
+from ._blobs import BlobReader, Blobs, SourceReader, _ns, _writable
 from ._codec import ENCRYPTED_HEADER
 from ._directory import (
     BLOBS_DIR,
@@ -154,10 +154,11 @@ class DirectoryBlobs(Blobs):
                 os.unlink(tmp)
                 raise
         try:
+            reader = SourceReader(src)  # whole pieces even from a read() that ignores n
             if sealed:
-                size = self._write_sealed(fd, name, src, chunk_size)
+                size = self._write_sealed(fd, name, reader, chunk_size)
             else:
-                size = self._write_plain(fd, src)
+                size = self._write_plain(fd, reader)
             with io_errors(f"cannot write to {files._root!r}"):
                 if files._durable:
                     os.fsync(fd)
@@ -170,27 +171,27 @@ class DirectoryBlobs(Blobs):
             os.close(fd)  # releases the upload's flock
         return size
 
-    def _write_plain(self, fd: int, src: IO[bytes]) -> int:
+    def _write_plain(self, fd: int, src: SourceReader) -> int:
         size = 0
-        while data := _read_full(src, _COPY):
+        while data := src.read(_COPY):
             self.store._check_open()
             with io_errors(f"cannot write to {self.files._root!r}"):
                 _write_all(fd, data)
             size += len(data)
         return size
 
-    def _write_sealed(self, fd: int, name: str, src: IO[bytes], chunk_size: int) -> int:
+    def _write_sealed(self, fd: int, name: str, src: SourceReader, chunk_size: int) -> int:
         store, where = self.store, f"cannot write to {self.files._root!r}"
         header = _HEAD.pack(SEAL_MAGIC, SEAL_VERSION, 0, 0, chunk_size, 0, os.urandom(16))
         ns, key = _ns(store), _aad_key(name)
         with io_errors(where):
             _write_all(fd, header)
         size = index = 0
-        data = _read_full(src, chunk_size)
+        data = src.read(chunk_size)
         while True:
             # Read one chunk ahead: the last frame carries the final flag in its AAD. An
             # empty blob is one empty final frame, so a file is never validly frameless.
-            following = _read_full(src, chunk_size) if len(data) == chunk_size else b""
+            following = src.read(chunk_size) if len(data) == chunk_size else b""
             final = not following
             record = store._encode(ns, key, data, True, context=_context(header, index, final))
             store._check_open()
@@ -416,8 +417,8 @@ class PlainFileReader(BlobReader):
 
     def readinto(self, buffer: Any) -> int:
         self._check()
+        out = _writable(buffer)  # not preadv's BufferError: TypeError, as every reader
         self._check_store()
-        out = memoryview(buffer).cast("B")
         want = min(len(out), max(self._size - self._pos, 0))
         done = 0
         with io_errors(f"cannot read blob {self._name!r}"):

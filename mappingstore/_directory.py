@@ -49,6 +49,7 @@ from ._filelock import (
     LOCKED_FILE_OPTIONS,
     LockHandle,
     current_pid,
+    fsync_dir,
     io_errors,
     lock_timeout_option,
     locked_file_url,
@@ -215,14 +216,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _counter = itertools.count()
@@ -458,7 +451,7 @@ class DirectoryStore(Store):
 
     def _sync_dir(self, path: str) -> None:
         if self._durable:
-            _fsync_dir(path)
+            fsync_dir(path)
 
     def _write_file(self, path: str, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -645,7 +638,7 @@ class DirectoryStore(Store):
         try:
             directory = self._store_file(ns, key, data, expires)
             if self._durable:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except MappingStoreError:
             raise
         except OSError as exc:

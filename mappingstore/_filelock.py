@@ -36,6 +36,7 @@ __all__ = [
     "FileLock",
     "LockHandle",
     "current_pid",
+    "fsync_dir",
     "io_errors",
     "lock_timeout_option",
     "locked_file_url",
@@ -93,6 +94,15 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+def fsync_dir(path: str) -> None:
+    """Flush the directory *path*, so that a rename or a new file in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def current_pid() -> int:

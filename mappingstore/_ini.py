@@ -37,6 +37,7 @@ from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._filelock import (
     LOCKED_FILE_OPTIONS,
     LockHandle,
+    fsync_dir,
     io_errors,
     lock_timeout_option,
     locked_file_url,
@@ -767,11 +768,7 @@ class IniStore(Store):
             raise
         try:
             if self._durable:
-                dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(self._dir)
             st = os.fstat(fd)  # after the rename, which may change ctime
         except BaseException:
             os.close(fd)

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
+from .._keys import internal_ns
 from .._store import KEEP, Op, Record, Store
 from ..errors import InvalidOptionError, OptionTypeError
 from ._base import META_NS, Adapter
@@ -15,6 +16,15 @@ __all__ = ["Tiered"]
 
 _STRIPES = 64
 _LOCKS = 16
+_BLOB_NS = internal_ns("blob")  # + namespace: chunked blobs (_blobs.ChunkedBlobs)
+
+
+def _slow_only(ns: str) -> bool:
+    """Records read from and copied to the slowest tier alone: the metadata (it belongs
+    to that store) and blob records. A blob's chunks (up to 64 MiB each) copied into a
+    faster tier, often memory, would hold whole blobs there, which is what streaming
+    avoids (``Cached`` skips them too; a reader caches its one chunk itself)."""
+    return ns == META_NS or ns.startswith(_BLOB_NS)
 
 
 class Tiered(Adapter):
@@ -41,6 +51,10 @@ class Tiered(Adapter):
       processes if that backend is shared), then update the faster tiers.
     * **Listing**, ``len``, ``items()`` and ``namespaces()`` come from the slowest tier;
       ``clear`` empties every tier.
+    * **Blobs** (``put_file``) are manifest and chunk records through this adapter, kept
+      on the slowest tier only: they are read from it, never copied into a faster tier
+      (whole blobs would fill a memory tier), and a write or delete of one still removes
+      a faster tier's copy of the record first.
 
     Options and encryption are those of the slowest tier; every tier holds records in
     its format (with encryption, open the tiers with the same password and always read
@@ -176,7 +190,7 @@ class Tiered(Adapter):
     # -- reads (docstrings inherited) ---------------------------------------------------
 
     def _get_record(self, ns: str, key: str) -> Record | None:
-        if ns == META_NS:
+        if _slow_only(ns):
             return self._slow._get_record(ns, key)
         gen = self._gens[hash((ns, key)) % _STRIPES]
         for i, tier in enumerate(self._tiers):
@@ -195,7 +209,7 @@ class Tiered(Adapter):
         return self._get_record(ns, key) is not None
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
-        if ns == META_NS:
+        if _slow_only(ns):
             return self._slow._get_many(ns, keys)
         out: list[bytes | None] = [None] * len(keys)
         todo = list(range(len(keys)))
@@ -263,9 +277,12 @@ class Tiered(Adapter):
                     tier._apply(drop)
                 self._slow._apply(ops)
                 # From here on the write has happened: a fast tier's failure is not ours.
-                for tier in reversed(self._fast):
+                # Blob records were only dropped from the fast tiers (old copies), not
+                # copied there.
+                copies = [op for op in ops if not _slow_only(op.ns)]
+                for tier in reversed(self._fast) if copies else ():
                     try:
-                        tier._apply(ops)
+                        tier._apply(copies)
                     except Exception as exc:
                         self._fast_failed(tier, keys, "write", exc)
             finally:
@@ -292,7 +309,7 @@ class Tiered(Adapter):
                 if seen:
                     current, new = seen
                     result = current if new is KEEP else new
-                    if result is not None:
+                    if result is not None and not _slow_only(ns):
                         for tier in reversed(self._fast):
                             try:
                                 tier._put(ns, key, result[0], result[1])
