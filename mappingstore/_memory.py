@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeAlias
 
@@ -52,10 +53,36 @@ def _record(entry: _Entry) -> Record:
     return (_framed(entry), _expires(entry))
 
 
+class _KeyIndex:
+    """The keys of one namespace in sorted order, for :meth:`MemoryStore._has_prefix`
+    (dot names ask it for every leaf written: is the name a branch?), which would
+    otherwise scan every key.
+
+    Made by the first question, then kept up to date by every write of a new key, under
+    the space's lock. Deletions are not tracked (there are many ways to delete): a key
+    found here is checked against the namespace's dict, and one that is gone is dropped
+    then. The list is rebuilt when it holds many more keys than the namespace.
+    """
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        self.keys: list[str] | None = None
+
+    def add(self, key: str) -> None:
+        """Record a key new to the namespace (call under the lock; a no-op before the
+        first question)."""
+        keys = self.keys
+        if keys is not None:
+            i = bisect_left(keys, key)
+            if i == len(keys) or keys[i] != key:  # it may still be here from before
+                keys.insert(i, key)
+
+
 class _Space:
     """The data behind one memory store, shared by every instance opened on the same NAME."""
 
-    __slots__ = ("expiring", "key", "lock", "seq", "spaces")
+    __slots__ = ("expiring", "indexes", "key", "lock", "seq", "spaces")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -66,11 +93,16 @@ class _Space:
         # empty namespace), so an instance can keep a reference to its own.
         self.spaces: dict[str, dict[str, _Entry]] = {}
         self.expiring: dict[str, int] = {}  # records ever written with an expiry, per ns
+        self.indexes: dict[str, _KeyIndex] = {}  # per ns, like spaces
         self.key = _crypto.random_key()  # for encrypt=True without a password
 
     def bucket(self, ns: str) -> dict[str, _Entry]:
         with self.lock:
             return self.spaces.setdefault(ns, {})
+
+    def index(self, ns: str) -> _KeyIndex:
+        with self.lock:
+            return self.indexes.setdefault(ns, _KeyIndex())
 
 
 _NAMED: dict[str, _Space] = {}
@@ -105,6 +137,7 @@ class MemoryStore(Store):
             with _NAMED_LOCK:
                 self._space = _NAMED.setdefault(self._name, _Space())
         self._bucket = self._space.bucket(self._ns)
+        self._index = self._space.index(self._ns)
         self._start()
         # The common case (plain values, no dot names, no default TTL, writable) takes an
         # inlined path in __getitem__/__setitem__: a memory store's cost is all Python
@@ -156,7 +189,10 @@ class MemoryStore(Store):
             lock = self._space.lock  # excludes modify, batches and the other locked paths
             lock.acquire()
             try:
-                self._bucket[key] = entry
+                bucket = self._bucket
+                if self._index.keys is not None and key not in bucket:
+                    self._index.add(key)
+                bucket[key] = entry
             finally:
                 lock.release()
             return
@@ -243,6 +279,8 @@ class MemoryStore(Store):
             bucket = space.spaces.get(ns)
             if bucket is None:
                 bucket = space.spaces[ns] = {}
+            if key not in bucket and (index := space.indexes.get(ns)) is not None:
+                index.add(key)
             bucket[key] = entry
             if expires is not None:
                 space.expiring[ns] = space.expiring.get(ns, 0) + 1
@@ -280,6 +318,26 @@ class MemoryStore(Store):
             if key.startswith(prefix):
                 yield key, _framed(entry)
 
+    def _has_prefix(self, ns: str, prefix: str) -> bool:
+        # docstring inherited; see _KeyIndex
+        space = self._space
+        with space.lock:
+            bucket = space.spaces.get(ns)
+            if not bucket:
+                return False
+            index = space.indexes.get(ns)
+            if index is None:
+                index = space.indexes[ns] = _KeyIndex()
+            keys = index.keys
+            if keys is None or len(keys) > 2 * len(bucket) + 64:
+                keys = index.keys = sorted(bucket)
+            i = bisect_left(keys, prefix)
+            while i < len(keys) and keys[i].startswith(prefix):
+                if self._entry_live(ns, keys[i]) is not None:
+                    return True
+                del keys[i]  # deleted (or expired, and removed just now)
+            return False
+
     def _count(self, ns: str) -> int:
         with self._space.lock:
             bucket = self._space.spaces.get(ns, _EMPTY)
@@ -312,6 +370,9 @@ class MemoryStore(Store):
             if bucket is not None:
                 bucket.clear()
             self._space.expiring.pop(ns, None)
+            index = self._space.indexes.get(ns)
+            if index is not None:
+                index.keys = None
 
     def _purge_expired(self, ns: str) -> int:
         now = self._clock()

@@ -424,6 +424,12 @@ class Store(MutableMapping[str, Any]):
     def _count(self, ns: str) -> int:
         return sum(1 for _ in self._iter_keys(ns, ""))
 
+    def _has_prefix(self, ns: str, prefix: str) -> bool:
+        """Whether *ns* has a live key starting with *prefix* (dot names ask it of every
+        leaf written: is the name a branch?). A backend without an ordered index of its
+        keys overrides it to avoid a scan."""
+        return next(iter(self._iter_keys(ns, prefix)), None) is not None
+
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         for key in self._iter_keys(ns, prefix):
             data = self._get(ns, key)
@@ -550,6 +556,12 @@ class Store(MutableMapping[str, Any]):
         for key, (data, expires) in pending.items():
             if data is not None and (expires is None or expires > now):
                 yield key
+
+    def _rhas_prefix(self, ns: str, prefix: str) -> bool:
+        """:meth:`_has_prefix` as this thread's open batch would see it."""
+        if self._batch() is None:
+            return self._has_prefix(ns, prefix)
+        return next(self._rkeys(ns, prefix), None) is not None
 
     def _ritems(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         if self._batch() is None:

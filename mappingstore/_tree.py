@@ -73,7 +73,7 @@ def _is_leaf(store: Store, full: str) -> bool:
 
 
 def _is_branch(store: Store, full: str) -> bool:
-    return next(store._rkeys(store._ns, full + "."), None) is not None
+    return store._rhas_prefix(store._ns, full + ".")
 
 
 def _check_ancestors(store: Store, full: str) -> None:
@@ -222,6 +222,7 @@ def assign_many(
     pending: dict[str, bytes | None] = {}  # name -> its new record (None: deleted)
     under: dict[str, set[str]] = {}  # branch -> the pending records below it
     stored_leaf: dict[str, bool] = {}  # lookups of the store's own leaves, made once
+    dropped: list[str] = []  # names deleted by the assignments so far
 
     def is_leaf(key: str) -> bool:
         if key in pending:
@@ -234,6 +235,8 @@ def assign_many(
     def is_branch(key: str) -> bool:
         if under.get(key):
             return True
+        if not dropped:  # nothing deleted yet: any stored key below makes it a branch
+            return store._rhas_prefix(ns, key + ".")
         return any(pending.get(k, b"") is not None for k in store._rkeys(ns, key + "."))
 
     def put(key: str, data: bytes) -> None:
@@ -247,6 +250,7 @@ def assign_many(
             for above in _ancestors(key):
                 under[above].discard(key)
         pending[key] = None
+        dropped.append(key)
 
     with store._atomic():
         for full, data, puts in steps:
