@@ -65,6 +65,7 @@ from ._codec import (
 )
 from ._keys import INTERNAL_PREFIX, MISSING, check_key, check_namespace, internal_ns
 from .errors import (
+    BatchConflictError,
     CorruptValueError,
     IntegrityError,
     InvalidOptionError,
@@ -117,11 +118,18 @@ class _Batch:
     or dropped when it raises. Entering one costs nothing, however many writes are
     pending (copying them made a loop of small nested batches quadratic)."""
 
-    __slots__ = ("ops", "outer")
+    __slots__ = ("ops", "outer", "reads", "rmw")
 
     def __init__(self, outer: _Batch | None = None) -> None:
         self.ops: dict[tuple[str, str], tuple[bytes | None, float | None]] = {}
         self.outer = outer
+        # The stored records (their data, or None) that read-modify-writes inside the
+        # batch read from the store, not from the batch: the commit checks, in the
+        # store's exclusive section, that none changed meanwhile (else another writer's
+        # acknowledged update would be overwritten). Shared with the enclosing batches.
+        self.reads: dict[tuple[str, str], bytes | None] = {} if outer is None else outer.reads
+        # How deep this thread is in read-modify-write sections (_atomic) of the batch.
+        self.rmw: int = 0 if outer is None else outer.rmw
 
     def lookup(self, k: tuple[str, str]) -> tuple[bytes | None, float | None] | None:
         """The pending write of *k* in this batch or an enclosing one (innermost wins)."""
@@ -499,7 +507,16 @@ class Store(MutableMapping[str, Any]):
                 if data is None or (expires is not None and expires <= self._clock()):
                     return None
                 return data, expires
+            if batch.rmw:
+                return self._read_for_batch(batch, ns, key)
         return self._get_record(ns, key)
+
+    def _read_for_batch(self, batch: _Batch, ns: str, key: str) -> Record | None:
+        """A stored record read by a read-modify-write inside *batch*: remembered, so that
+        the commit can check that it did not change (see _Batch.reads)."""
+        rec = self._get_record(ns, key)
+        batch.reads.setdefault((ns, key), None if rec is None else rec[0])
+        return rec
 
     def _rget(self, ns: str, key: str) -> bytes | None:
         if self._nbatch:
@@ -535,7 +552,11 @@ class Store(MutableMapping[str, Any]):
         if batch is None:
             self._update(ns, key, fn)
             return
-        rec = self._rrecord(ns, key)
+        batch.rmw += 1
+        try:
+            rec = self._rrecord(ns, key)
+        finally:
+            batch.rmw -= 1
         new = fn(rec)
         if new is KEEP:
             return
@@ -579,13 +600,19 @@ class Store(MutableMapping[str, Any]):
 
     @contextlib.contextmanager
     def _atomic(self) -> Iterator[None]:
-        """Exclusive section for multi-step writes (a no-op inside a batch: the batch
-        commits atomically as a whole)."""
-        if self._batch() is not None:
-            yield
-        else:
+        """Exclusive section for multi-step writes. Inside a batch it takes no lock (the
+        batch commits as a whole): the stored records read inside it are remembered, and
+        the commit checks that none changed (``BatchConflictError`` if one did)."""
+        batch = self._batch()
+        if batch is None:
             with self._exclusive():
                 yield
+            return
+        batch.rmw += 1
+        try:
+            yield
+        finally:
+            batch.rmw -= 1
 
     # -- codec --------------------------------------------------------------------------
 
@@ -1137,7 +1164,20 @@ class Store(MutableMapping[str, Any]):
             # Each Op is (ns, key) + (data, expires), built in C: Op(...) runs the Python
             # __new__ of a NamedTuple, about 100 ns more per op (a batch may hold many).
             ops = batch.ops
-            self._apply(list(map(tuple.__new__, repeat(Op), map(add, ops.keys(), ops.values()))))
+            todo = list(map(tuple.__new__, repeat(Op), map(add, ops.keys(), ops.values())))
+            if not batch.reads:
+                self._apply(todo)
+                return
+            with self._exclusive():  # the check and the writes, with no writer between
+                for (ns, key), seen in batch.reads.items():
+                    rec = self._get_record(ns, key)
+                    if (None if rec is None else rec[0]) != seen:
+                        raise BatchConflictError(
+                            f"batch not committed: {key!r} was changed by another writer "
+                            "after a read-modify-write in the batch read it; nothing was "
+                            "written"
+                        )
+                self._apply(todo)
 
     def _end_batch(self) -> None:
         self._tls.batch = None

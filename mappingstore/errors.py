@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "BackendUnavailableError",
+    "BatchConflictError",
     "CapacityError",
     "CorruptValueError",
     "EventConflictError",
@@ -156,6 +157,12 @@ class UnknownOutcomeError(BackendUnavailableError):
 
 class LockTimeoutError(MappingStoreError, TimeoutError):
     """A lock could not be acquired in time."""
+
+
+class BatchConflictError(MappingStoreError, RuntimeError):
+    """A batch was not committed: a record that a read-modify-write inside it (``modify``,
+    ``pop``, ``setdefault``, a series or event-log write...) had read was changed by
+    another writer before the commit. Nothing of the batch was written; run it again."""
 
 
 # -- time series and events -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .._store import Store
-from ..errors import CorruptValueError, ReadOnlyError, StoreClosedError
+from ..errors import BatchConflictError, CorruptValueError, ReadOnlyError, StoreClosedError
 from ._base import ENCRYPTION, OpenStore, StoreFactory, SuiteBase
 from ._fixtures import HOSTILE_KEYS, HOSTILE_NAMESPACE_PAIRS, VALUE_SAMPLES, assert_same
 
@@ -347,6 +347,38 @@ class LifecycleTests(SuiteBase):
             store["k"] = 1
             assert "k" not in other
         assert other["k"] == 1
+
+    def test_read_modify_writes_in_a_batch_never_overwrite_another_writer(
+        self, open_store: OpenStore
+    ) -> None:
+        # modify/setdefault inside a batch read now and write at the commit: a write of
+        # another store object (another process) in between must not be overwritten.
+        store = open_store("brmw")
+        other = self.second(open_store, "brmw")
+        store["n"] = 0
+
+        def increment() -> None:
+            with store.batch():
+                assert store.modify("n", lambda n: n + 1) == 1
+                other.modify("n", lambda n: n + 1)  # acknowledged: must survive
+                store["untouched"] = 1
+
+        def set_default() -> None:
+            with store.batch():
+                store.setdefault("sd", "mine")
+                assert other.setdefault("sd", "theirs") == "theirs"
+
+        with pytest.raises(BatchConflictError):
+            increment()
+        assert other["n"] == 1 and "untouched" not in other  # nothing of the batch
+        with pytest.raises(BatchConflictError):
+            set_default()
+        assert store["sd"] == "theirs"
+        with store.batch():  # no other writer: commits
+            store.modify("n", lambda n: n + 10)
+            store.setdefault("sd2", "mine")
+            store.pop("sd")
+        assert other["n"] == 11 and other["sd2"] == "mine" and "sd" not in other
 
     # -- JSON ---------------------------------------------------------------------------
 
