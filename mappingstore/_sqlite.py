@@ -272,7 +272,9 @@ class _ForkGate:
             with self.cond:
                 self.cond.notify_all()
 
-    def close(self, conn: sqlite3.Connection, cursor: sqlite3.Cursor | None = None) -> None:
+    def close(
+        self, conn: sqlite3.Connection, cursor: sqlite3.Cursor | None = None, pid: int = 0
+    ) -> None:
         """Close *conn* (and first *cursor*, its reusable cursor: a statement left in it,
         e.g. by a call that failed, would keep SQLite from closing the file while an
         exception's traceback keeps the cursor alive), holding ``fork()`` back meanwhile
@@ -281,6 +283,12 @@ class _ForkGate:
         Counted in one shared number, not per thread: this runs as a finalizer, also
         while a thread is ending, when its thread-local state may already be gone.
         """
+        if pid and os.getpid() != pid:
+            # Inherited from the parent: freed in a child, while fork() itself deletes the
+            # parent's other threads (before any after-fork hook runs). Closing it would
+            # take SQLite locks a parent thread may have held at the fork: never.
+            _INHERITED.append(conn)
+            return
         me = threading.get_ident()
         with self.cond:
             while self.forking and self.forker != me:
@@ -303,11 +311,26 @@ class _ForkGate:
         with self.cond:
             self.forking = True
             self.forker = threading.get_ident()
-            while self.closing or sum(w.active for w in self.threads) > mine.active:
+            while (
+                self.closing
+                or sum(w.active for w in self.threads) > mine.active
+                or _calls_in_other_threads(self.forker)
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self.cond.wait(min(left, 0.05))
+                # Writes notify when they end; reads do not (their path stays lock-free),
+                # so look again soon.
+                self.cond.wait(min(left, 0.002))
+
+    def writing_here(self) -> bool:
+        """Whether this thread is inside a write the fork waits for."""
+        return self._mine().active > 0
+
+    def wait_for_fork(self) -> None:
+        with self.cond:
+            while self.forking:
+                self.cond.wait()
 
     def after_fork_in_parent(self) -> None:
         with self.cond:
@@ -323,6 +346,15 @@ class _ForkGate:
         self.local.w = mine
         self.threads.add(mine)
 
+
+def _calls_in_other_threads(me: int | None) -> bool:
+    """Whether a thread other than *me* is inside a call on one of this process's SQLite
+    connections: a child forked then could inherit SQLite's allocator mutex locked."""
+    return any(c.busy and c.owner not in (None, me) for c in list(_CONNS))
+
+
+#: Every SQLite connection of this process (see _calls_in_other_threads).
+_CONNS: weakref.WeakSet[_Conn] = weakref.WeakSet()
 
 #: Longest wait of fork() for other threads' SQLite writes (see _ForkGate).
 _FORK_WAIT = 5.0
@@ -422,6 +454,7 @@ class _Conn:
         "cursor",
         "depth",
         "finalizer",
+        "owner",
         "pending",
     )
 
@@ -429,6 +462,10 @@ class _Conn:
         self.conn = conn
         self.busy = 0
         self.closing = False
+        # The thread using it (a thread's own connection, or a reader it took), for the
+        # fork gate, which waits for the calls of every other thread; None: the shared
+        # connection of a memory database.
+        self.owner: int | None = None
         # Reused for single-row statements (a point read reaches SQLITE_DONE at once, so
         # it never holds a read snapshot open): saves a Cursor object per call.
         self.cursor = conn.cursor()
@@ -438,7 +475,7 @@ class _Conn:
         self.pending: dict[str, int] = {}
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
-        self.finalizer = weakref.finalize(self, _GATE.close, conn, self.cursor)
+        self.finalizer = weakref.finalize(self, _GATE.close, conn, self.cursor, os.getpid())
         # Not at interpreter exit: the main thread would close connections that daemon
         # threads are still writing with (tracebacks, or a segfault mid-statement). The
         # OS closes the descriptor, and every acknowledged write is already committed.
@@ -447,9 +484,28 @@ class _Conn:
     def enter(self) -> None:
         """Mark the connection in use; ``StoreClosedError`` once its store is closing."""
         self.busy += 1
-        if self.closing:
-            self.leave()
-            raise StoreClosedError("SQLiteStore is closed")
+        if self.closing or _GATE.forking:
+            try:
+                self.recheck()
+            except BaseException:
+                self.leave()
+                raise
+
+    def recheck(self) -> None:
+        """Just marked in use, and the store is closing or a thread is forking: raise
+        ``StoreClosedError``, or wait (unmarked) until the fork is done (see _ForkGate)."""
+        while True:
+            if self.closing:
+                raise StoreClosedError("SQLiteStore is closed")
+            if not _GATE.forking or _GATE.forker == threading.get_ident():
+                return
+            if _GATE.writing_here():  # counted by the gate already: the fork waits for it
+                return
+            self.busy -= 1
+            try:
+                _GATE.wait_for_fork()
+            finally:
+                self.busy += 1
 
     def leave(self) -> None:
         self.busy -= 1
@@ -530,7 +586,11 @@ class SQLiteStore(Store):
         self._ids: dict[str, int] = {}  # namespace -> id, committed ones only (see _ns_id)
         try:
             self._configure(path, synchronous, timeout)
-            self._open()
+            _GATE.enter()  # SQLite calls outside any connection's use: held off a fork
+            try:
+                self._open()
+            finally:
+                _GATE.leave()
         except BaseException:
             self.close()
             raise
@@ -745,6 +805,15 @@ class SQLiteStore(Store):
     def _make_conn(self) -> _Conn:
         if self._closed:
             raise StoreClosedError("SQLiteStore is closed")
+        # Opening a connection allocates under SQLite's allocator lock, which a child
+        # forked meanwhile would inherit locked: the fork waits for it (see _ForkGate).
+        _GATE.enter()
+        try:
+            return self._new_conn()
+        finally:
+            _GATE.leave()
+
+    def _new_conn(self) -> _Conn:
         try:
             conn = sqlite3.connect(
                 self._uri,
@@ -762,8 +831,11 @@ class SQLiteStore(Store):
             conn.close()
             raise self._error(exc) from exc
         holder = _Conn(conn)
+        if not self._memory:  # a file: one thread at a time uses a connection
+            holder.owner = threading.get_ident()
         with self._conn_lock:
             self._holders.add(holder)
+        _CONNS.add(holder)
         return holder
 
     def _after_fork(self) -> None:
@@ -897,8 +969,14 @@ class SQLiteStore(Store):
                     holder.depth -= 1
                 return
             conn = holder.conn
-            holder.enter()  # for the whole transaction: close() lets it end first
+            # The fork gate first: a thread waiting there for a fork must not be marked
+            # in use, or the fork would wait for it in turn.
             _GATE.enter(own=True)
+            try:
+                holder.enter()  # for the whole transaction: close() lets it end first
+            except BaseException:
+                _GATE.leave(own=True)
+                raise
             try:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
@@ -928,8 +1006,8 @@ class SQLiteStore(Store):
                     self._remember_ids(holder.pending)
             finally:
                 holder.pending.clear()
-                _GATE.leave(own=True)
                 holder.leave()
+                _GATE.leave(own=True)
         finally:
             if lock is not None:
                 lock.release()
@@ -1119,7 +1197,9 @@ class SQLiteStore(Store):
             self._after_fork()
         with self._conn_lock:
             if self._readers:
-                return self._readers.pop()
+                reader = self._readers.pop()
+                reader.owner = threading.get_ident()
+                return reader
         return self._make_conn()
 
     def _return_reader(self, reader: _Conn) -> None:
@@ -1209,8 +1289,8 @@ class SQLiteStore(Store):
                 holder = self._thread_conn()
             holder.busy += 1  # holder.enter() and leave() inlined (see _Conn)
             try:
-                if holder.closing:
-                    self._check_open()
+                if holder.closing or _GATE.forking:
+                    holder.recheck()
                 row = holder.cursor.execute(_GET_FOREVER, (nid, key)).fetchone()
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
@@ -1268,8 +1348,8 @@ class SQLiteStore(Store):
                     holder = self._thread_conn()
                 holder.busy += 1  # holder.enter() and leave() inlined (see _Conn)
                 try:
-                    if holder.closing:
-                        self._check_open()
+                    if holder.closing or _GATE.forking:
+                        holder.recheck()
                     row = holder.cursor.execute(_GET, (nid, key)).fetchone()
                 finally:
                     holder.busy -= 1
@@ -1327,8 +1407,8 @@ class SQLiteStore(Store):
                 holder = self._thread_conn()
             holder.busy += 1  # holder.enter() and leave() inlined (see _Conn)
             try:
-                if holder.closing:
-                    self._check_open()
+                if holder.closing or _GATE.forking:
+                    holder.recheck()
                 count: int = holder.cursor.execute(_COUNT, (nid, self._clock())).fetchone()[0]
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
