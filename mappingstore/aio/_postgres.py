@@ -88,6 +88,8 @@ class NativePostgres:
         # (every getconn of this private pool is ours, so the count is exact).
         self._idle: list[AConn] = []
         self._waiting = 0
+        # Connections on their way back to the pool (see _give_back).
+        self._returning: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(cls, store: PostgresStore) -> NativePostgres:
@@ -136,8 +138,7 @@ class NativePostgres:
             if not live or not _dead_while_idle(conn):
                 return conn
             # Closed by the server while idle: nothing was sent on it, take another.
-            await conn.close()
-            await self._pool.putconn(conn)
+            await self._give_back([conn], close=True)
 
     async def _pool_getconn(self) -> AConn:
         """A connection from the pool within ``pool_timeout``, asked for in slices: each
@@ -167,13 +168,33 @@ class NativePostgres:
         ):
             self._idle.append(conn)
             return
-        await self._pool.putconn(conn)  # the pool replaces a broken connection
+        await self._give_back([conn])  # the pool replaces a broken connection
+
+    def _give_back(self, conns: list[AConn], *, close: bool = False) -> asyncio.Future[None]:
+        """Return *conns* to the pool (closing them first if *close*) in a task of its
+        own, and wait for it shielded: ``AsyncConnectionPool.putconn`` awaits the pool's
+        lock and hands the connection to a waiting client, and a task cancelled in there
+        (``asyncio.wait_for`` on a call) would lose the connection for good; after
+        ``pool_max_size`` such losses every call would time out."""
+        task = asyncio.ensure_future(self._return(conns, close))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+        return asyncio.shield(task)
+
+    async def _return(self, conns: list[AConn], close: bool) -> None:
+        for conn in conns:
+            try:
+                if close:
+                    await conn.close()
+                await self._pool.putconn(conn)
+            except psycopg.Error as exc:  # pragma: no cover - putconn closes what it cannot keep
+                self._store._log.debug("returning a connection to the async pool failed: %s", exc)
 
     async def _sweep(self) -> None:
         """After a lost connection: let the pool replace its dead idle connections."""
         parked, self._idle = self._idle, []
-        for conn in parked:
-            await self._pool.putconn(conn)
+        if parked:
+            await self._give_back(parked)
         try:
             await self._pool.check()
         except (psycopg.Error, PoolTimeout):
@@ -338,8 +359,12 @@ class NativePostgres:
         self._closed = True
         parked, self._idle = self._idle, []
         try:
-            for conn in parked:
-                await self._pool.putconn(conn)
+            if parked:
+                await self._give_back(parked)
+            # Connections still on their way back (from cancelled calls) are in first.
+            returning = [t for t in self._returning if not t.done()]
+            if returning:
+                await asyncio.gather(*returning, return_exceptions=True)
             await self._pool.close()
         except (psycopg.Error, BackendError) as exc:
             self._store._log.debug("closing the async PostgreSQL pool failed: %s", exc)

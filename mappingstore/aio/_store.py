@@ -22,6 +22,8 @@ thread, in the order they were made. A batch gets a thread of its own for its li
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -40,9 +42,10 @@ from collections.abc import (
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .._codec import ENCRYPTED_HEADER
 from .._keys import MISSING, check_key
-from .._store import Op, Store, _iterable, _require_str
-from ..errors import MissingKeyError, OptionTypeError, StoreClosedError
+from .._store import Op, Store, _Batch, _iterable, _require_str, _update_pairs
+from ..errors import InvalidOptionError, MissingKeyError, OptionTypeError, StoreClosedError
 
 if TYPE_CHECKING:
     from .._events import Event, EventLog
@@ -56,25 +59,97 @@ T = TypeVar("T")
 #: How many keys (or items) one trip to the worker thread fetches while iterating.
 CHUNK_SIZE = 256
 
+#: Containers read in the event loop (in memory, no I/O, no user code of note); anything
+#: else given to ``set_many``/``update``/``get_many``/``delete_many`` (a generator, another
+#: store, a mapping class of its own) is read on the worker thread, as the sync store
+#: reads it.
+_PLAIN = (dict, list, tuple)
+
 
 class _Lane:
-    """The dedicated thread of one open :meth:`AsyncStore.batch`."""
+    """The dedicated thread of one open :meth:`AsyncStore.batch` (the outermost block)."""
 
     __slots__ = ("executor", "open", "owner")
 
     def __init__(self, owner: AsyncStore, executor: ThreadPoolExecutor) -> None:
         self.owner = owner
         self.executor = executor
+        self.open = True  # False once the outermost block is left: nothing joins it after
+
+
+class _Level:
+    """One ``async with store.batch():`` block: the outermost one of a lane (``parent``
+    None, ``batch`` the sync store's own batch) or a nested one (``batch`` a savepoint over
+    the enclosing block's). Kept per task (in :data:`_LANES`), never in the lane thread's
+    thread-local: the tasks of one batch share its thread, and their nested blocks need
+    not end in the order they began. Every call of a task is run with the sync store's
+    thread-local batch set to that task's innermost open block."""
+
+    __slots__ = ("batch", "lane", "open", "parent")
+
+    def __init__(self, lane: _Lane, batch: _Batch, parent: _Level | None) -> None:
+        self.lane = lane
+        self.batch = batch
+        self.parent = parent
         self.open = True
 
 
-#: The batches open in the current context, by ``id(AsyncStore)``. A context variable:
-#: the task that entered ``async with store.batch()`` (and the tasks it creates inside,
-#: which copy its context) route their calls to the batch's thread; every other task
-#: keeps using the store's main worker thread and is not part of the batch.
-_LANES: contextvars.ContextVar[Mapping[int, _Lane]] = contextvars.ContextVar(
+#: The innermost batch block of the current context, by ``id(AsyncStore)``. A context
+#: variable: the task that entered ``async with store.batch()`` (and the tasks it creates
+#: inside, which copy its context) route their calls to the batch's thread; every other
+#: task keeps using the store's main worker thread and is not part of the batch.
+_LANES: contextvars.ContextVar[Mapping[int, _Level]] = contextvars.ContextVar(
     "mappingstore_aio_lanes", default=types.MappingProxyType({})
 )
+
+
+def _in_batch(store: Store, batch: _Batch, call: Callable[[], R]) -> R:
+    """Run *call* on a lane thread as part of *batch* (the calling task's block)."""
+    store._tls.batch = batch
+    return call()
+
+
+def _enter_batch(store: Store, cm: Any) -> _Batch:
+    """Enter the sync batch *cm* on this (lane) thread; return its buffer."""
+    cm.__enter__()
+    batch: _Batch = store._tls.batch
+    return batch
+
+
+def _merge(outer: _Batch, inner: _Batch) -> None:
+    """End a nested block without an error: its writes join the enclosing block's."""
+    outer.ops.update(inner.ops)
+
+
+def _close_when_idle(store: Store, lane_work: set[Future[Any]]) -> None:
+    """Close *store* once no batch lane runs anything (a commit, a call of a batch task):
+    closing a store under a running statement is never safe (SQLite closes the other
+    threads' connections). Runs on the store's worker thread, after the calls queued
+    there."""
+    while True:
+        running = [f for f in list(lane_work) if not f.done()]
+        if not running:
+            break
+        concurrent.futures.wait(running)
+    store.close()
+
+
+def _snapshot(items: Any) -> Any:
+    """A copy of a plain container (the caller may change it while the call waits), or
+    *items* itself, for the sync store to read on the thread (reading it may do I/O)."""
+    if type(items) is dict:
+        return dict(items)
+    if type(items) is list or type(items) is tuple:
+        return list(items)
+    return items
+
+
+def _list_of(items: Any, what: str) -> list[Any]:
+    return list(_iterable(items, what))
+
+
+async def _collect(items: AsyncIterator[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v async for k, v in items}
 
 
 def _take(it: Iterator[T], n: int) -> list[T]:
@@ -161,7 +236,8 @@ async def open(url: str = "memory://", **options: Any) -> AsyncStore:
         executor.submit(store.close)
         executor.shutdown(wait=False)
         raise
-    return AsyncStore(store, _executor=executor, _native=native)
+    loop = asyncio.get_running_loop() if native is not None else None
+    return AsyncStore(store, _executor=executor, _native=native, _loop=loop)
 
 
 def _close_opened(opening: Future[Store]) -> None:
@@ -195,10 +271,24 @@ class AsyncStore:
     applied, as when a connection drops). Multi-process behaviour is the backend's.
 
     Limits: callables passed in (``modify``'s *fn*) run in the worker thread, not in the
-    event loop. A native store is bound to the event loop that opened it.
+    event loop. A native store is bound to the event loop that opened it: a native call
+    from another event loop raises :class:`~mappingstore.errors.InvalidOptionError`, and
+    :meth:`close` from another loop closes the driver in its own loop (if that loop is no
+    longer running, it closes the sync store and raises ``InvalidOptionError``).
     """
 
-    __slots__ = ("_busy", "_closed", "_drained", "_executor", "_native", "_store")
+    __slots__ = (
+        "_busy",
+        "_closed",
+        "_closing",
+        "_drained",
+        "_executor",
+        "_lane_work",
+        "_loop",
+        "_native",
+        "_native_kind",
+        "_store",
+    )
 
     def __init__(
         self,
@@ -206,23 +296,44 @@ class AsyncStore:
         *,
         _executor: ThreadPoolExecutor | None = None,
         _native: _Native | None = None,
+        _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not isinstance(store, Store):
             raise OptionTypeError(f"AsyncStore wraps a Store, not {type(store).__qualname__}")
         self._store = store
         self._executor = _executor if _executor is not None else _new_executor()
         self._native = _native
+        self._native_kind = None if _native is None else _native.kind
+        self._loop = _loop  # the event loop a native driver belongs to
         self._busy = 0  # native calls in progress (close() waits for them)
         self._drained: asyncio.Event | None = None
+        # Work submitted to batch lanes and not finished (close() waits for it).
+        self._lane_work: set[Future[Any]] = set()
+        self._closing: asyncio.Future[None] | None = None
         self._closed = False
 
     # -- running calls ------------------------------------------------------------------
 
-    def _executor_for_caller(self) -> ThreadPoolExecutor:
-        lane = _LANES.get().get(id(self))
-        if lane is not None and lane.open and lane.owner is self:
-            return lane.executor
-        return self._executor
+    def _level(self) -> _Level | None:
+        """The innermost open batch block of the calling task, or ``None`` (not in a
+        batch, or every block it was part of has ended)."""
+        level = _LANES.get().get(id(self))
+        while level is not None and not level.open:
+            level = level.parent
+        if level is None or not level.lane.open or level.lane.owner is not self:
+            return None
+        return level
+
+    def _lane_submit(self, lane: _Lane, fn: Callable[..., R], /, *args: Any) -> Future[R]:
+        """Run ``fn(*args)`` on *lane*'s thread, counted so that :meth:`close` waits."""
+        future = lane.executor.submit(fn, *args)
+        work = self._lane_work
+        work.add(future)
+        future.add_done_callback(work.discard)
+        return future
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(f"{type(self._store).__name__} is closed")
 
     def _native_call(self) -> _Native | None:
         """The native driver for a call of the current task, or ``None`` for the thread
@@ -231,11 +342,18 @@ class AsyncStore:
         if native is None:
             return None
         if self._closed or self._store._closed:
-            raise StoreClosedError(f"{type(self._store).__name__} is closed")
-        lane = _LANES.get().get(id(self))
-        if lane is not None and lane.open and lane.owner is self:
+            raise self._closed_error()
+        if asyncio.get_running_loop() is not self._loop:
+            raise self._other_loop_error()
+        if _LANES.get() and self._level() is not None:
             return None
         return native
+
+    def _other_loop_error(self) -> InvalidOptionError:
+        return InvalidOptionError(
+            f"this AsyncStore ({self._native_kind} native I/O) belongs to the event loop that "
+            "opened it: open another one in this event loop"
+        )
 
     def _native_done(self) -> None:
         self._busy -= 1
@@ -258,6 +376,35 @@ class AsyncStore:
         wanted = store._encrypt_default if encrypt is None else encrypt
         return not wanted or store._cipher is not None
 
+    def _decodes_here(self, data: bytes) -> bool:
+        """True when ``Store._decode(data)`` may run in the event loop; False when it
+        would read the store's metadata (an encrypted record and no cipher: the sync store
+        then looks for a key slot to choose between its two errors), which is I/O."""
+        return self._store._cipher is not None or data[:2] != ENCRYPTED_HEADER
+
+    async def _decode(self, ns: str, key: str, data: bytes) -> Any:
+        store = self._store
+        if self._decodes_here(data):
+            return store._decode(ns, key, data)
+        return await self._run(store._decode, ns, key, data)
+
+    async def _decode_many(
+        self, ns: str, keys: Sequence[str], datas: Sequence[bytes | None]
+    ) -> dict[str, Any]:
+        store = self._store
+        if store._cipher is None and any(
+            d is not None and d[:2] == ENCRYPTED_HEADER for d in datas
+        ):
+            return await self._run(store._decode_many, ns, keys, datas)
+        return store._decode_many(ns, keys, datas)
+
+    async def _listed(self, keys: Iterable[str], what: str) -> list[str]:
+        """``list(keys)``: here for plain containers, on the thread for anything else (a
+        generator, another store: reading it may do I/O)."""
+        if type(keys) in _PLAIN or isinstance(keys, (set, frozenset)):
+            return list(keys)
+        return await self._run(_list_of, keys, what)
+
     async def _write_ops(self, native: _Native, ops: list[Op]) -> None:
         data = ops[0].data if len(ops) == 1 else None
         if data is not None:
@@ -268,10 +415,16 @@ class AsyncStore:
 
     async def _run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         if self._closed:
-            raise StoreClosedError(f"{type(self._store).__name__} is closed")
-        loop = asyncio.get_running_loop()
+            raise self._closed_error()
         call = functools.partial(fn, *args, **kwargs) if (args or kwargs) else fn
-        return await loop.run_in_executor(self._executor_for_caller(), call)
+        level = self._level() if _LANES.get() else None
+        if level is None:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        # A batch task: on the batch's thread, inside this task's own block. Cancelling
+        # the wait drops the call if it has not started (as run_in_executor does).
+        return await asyncio.wrap_future(
+            self._lane_submit(level.lane, _in_batch, self._store, level.batch, call)
+        )
 
     async def _chunks(self, make: Callable[[], Iterator[T]], chunk_size: int) -> AsyncIterator[T]:
         """Yield what ``make()`` yields, fetching *chunk_size* at a time in the worker."""
@@ -331,7 +484,14 @@ class AsyncStore:
         store = self._store
         ns = store._ns
         async for key, data in native.iter_items(ns, prefix):
-            yield key, store._decode(ns, key, data)
+            yield (
+                key,
+                (
+                    store._decode(ns, key, data)
+                    if self._decodes_here(data)
+                    else await self._run(store._decode, ns, key, data)
+                ),
+            )
 
     async def _native_names(self, native: _Native, prefix: str) -> AsyncIterator[str]:
         _require_str(prefix, "prefix")
@@ -355,7 +515,7 @@ class AsyncStore:
         data = await self._native_run(lambda: native.get(ns, k))
         if data is None:
             raise MissingKeyError(key)
-        return store._decode(ns, k, data)
+        return await self._decode(ns, k, data)
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value of *key*, or *default* when it is missing."""
@@ -438,12 +598,13 @@ class AsyncStore:
         """Values of the *keys* that exist, in one round trip."""
         native = self._native_call()
         if native is None:
-            return await self._run(self._store.get_many, list(_iterable(keys, "get_many()")))
+            return await self._run(self._store.get_many, _snapshot(keys))
+        listed = await self._listed(keys, "get_many()")
         store = self._store
         ns = store._ns
-        checked = [check_key(k) for k in _iterable(keys, "get_many()")]
+        checked = [check_key(k) for k in listed]
         datas = await self._native_run(lambda: native.get_many(ns, checked))
-        return store._decode_many(ns, checked, datas)
+        return await self._decode_many(ns, checked, datas)
 
     async def set_many(
         self,
@@ -453,31 +614,33 @@ class AsyncStore:
         encrypt: bool | None = None,
     ) -> None:
         """Store many items atomically."""
-        pairs = dict(items) if isinstance(items, Mapping) else list(_iterable(items, "set_many()"))
         native = self._native_call()
-        if native is None or not self._can_capture(encrypt):
+        # Only plain containers are read here, in the event loop (a copy, as the caller
+        # may change them while the call waits); anything else (a generator, another
+        # store...) is read by the sync store, on the thread: it may do I/O.
+        pairs = _snapshot(items)
+        if native is None or type(items) not in _PLAIN or not self._can_capture(encrypt):
             await self._run(self._store.set_many, pairs, ttl=ttl, encrypt=encrypt)
             return
         store = self._store
         store._check_writable()
+        # As the sync set_many: a mapping is read with items().
         listed = pairs.items() if isinstance(pairs, dict) else pairs
         await self._write_ops(native, store._encode_many(listed, ttl, encrypt))
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Like ``dict.update``; every write commits together."""
         native = self._native_call()
-        # Natively only for plain containers: reading another mapping (a sync store...)
-        # may do I/O, which belongs on the thread.
-        if (
-            native is None
-            or not isinstance(other, (dict, list, tuple))
-            or not self._can_capture(None)
-        ):
+        # Natively only for plain containers (not their subclasses, which may redefine
+        # how they are read): reading another mapping (a sync store...) may do I/O,
+        # which belongs on the thread.
+        if native is None or type(other) not in _PLAIN or not self._can_capture(None):
             await self._run(self._store.update, other, **kwargs)
             return
         store = self._store
         store._check_writable()
-        pairs = list(other.items() if isinstance(other, dict) else other)
+        # The sync store's rule (keys() then other[k] for a mapping): the same pairs.
+        pairs = list(_update_pairs(other))
         pairs.extend(kwargs.items())
         await self._write_ops(native, store._encode_many(pairs, None, None))
 
@@ -485,11 +648,12 @@ class AsyncStore:
         """Delete the *keys* that exist, atomically; return how many existed."""
         native = self._native_call()
         if native is None:
-            return await self._run(self._store.delete_many, list(_iterable(keys, "delete_many()")))
+            return await self._run(self._store.delete_many, _snapshot(keys))
+        listed = await self._listed(keys, "delete_many()")
         store = self._store
         store._check_writable()
         ns = store._ns
-        checked = list(dict.fromkeys(check_key(k) for k in _iterable(keys, "delete_many()")))
+        checked = list(dict.fromkeys(check_key(k) for k in listed))
         return await self._native_run(lambda: native.delete_many(ns, checked))
 
     async def pop(self, key: str, default: Any = MISSING) -> Any:
@@ -521,7 +685,8 @@ class AsyncStore:
         native = self._native_call()
         if native is None:
             return await self._run(self._store.to_dict)
-        return {k: v async for k, v in self._native_items(native)}
+        # One native call for close() to wait for, start to end (not step by step).
+        return await self._native_run(lambda: _collect(self._native_items(native)))
 
     # -- TTL ----------------------------------------------------------------------------
 
@@ -615,7 +780,7 @@ class AsyncStore:
         """The native async driver of the hot operations: ``"redis"`` (``redis.asyncio``),
         ``"postgresql"`` (psycopg's async connections), or ``None`` when every call runs
         on the worker thread."""
-        return None if self._native is None else self._native.kind
+        return self._native_kind
 
     @property
     def namespace(self) -> str:
@@ -644,28 +809,64 @@ class AsyncStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosedError(f"{type(self._store).__name__} is closed")
+            raise self._closed_error()
 
     async def close(self) -> None:
-        """Close the store (after the calls already made, native ones included), its
+        """Close the store (after the calls already made: native ones, those queued on the
+        worker thread, and whatever a batch's thread is running, a commit included), its
         native client or pool, and stop its worker thread.
 
         Idempotent; any later call raises :class:`~mappingstore.errors.StoreClosedError`.
+        Cancelling it does not stop the closing: a later ``close()`` waits for the same
+        one (and raises its error, if it failed).
         """
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
+        closing = self._closing
+        if closing is None:
+            self._closed = True
+            closing = self._closing = asyncio.ensure_future(self._teardown())
+        elif closing.get_loop() is not asyncio.get_running_loop() and not closing.done():
+            return  # closing in the event loop that started it (this one cannot wait on it)
+        await asyncio.shield(closing)
+
+    async def _teardown(self) -> None:
+        """The closing, in a task of its own: cancelling the caller does not interrupt it."""
+        foreign: InvalidOptionError | None = None
         try:
             native = self._native
             if native is not None:
-                while self._busy:  # native calls already started finish first
-                    self._drained = asyncio.Event()
-                    await self._drained.wait()
-                await native.aclose()
-            await loop.run_in_executor(self._executor, self._store.close)
+                loop = self._loop
+                if loop is None or loop is asyncio.get_running_loop():
+                    await self._close_native(native)
+                elif loop.is_running() and not loop.is_closed():
+                    # Closed from another event loop: the driver closes in its own.
+                    await asyncio.wrap_future(
+                        asyncio.run_coroutine_threadsafe(self._close_native(native), loop)
+                    )
+                else:
+                    # Its event loop is gone: its connections cannot be closed from here;
+                    # let go of them (they close when garbage collected). The sync store
+                    # still closes.
+                    self._native = None
+                    foreign = InvalidOptionError(
+                        f"this AsyncStore ({native.kind} native I/O) belongs to an event "
+                        "loop that is no longer running: the store is closed, but its "
+                        "native connections could not be closed from this event loop "
+                        "(they go when garbage collected); close it in its own loop"
+                    )
         finally:
+            # Submitted, not run_in_executor: a cancellation must not drop it. It runs
+            # after the calls queued on the worker, and waits for every batch lane.
+            closed = self._executor.submit(_close_when_idle, self._store, self._lane_work)
             self._executor.shutdown(wait=False)
+        await asyncio.shield(asyncio.wrap_future(closed))
+        if foreign is not None:
+            raise foreign
+
+    async def _close_native(self, native: _Native) -> None:
+        while self._busy:  # native calls already started finish first
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+        await native.aclose()
 
     async def __aenter__(self) -> AsyncStore:
         return self
@@ -685,50 +886,60 @@ class _AsyncBatch:
 
     A sync batch is thread-local, and the store's main worker thread is shared by every
     task, so the batch cannot live there (other tasks' writes would join it). A fresh
-    single-thread executor (a "lane") runs the batch's enter, every call this task makes
-    inside the block, and the exit (commit, or discard on an exception).
+    single-thread executor (a "lane") runs the batch's enter, every call the tasks of the
+    block make, and the exit (commit, or discard on an exception).
+
+    A nested block (in this task, or in a task created inside the block) is a savepoint
+    of the block it is nested in, kept per task (:class:`_Level`): blocks of concurrent
+    tasks may end in any order, each takes back only its own writes when it raises, and
+    one that ends without an error adds its writes to the enclosing block's. A nested
+    block that ends after the block it joined (a task that outlived it) cannot join it
+    any more: it raises :class:`~mappingstore.errors.StoreClosedError` if it holds writes.
     """
 
-    __slots__ = ("_cm", "_lane", "_store", "_token")
+    __slots__ = ("_cm", "_level", "_store", "_token")
 
     def __init__(self, store: AsyncStore) -> None:
         self._store = store
         self._cm: Any = None
-        self._lane: _Lane | None = None
-        self._token: contextvars.Token[Mapping[int, _Lane]] | None = None
+        self._level: _Level | None = None
+        self._token: contextvars.Token[Mapping[int, _Level]] | None = None
 
     async def __aenter__(self) -> AsyncStore:
         store = self._store
         store._check_open()
-        lanes = _LANES.get()
-        outer = lanes.get(id(store))
-        if outer is not None and outer.open and outer.owner is store:
-            # Nested: the sync batch on the same lane joins the outer one.
-            executor = outer.executor
-        else:
-            executor = _new_executor()
-            self._lane = _Lane(store, executor)
-        cm = store._store.batch()
-        entering: Future[Any] = executor.submit(cm.__enter__)
+        sync = store._store
+        parent = store._level()
+        if parent is not None:
+            # Nested: a savepoint over this task's block (no I/O, nothing to undo).
+            sync._check_writable()
+            batch = _Batch(parent.batch)  # shares the batch's remembered reads
+            # It starts outside any read-modify-write section: the one it would copy may
+            # be another task's call running on the lane right now.
+            batch.rmw = 0
+            self._enter(_Level(parent.lane, batch, parent))
+            return store
+        lane = _Lane(store, _new_executor())
+        cm = sync.batch()
+        entering = store._lane_submit(lane, _enter_batch, sync, cm)
         try:
             # Shielded: a cancelled task must not leave a sync batch entered but never
             # left (the store would count it open forever).
-            await asyncio.shield(asyncio.wrap_future(entering))
-        except asyncio.CancelledError as cancelled:
-            executor.submit(_leave_if_entered, cm, entering, cancelled)
-            if self._lane is not None:
-                self._lane.open = False
-                executor.shutdown(wait=False)
-            raise
-        except BaseException:
-            if self._lane is not None:
-                self._lane.open = False
-                executor.shutdown(wait=False)
+            batch = await asyncio.shield(asyncio.wrap_future(entering))
+        except BaseException as exc:
+            lane.open = False
+            if isinstance(exc, asyncio.CancelledError):
+                store._lane_submit(lane, _leave_if_entered, cm, entering, exc)
+            lane.executor.shutdown(wait=False)
             raise
         self._cm = cm
-        if self._lane is not None:
-            self._token = _LANES.set(types.MappingProxyType({**lanes, id(store): self._lane}))
+        self._enter(_Level(lane, batch, None))
         return store
+
+    def _enter(self, level: _Level) -> None:
+        self._level = level
+        key = id(self._store)
+        self._token = _LANES.set(types.MappingProxyType({**_LANES.get(), key: level}))
 
     async def __aexit__(
         self,
@@ -736,19 +947,68 @@ class _AsyncBatch:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> bool:
-        lane = self._lane
-        executor = lane.executor if lane is not None else self._store._executor_for_caller()
-        leaving = executor.submit(self._cm.__exit__, exc_type, exc, tb)
+        level, token = self._level, self._token
+        assert level is not None
+        assert token is not None
+        self._level = self._token = None
+        # Closed first (in the event loop): a call made from now on, by a task of the
+        # block that is still running, goes to the enclosing block (or out of the batch).
+        level.open = False
+        with contextlib.suppress(ValueError):  # left in another context: nothing to reset
+            _LANES.reset(token)
+        store = self._store
+        lane = level.lane
+        parent = level.parent
+        if parent is not None:
+            return await self._leave_nested(level, parent, exc_type)
+        lane.open = False
+        cm, self._cm = self._cm, None
         try:
+            if store._closed:
+                # close() has started: it may be closing the sync store right now, so the
+                # batch must not commit. It is left (discarded) on its thread.
+                closed = store._closed_error()
+                leaving = store._lane_submit(
+                    lane,
+                    _in_batch,
+                    store._store,
+                    level.batch,
+                    functools.partial(cm.__exit__, type(closed), closed, None),
+                )
+                await asyncio.shield(asyncio.wrap_future(leaving))
+                if exc_type is None and level.batch.ops:
+                    raise closed
+                return False
+            leaving = store._lane_submit(
+                lane,
+                _in_batch,
+                store._store,
+                level.batch,
+                functools.partial(cm.__exit__, exc_type, exc, tb),
+            )
             # Shielded: once the block is over the batch is always left (committed or
-            # discarded), even if this task is cancelled while waiting for it.
+            # discarded), even if this task is cancelled while waiting for it; close()
+            # waits for it too.
             return bool(await asyncio.shield(asyncio.wrap_future(leaving)))
         finally:
-            if lane is not None:
-                lane.open = False
-                if self._token is not None:
-                    _LANES.reset(self._token)
-                executor.shutdown(wait=False)
+            lane.executor.shutdown(wait=False)
+
+    async def _leave_nested(
+        self, level: _Level, parent: _Level, exc_type: type[BaseException] | None
+    ) -> bool:
+        if exc_type is not None:
+            return False  # a savepoint rolled back: its writes are simply dropped
+        if not (parent.open and parent.lane.open):
+            if level.batch.ops:
+                raise StoreClosedError(
+                    "the batch block this nested block joined ended before it: its "
+                    f"{len(level.batch.ops)} writes were not committed"
+                )
+            return False
+        # On the lane: another task of the batch may be writing to the parent's buffer.
+        merging = self._store._lane_submit(parent.lane, _merge, parent.batch, level.batch)
+        await asyncio.shield(asyncio.wrap_future(merging))
+        return False
 
 
 def _leave_if_entered(cm: Any, entering: Future[Any], exc: BaseException) -> None:
@@ -845,9 +1105,44 @@ class AsyncSeries:
         """``not await missing(start, end, freq=freq)``."""
         return await self._store._run(self._series.iscomplete, start, end, freq=freq)
 
+    async def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like ``dict.update``: one atomic :meth:`extend` of every point (*other* is read
+        in the worker thread, as :meth:`AsyncStore.update` reads it)."""
+        await self._store._run(self._series.update, _snapshot(other), **kwargs)
+
+    async def pop(self, t: int, *default: Any) -> Any:
+        """Remove the point at *t* and return its value; *default* (if given) or
+        ``KeyError`` when there is none."""
+        return await self._store._run(self._series.pop, t, *default)
+
+    async def popitem(self) -> tuple[int, Any]:
+        """Remove and return the earliest ``(timestamp, value)``; ``KeyError`` when empty."""
+        return await self._store._run(self._series.popitem)
+
+    async def setdefault(self, t: int, default: Any = None) -> Any:
+        """The value at *t*; if there is none, store *default* there and return it."""
+        return await self._store._run(self._series.setdefault, t, default)
+
+    async def clear(self) -> None:
+        """Delete every point (one atomic write)."""
+        await self._store._run(self._series.clear)
+
+    def keys(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[int]:
+        """``async for t in series.keys()``: the timestamps, ascending, *chunk_size* at a
+        time (the values are not decoded)."""
+        return self._store._chunks(lambda: iter(self._series), chunk_size)
+
+    def __aiter__(self) -> AsyncIterator[int]:
+        return self.keys()
+
     def items(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[tuple[int, Any]]:
         """``async for t, value in series.items()``, ascending, *chunk_size* at a time."""
         return self._store._chunks(lambda: iter(self._series.items()), chunk_size)
+
+    def values(self, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[Any]:
+        """``async for value in series.values()``, in timestamp order, *chunk_size* at a
+        time (one pass over the chunks, as :meth:`items`)."""
+        return self._store._chunks(lambda: (value for _, value in self._series.items()), chunk_size)
 
     def __repr__(self) -> str:
         return f"<AsyncSeries {self.name!r} of {self._store!r}>"
