@@ -48,6 +48,8 @@ from .errors import (
     BackendUnavailableError,
     InvalidOptionError,
     InvalidURLError,
+    MappingStoreError,
+    StoreClosedError,
     StoreCorruptError,
     StoreNotFoundError,
     UnknownOutcomeError,
@@ -767,7 +769,8 @@ class PostgresStore(Store):
         if pool is not None:
             return pool
         with self._pool_lock:
-            if self._pool is None:
+            pool = self._pool
+            if pool is None:
                 self._check_open()
                 # While the direct connection lives it is one of pool_max_size.
                 self._pool_short = short = 0 if self._direct is None else 1
@@ -781,8 +784,10 @@ class PostgresStore(Store):
                     reconnect_timeout=_RECONNECT_WINDOW,
                     open=False,
                 )
-                self._pool.open(wait=False)
-            return self._pool
+                pool = self._pool
+                pool.open(wait=False)
+            # The local: close() (in another thread) sets self._pool to None at any time.
+            return pool
 
     def _forget_pool_after_fork(self) -> None:
         _ABANDONED.extend(self._idle)  # the parent's connections: never closed here
@@ -866,10 +871,12 @@ class PostgresStore(Store):
         except ValueError:
             pass  # it came from the parent's pool (we were forked meanwhile): drop it
 
-    def _unreachable(self, exc: BaseException) -> BackendUnavailableError:
+    def _unreachable(self, exc: BaseException) -> MappingStoreError:
         """The error for a pool that gave no connection in time (it blocks: the async
         driver runs it on a thread). PoolTimeout says nothing about why: ask libpq
         directly for the reason."""
+        if self._closed:  # closed by another thread meanwhile: not the server's doing
+            return StoreClosedError("PostgresStore is closed")
         reason = str(exc)
         if self._owns_pool:
             try:
@@ -919,7 +926,9 @@ class PostgresStore(Store):
             with contextlib.suppress(psycopg.Error, PoolTimeout):
                 pool.check()
 
-    def _convert(self, exc: BaseException, conn: AnyConn | None) -> BackendError:
+    def _convert(self, exc: BaseException, conn: AnyConn | None) -> MappingStoreError:
+        if self._closed:  # closed by another thread meanwhile: not the server's doing
+            return StoreClosedError("PostgresStore is closed")
         message = f"PostgreSQL ({self._url}): {redact(str(exc).strip())}"
         if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)):
             return StoreNotFoundError(message)
@@ -1102,7 +1111,7 @@ class PostgresStore(Store):
                 status = self._read(
                     lambda c: c.execute("SELECT txid_status(%s)", (xid[0],)).fetchone()
                 )
-            except BackendError:
+            except (BackendError, StoreClosedError):  # closed meanwhile: still unknown
                 return None
             state = status[0] if status else None
             if state == "committed":

@@ -40,6 +40,7 @@ from .errors import (
     InvalidOptionError,
     LockTimeoutError,
     MappingStoreError,
+    StoreClosedError,
     UnknownOutcomeError,
 )
 
@@ -376,6 +377,10 @@ class RedisStore(Store):
                     time.sleep(backoff_delay(attempt))
                     attempt += 1
                     continue
+                if self._closed and not isinstance(verdict.error, UnknownOutcomeError):
+                    # Closed by another thread meanwhile, not a server fault (a write that
+                    # may have been applied stays UnknownOutcomeError: that is the truth).
+                    raise StoreClosedError("RedisStore is closed") from exc
                 raise verdict.error from exc
 
     def _reconnect(self) -> None:
