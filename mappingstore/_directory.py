@@ -6,6 +6,7 @@ it)::
     <root>/.mappingstore        marker: "mappingstore-directory 1"
     <root>/.lock                flock(2) target; every writer holds it exclusively
     <root>/.journal             intent log of a batch being applied (transient)
+    <root>/.epoch               the last batch's journal, emptied (see DirectoryStore._get_many)
     <root>/.tmp/                temp files; anything here under the lock is garbage
     <root>/<ns-name>/           one directory per namespace (name encoded, see below)
     <root>/<ns-name>/.namespace the namespace in UTF-8 (needed when the name is hashed)
@@ -258,7 +259,9 @@ class DirectoryStore(Store):
     Processes and instances see each other's writes at once: nothing is cached. Writers
     take an exclusive ``flock`` on ``<root>/.lock`` (the kernel drops it if the holder
     dies), so :meth:`modify` is atomic across processes. Readers take no lock unless a
-    batch is in flight, so a read-only instance works while others write.
+    batch is in flight, so a read-only instance works while others write. :meth:`get_many`
+    reads its keys from one state (a batch whole or not at all): lock-free, checking that
+    no batch ran meanwhile, else once more under the shared lock.
 
     Thread-safe. ``len()``, iteration and :meth:`namespaces` list directories; in a
     namespace that has ever held an item with a TTL they also read each file's header.
@@ -294,11 +297,13 @@ class DirectoryStore(Store):
         self._lock_timeout = lock_timeout = lock_timeout_option(lock_timeout)
         self._marker = os.path.join(self._root, ".mappingstore")
         self._journal = os.path.join(self._root, ".journal")
+        self._epoch = os.path.join(self._root, ".epoch")
         self._tmp = os.path.join(self._root, ".tmp")
         self._tmp_tag = os.urandom(4).hex()
         self._paths: dict[tuple[str, str], str] = {}
         self._ns_dirs: dict[str, str] = {}
         self._cache_lock = threading.Lock()
+        self._unlocked_reads = False  # get_many() found no lock file and said so
         if self._readonly:
             if not os.path.isfile(self._marker):
                 raise StoreNotFoundError(f"no mappingstore directory at {self._root!r}")
@@ -406,7 +411,9 @@ class DirectoryStore(Store):
     def _recover(self) -> None:
         raw = _read(self._journal)
         ops: list[Op] | None = None
-        if raw is not None:
+        if raw == b"":
+            ops = []  # emptied by _retire_journal: its batch was applied in full
+        elif raw is not None:
             ops = _decode_journal(raw)
             if ops is None:
                 # Written to a temp file and renamed, a journal is complete or absent: a
@@ -419,7 +426,9 @@ class DirectoryStore(Store):
                 )
                 self._replay(ops)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._journal)
+                # Renamed, not deleted, even when there was nothing to replay: the dead
+                # writer changed files, and readers learn it from a new .epoch.
+                self._retire_journal()
             self._sync_dir(self._root)
 
     # -- paths --------------------------------------------------------------------------
@@ -461,6 +470,14 @@ class DirectoryStore(Store):
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _retire_journal(self) -> None:
+        """End a batch whose files are all written: the journal, emptied (no copy of the
+        values left behind), becomes the new ``.epoch`` instead of being deleted; a new
+        inode there tells readers that a batch ran (see :meth:`_get_many`). Emptied
+        first: ext4 flushes the data of a file renamed over another one."""
+        os.truncate(self._journal, 0)
+        os.replace(self._journal, self._epoch)
 
     def _make_ns_dir(self, ns: str, path: str, parent: str | None = None) -> None:
         # Built in .tmp and renamed into place, so a namespace directory never exists
@@ -504,6 +521,82 @@ class DirectoryStore(Store):
             self._settle()
         rec = self._load(ns, key)
         return None if rec is None else rec[0]
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        # Key by key, a read could see half of a batch committed between two reads; the
+        # journal exists only while a batch is applied, so checking it before and after
+        # cannot tell a batch that ran entirely in between. So every batch (and every
+        # replay of a dead writer's journal) ends by renaming its journal to .epoch: a
+        # new inode there. A read that holds the .epoch it started with open (so its
+        # inode cannot be reused), or found none, then finds no journal and the same
+        # .epoch: any batch that changed a file it read after it started has ended (no
+        # journal), hence replaced .epoch; none did, so it saw no half batch.
+        # Otherwise it reads again, once, under the shared lock (batches are applied
+        # under the exclusive one). Lock-free first, so readers never hold writers back.
+        # One key needs no check (a file is replaced atomically): that stays _get.
+        if len(keys) < 2:
+            return [self._get(ns, key) for key in keys]
+        try:
+            fd = os.open(self._epoch, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1  # no batch has run yet: its appearance is the change to look for
+        except OSError:
+            return self._get_many_locked(ns, keys)
+        try:
+            out = self._load_many(ns, keys)
+            if not os.access(self._journal, os.F_OK) and self._same_epoch(fd):
+                return out
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return self._get_many_locked(ns, keys)
+
+    def _same_epoch(self, fd: int) -> bool:
+        """Whether ``.epoch`` is still the file open as *fd* (``-1``: still absent)."""
+        with io_errors(f"cannot read from {self._root!r}"):
+            try:
+                now = os.stat(self._epoch)
+            except FileNotFoundError:
+                return fd < 0
+            if fd < 0:
+                return False
+            then = os.fstat(fd)
+            return (now.st_ino, now.st_dev) == (then.st_ino, then.st_dev)
+
+    def _load_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        with io_errors(f"cannot read from {self._root!r}"):
+            out: list[bytes | None] = []
+            for key in keys:
+                rec = self._load(ns, key)
+                out.append(None if rec is None else rec[0])
+            return out
+
+    def _get_many_locked(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        """Read *keys* under the shared lock: no batch can be applied meanwhile."""
+        for settled in (False, True):
+            try:
+                self._flock.acquire(False)
+            except TimeoutError:
+                raise  # LockTimeoutError: lock_timeout= bounds this wait as any other
+            except OSError as exc:
+                # The lock file cannot be opened (a read-only copy without it): read key
+                # by key, as single reads do, and say so once.
+                if not self._unlocked_reads:
+                    self._unlocked_reads = True
+                    self._log.warning(
+                        "cannot lock %r: get_many() reads key by key: %s", self._root, exc
+                    )
+                return [self._get(ns, key) for key in keys]
+            try:
+                # Under the shared lock a journal belongs to a writer that died mid-batch
+                # (a live one holds the exclusive lock until it removes it): replay it
+                # (once; a reader that cannot reads what is there, as _get does).
+                if settled or not os.access(self._journal, os.F_OK):
+                    return self._load_many(ns, keys)
+            finally:
+                self._flock.release()
+            self._settle()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _entries(self, ns: str, prefix: str, with_data: bool) -> list[tuple[str, bytes]]:
         """Live ``(key, data)`` of *ns* (data empty unless *with_data*), sorted by key."""
@@ -698,7 +791,7 @@ class DirectoryStore(Store):
             os.replace(tmp, self._journal)
             self._sync_dir(self._root)
             self._replay(ops)
-            os.unlink(self._journal)
+            self._retire_journal()
             # Must be durable before any later write: a journal that reappeared after a
             # power cut would overwrite newer values when replayed.
             self._sync_dir(self._root)

@@ -599,6 +599,8 @@ class IniStore(Store):
     ``durable=False`` skips the ``fsync`` calls). So writers never lose each other's
     changes, :meth:`modify` is atomic across processes, and a :meth:`batch` writes the
     file once. Readers take no lock: a read-only instance works while others write.
+    :meth:`get_many` looks every key up in one parsed copy, so it sees a batch whole or
+    not at all.
 
     Thread-safe. Every write rewrites the whole file: good for configuration-sized data
     (thousands of keys), not for write-heavy workloads. Edits made by hand while a
@@ -829,6 +831,29 @@ class IniStore(Store):
             if expires is not None and expires <= self._clock():
                 return None
             return doc.record(line)
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        # Every key from one parsed document (one version of the file): a batch another
+        # process or thread commits meanwhile is seen whole or not at all, never half.
+        if len(keys) < 2:
+            return [self._get(ns, key) for key in keys]
+        with self._s.mem:
+            doc = self._fresh()
+            bucket = doc.index.get(ns, _NONE)
+            now = self._clock() if _ttl_ns(ns) in doc.index else None
+            out: list[bytes | None] = []
+            for key in keys:
+                line = bucket.get(key)
+                if line is None:
+                    out.append(None)
+                    continue
+                if now is not None:
+                    expires = doc.expires(ns, key)
+                    if expires is not None and expires <= now:
+                        out.append(None)
+                        continue
+                out.append(doc.record(line))
+            return out
 
     def _live(self, ns: str, prefix: str) -> list[tuple[str, _Line]]:
         with self._s.mem:
