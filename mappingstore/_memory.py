@@ -346,7 +346,10 @@ class MemoryStore(Store):
         return len(self._live(ns))
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
-        return [self._get(ns, k) for k in keys]
+        # One lock for all: a batch committed meanwhile is seen whole or not at all.
+        with self._space.lock:
+            entries = [self._entry_live(ns, k) for k in keys]
+        return [None if e is None else _framed(e) for e in entries]
 
     def _apply(self, ops: Sequence[Op]) -> None:
         space = self._space

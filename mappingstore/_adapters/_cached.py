@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from .._keys import internal_ns
+from .._keys import INTERNAL_PREFIX
 from .._store import KEEP, Op, Record, Store
 from ..errors import InvalidOptionError, OptionTypeError
-from ._base import META_NS, Adapter, add_query
+from ._base import Adapter, add_query
 
 if TYPE_CHECKING:
     from .._blobs import Blobs
@@ -19,14 +20,18 @@ if TYPE_CHECKING:
 __all__ = ["CacheInfo", "Cached"]
 
 _STRIPES = 64  # generation counters: a write bumps one stripe, not the whole cache
-_BLOB_NS = internal_ns("blob")  # + namespace: chunked blobs (_blobs.ChunkedBlobs)
 
 
 def _uncached(ns: str) -> bool:
-    """Records that go straight to the store: the metadata (it belongs to the store) and
-    blob chunks (up to 64 MiB each: caching them would hold whole blobs in memory, which
-    is what streaming avoids; a reader caches its one chunk itself)."""
-    return ns == META_NS or ns.startswith(_BLOB_NS)
+    """Records that go straight to the store: every internal namespace. That is the
+    metadata (it belongs to the store); blob chunks (up to 64 MiB each: caching them would
+    hold whole blobs in memory, which is what streaming avoids; a reader caches its one
+    chunk itself); and time series and event logs. A series or a log is several records
+    read together and checked against the write version in its head record: cached
+    records of different ages (an old head from the cache, a newer chunk from the store)
+    would pass that check and give points that never existed together, or report a chunk
+    another writer removed as damage."""
+    return ns.startswith(INTERNAL_PREFIX)
 
 
 class CacheInfo(NamedTuple):
@@ -59,8 +64,17 @@ class Cached(Adapter):
     Writes by another process, or through another store object, show up only once the
     cached entry is gone: evicted by LRU, dropped by :meth:`invalidate`, or older than
     ``ttl`` seconds (``ttl=None``: trusted until evicted). Use ``ttl=`` when the store is
-    shared; ``modify``, ``pop`` and ``setdefault`` are never stale (they run on the store
-    atomically).
+    shared. Writes are never built on a stale entry: inside the store's exclusive section
+    (``modify``, ``pop``, ``setdefault``, ``delete_many``, the leaf/branch checks of dot
+    names, time-series and event-log writes), and in the read-modify-writes of a batch,
+    every read goes to the store, and refreshes the entry it read.
+
+    **get_many** of several keys is served from the cache only when ``ttl=None`` (every
+    writer goes through this object), every key is cached, and no write of any of them is
+    under way; otherwise all the keys are read from the store in one ``_get_many``, so it
+    is as consistent as the store's own (a batch seen whole or not at all), never a mix of
+    cached and fresh records. (Under dot names ``get_many`` reads key by key, on every
+    store.)
 
     ``maxsize`` counts entries, not bytes. Thread-safe: no lock is held while the store
     is called, and a read that raced a write never puts an old record back in the cache.
@@ -68,6 +82,7 @@ class Cached(Adapter):
     **Blobs** are the wrapped store's own, kept in its own form (a directory store's blob
     files): a blob written through the store reads through the cache and the other way
     round. Blobs are never cached: chunk records bypass the cache, as the metadata does.
+    Nor are time series and event logs (their records are read from the store).
     """
 
     scheme: ClassVar[str] = "cached"
@@ -100,6 +115,11 @@ class Cached(Adapter):
         self._epoch = 0  # bumped by clear() and invalidate(): no older read may fill
         self._hits = 0
         self._misses = 0
+        # Threads inside _exclusive() (see there): their reads bypass the cache. The
+        # count lets every other read skip the thread-local lookup.
+        self._in_exclusive = 0
+        self._excl_tls = threading.local()
+        self._clearing: dict[str, int] = {}  # namespaces being cleared -> how many times
 
     @property
     def maxsize(self) -> int:
@@ -225,9 +245,33 @@ class Cached(Adapter):
         # The wrapped store keeps the bytes in its own form; *facade* checks and encodes.
         return self._inner._blob_backend_for(facade)
 
+    def _for_write(self) -> bool:
+        """Whether this thread's reads are for a write, so must bypass the cache: inside
+        :meth:`_exclusive`, or a read-modify-write inside a batch (the batch's commit
+        checks that the records it read are still the stored ones: a stale entry would
+        make it fail with ``BatchConflictError`` though no other writer came in)."""
+        if self._in_exclusive and getattr(self._excl_tls, "depth", 0):
+            return True
+        if self._nbatch:
+            batch = self._batch()
+            return batch is not None and batch.rmw > 0
+        return False
+
+    def _read_through(self, ns: str, key: str) -> Record | None:
+        """The store's record of *key*, bypassing the cache, which it then refreshes
+        (unless a write or clear came in meanwhile)."""
+        ck = (ns, key)
+        with self._cache_lock:
+            token = (self._gens[hash(ck) % _STRIPES], self._epoch)
+        rec = self._inner._get_record(ns, key)
+        self._fill(ck, rec, token)
+        return rec
+
     def _get_record(self, ns: str, key: str) -> Record | None:
         if _uncached(ns):
             return self._inner._get_record(ns, key)
+        if (self._in_exclusive or self._nbatch) and self._for_write():
+            return self._read_through(ns, key)
         ck = (ns, key)
         hit, rec, token = self._lookup(ck)
         if hit:
@@ -244,21 +288,59 @@ class Cached(Adapter):
         return self._get_record(ns, key) is not None
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
-        out: list[bytes | None] = [None] * len(keys)
-        missing: list[int] = []
-        for i, key in enumerate(keys):
-            hit, rec, _ = (False, None, (0, 0)) if _uncached(ns) else self._lookup((ns, key))
-            if hit:
-                out[i] = None if rec is None else rec[0]
+        if len(keys) == 1:
+            return [self._get(ns, keys[0])]
+        if (
+            _uncached(ns)
+            or self._trust is not None
+            or ((self._in_exclusive or self._nbatch) and self._for_write())
+        ):
+            # Another writer may have changed any entry (ttl=) or the caller needs current
+            # records: one read of the store, as consistent as its own get_many.
+            return self._store_many(ns, keys)
+        out: list[bytes | None] = []
+        with self._cache_lock:
+            # One pass under the lock: every key cached and none being written, or none
+            # from the cache. Entries are then each the store's current record (every
+            # write goes through this object, and a finished write updated or dropped its
+            # entries at once), so together they are one state of the store. Mixing hits
+            # with records read from the store could show half of a batch: one that
+            # committed between the entry's fill and the read, or is committing now.
+            now = self._clock()
+            for key in keys:
+                ck = (ns, key)
+                entry = self._entries.get(ck)
+                if entry is None or ck in self._writing or ns in self._clearing:
+                    break
+                rec = entry[0]
+                if rec is not None and rec[1] is not None and rec[1] <= now:
+                    break  # expired: _get_record drops the entry
+                out.append(None if rec is None else rec[0])
             else:
-                missing.append(i)
-        if missing:
-            # One round trip for the misses; _get_many returns no expiry, so these
-            # results cannot be cached (a later single read fills the entry).
-            found = self._inner._get_many(ns, [keys[i] for i in missing])
-            for i, data in zip(missing, found, strict=True):
-                out[i] = data
-        return out
+                for key in keys:
+                    self._entries.move_to_end((ns, key))
+                self._hits += len(keys)
+                return out
+            self._misses += len(keys)
+        return self._store_many(ns, keys)
+
+    def _store_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        """``_get_many`` of the store; cached entries it proves stale are dropped."""
+        found = self._inner._get_many(ns, keys)
+        if _uncached(ns):
+            return found
+        # _get_many gives no expiry, so these records cannot be cached; an entry that
+        # disagrees with them is stale (another writer) and goes, so that a later get()
+        # does not show an older value than this get_many did.
+        with self._cache_lock:
+            for key, data in zip(keys, found, strict=True):
+                ck = (ns, key)
+                entry = self._entries.get(ck)
+                if entry is not None and (None if entry[0] is None else entry[0][0]) != data:
+                    del self._entries[ck]
+                    # A read that began before ours must not fill its older record back.
+                    self._gens[hash(ck) % _STRIPES] += 1
+        return found
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         return self._inner._iter_keys(ns, prefix)
@@ -336,11 +418,20 @@ class Cached(Adapter):
             self._finish(writes, results)
 
     def _clear(self, ns: str) -> None:
-        self._drop_namespace(ns)
+        with self._cache_lock:
+            self._clearing[ns] = self._clearing.get(ns, 0) + 1
         try:
-            self._inner._clear(ns)
-        finally:
             self._drop_namespace(ns)
+            try:
+                self._inner._clear(ns)
+            finally:
+                self._drop_namespace(ns)
+        finally:
+            with self._cache_lock:
+                if self._clearing[ns] == 1:
+                    del self._clearing[ns]
+                else:
+                    self._clearing[ns] -= 1
 
     def _drop_namespace(self, ns: str) -> None:
         with self._cache_lock:
@@ -351,5 +442,26 @@ class Cached(Adapter):
     def _purge_expired(self, ns: str) -> int:
         return self._inner._purge_expired(ns)
 
-    def _exclusive(self) -> Any:
-        return self._inner._exclusive()
+    def _has_prefix(self, ns: str, prefix: str) -> bool:
+        return self._inner._has_prefix(ns, prefix)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        # The store's exclusive section, and while this thread holds it every read of
+        # this thread goes to the store: a read-modify-write (a series or event-log head,
+        # a dot-name leaf check, delete_many's count) must not build on a cached record
+        # that another writer (another Cached object, another process) has replaced.
+        with self._inner._exclusive():
+            tls = self._excl_tls
+            depth = getattr(tls, "depth", 0)
+            tls.depth = depth + 1
+            if not depth:
+                with self._cache_lock:
+                    self._in_exclusive += 1
+            try:
+                yield
+            finally:
+                tls.depth = depth
+                if not depth:
+                    with self._cache_lock:
+                        self._in_exclusive -= 1

@@ -40,9 +40,19 @@ class Sharded(Adapter):
     on the owning shard (across processes where that backend is). A batch or
     ``update()`` touching several shards takes every involved shard's exclusive section
     (in shard order) and writes each shard atomically, but the shards commit one after
-    the other: a crash in between can apply a batch on some shards only. The same holds
-    for dot-name branch writes whose leaves sit on different shards. ``clear`` empties
-    the shards one by one.
+    the other: a crash in between can apply a batch on some shards only, and a reader
+    meanwhile can see it applied on some shards only. The same holds for dot-name
+    branch writes whose leaves sit on different shards. ``clear`` empties the shards one
+    by one.
+
+    **Readers** take no lock, so their consistency is per shard: ``get_many`` reads each
+    shard with one ``_get_many`` (a batch's keys on one shard are seen all or none, as
+    that shard's own ``get_many`` sees them), but keys on different shards are read at
+    different moments, and can show a multi-shard batch half applied. Iteration,
+    ``items()``, ``values()`` and ``len`` walk the shards one after the other, with the
+    same per-shard guarantee. (A cross-shard snapshot would need every reader to hold
+    the shards' exclusive sections, stopping every writer.) Keep keys that must be read
+    together on one shard (``placement=``) when that matters.
 
     **Encryption.** Options and encryption are those of the first shard: every shard
     holds records in its format. With encryption, open all shards with one password and
@@ -193,6 +203,8 @@ class Sharded(Adapter):
         return self._shards[self._owner(ns, key)]._contains(ns, key)
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        # One _get_many per shard: consistent per shard, not across shards (see the class
+        # docstring, "Readers").
         groups: dict[int, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
             groups[self._owner(ns, key)].append(i)
@@ -216,6 +228,9 @@ class Sharded(Adapter):
 
     def _count(self, ns: str) -> int:
         return sum(shard._count(ns) for shard in self._listed(ns))
+
+    def _has_prefix(self, ns: str, prefix: str) -> bool:
+        return any(shard._has_prefix(ns, prefix) for shard in self._listed(ns))
 
     def _namespaces(self) -> Iterable[str]:
         found: dict[str, None] = {}

@@ -49,6 +49,11 @@ class Tiered(Adapter):
       never keeps the old value), and the write returns normally.
     * ``modify``, ``pop`` and ``setdefault`` run atomically on the slowest tier (across
       processes if that backend is shared), then update the faster tiers.
+    * ``get_many`` of several keys reads them all from the fastest tier when it holds
+      every one, and otherwise all from the slowest tier (one ``_get_many`` each, then the
+      records the fastest tier lacked are promoted): never some keys from one tier and
+      some from another, which could show half of a batch. It is as consistent as the
+      tier it read (through one ``Tiered`` object; see "Processes" below).
     * **Listing**, ``len``, ``items()`` and ``namespaces()`` come from the slowest tier;
       ``clear`` empties every tier.
     * **Blobs** (``put_file``) are manifest and chunk records through this adapter, kept
@@ -209,23 +214,32 @@ class Tiered(Adapter):
         return self._get_record(ns, key) is not None
 
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
-        if _slow_only(ns):
+        if _slow_only(ns) or not self._fast:
             return self._slow._get_many(ns, keys)
-        out: list[bytes | None] = [None] * len(keys)
-        todo = list(range(len(keys)))
-        for tier in self._fast:  # one round trip per fast tier for what is still missing
-            found = tier._get_many(ns, [keys[i] for i in todo])
-            rest = []
-            for i, data in zip(todo, found, strict=True):
-                if data is None:
-                    rest.append(i)
-                else:
-                    out[i] = data
-            todo = rest
-            if not todo:
-                return out
-        for i in todo:  # misses of every fast tier: read (and promote) the record
-            out[i] = self._get(ns, keys[i])
+        if len(keys) == 1:
+            return [self._get(ns, keys[0])]
+        # All from the fastest tier, or all from the slowest, in one _get_many each: never
+        # a mix of tiers (or of single reads), which could show half of a batch that
+        # committed between two reads. A record in a faster tier is always the slowest
+        # tier's current one (a write first drops the faster tiers' copies), so a read
+        # that finds every key in the fastest tier is as consistent as that tier's own.
+        first = self._fast[0]._get_many(ns, keys)
+        if None not in first:
+            return first
+        stripes = [hash((ns, key)) % _STRIPES for key in keys]
+        gens = [self._gens[stripe] for stripe in stripes]
+        out = self._slow._get_many(ns, keys)
+        upto = len(self._fast)
+        for i, key in enumerate(keys):
+            data = out[i]
+            if data is None or first[i] is not None or self._gens[stripes[i]] != gens[i]:
+                continue
+            # Promote what the fastest tier lacked. _get_many gives no expiry, so the
+            # record is read again; copied only if it is still what this read returned
+            # (and, in _promote, if no write of the key came in since the read).
+            rec = self._slow._get_record(ns, key)
+            if rec is not None and rec[0] == data:
+                self._promote(ns, key, rec, upto, gens[i])
         return out
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
@@ -236,6 +250,9 @@ class Tiered(Adapter):
 
     def _count(self, ns: str) -> int:
         return self._slow._count(ns)
+
+    def _has_prefix(self, ns: str, prefix: str) -> bool:
+        return self._slow._has_prefix(ns, prefix)
 
     def _namespaces(self) -> Iterable[str]:
         return self._slow._namespaces()
