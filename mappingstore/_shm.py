@@ -18,6 +18,7 @@ segment (see :mod:`._shm_base`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime as _dt
 import fcntl
 import struct
@@ -30,7 +31,16 @@ from typing import Any, ClassVar
 from . import _codec
 from ._codec import _HEADER_CRC, _PACKERS, PLAIN_HEADER, pack
 from ._keys import MISSING
-from ._shm_base import PAGE, SHM_DIR, Handle, check_name
+from ._shm_base import (
+    CLOSED_CTLQ,
+    CLOSED_GEN,
+    PAGE,
+    SHM_DIR,
+    Handle,
+    check_name,
+    drop_fd,
+    flock_failed,
+)
 from ._shm_bytes import SharedBytes
 from ._shm_table import (
     EMPTY,
@@ -45,6 +55,7 @@ from ._shm_table import (
     TAIL,
     TOMB,
     Segment,
+    closed_segment,
     fill,
     find_slot,
     record_size,
@@ -57,6 +68,7 @@ from .errors import (
     CapacityError,
     InvalidOptionError,
     InvalidURLError,
+    StoreClosedError,
     StoreCorruptError,
 )
 
@@ -113,8 +125,11 @@ class SharedMemoryStore(Store):
     has read, validated against the live slot on every read, so a cached read is never
     stale.
 
-    Thread-safe. Works after ``fork()`` (the child gets its own lock). Linux only
-    (``/dev/shm``).
+    Thread-safe, including :meth:`close` while other threads use the instance: calls
+    already running finish (or raise :class:`~mappingstore.errors.StoreClosedError`
+    before they touch the segment), later ones raise it, and the cross-process lock is
+    never dropped under a thread of this process that is writing. Works after ``fork()``
+    (the child gets its own lock). Linux only (``/dev/shm``).
 
     Limits: the data survives until :meth:`unlink` (or ``delete_on_close=True``) or a
     reboot, not a power cut. A data segment holds at most 32 GiB; ``max_size`` sets a
@@ -266,6 +281,8 @@ class SharedMemoryStore(Store):
             self._check_open()
         new = self._map(gen)
         with self._lock:
+            if self._closed:  # closed while we mapped (self._seg is closed_segment())
+                self._check_open()
             if new.gen > self._seg.gen:
                 self._seg = new
                 self._hot.clear()
@@ -337,6 +354,42 @@ class SharedMemoryStore(Store):
                 return e[5]  # type: ignore[no-any-return]
         rec = self._get_record(ns, key)
         return None if rec is None else rec[0]
+
+    def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
+        # Every key is read in one generation: a multi-key write (batch(), update, clear)
+        # builds the next generation aside and publishes it with one store, and a
+        # generation no longer current is never written again (writers check it under the
+        # lock). So the reads see the whole batch or none of it, with no lock. (Reading key
+        # by key, as the default does, can hop to the next generation halfway.)
+        seg = self._current()
+        gen, q = seg.gen, seg.q
+        hot = self._hot if ns == self._ns else None
+        now = self._clock()
+        find = self._find
+        out: list[bytes | None] = []
+        append = out.append
+        for key in keys:
+            e = hot.get(key) if hot is not None else None
+            if e is not None and e[0] == gen and e[1][e[2]] == e[3]:
+                append(e[5] if e[4] is None or e[4] > now else None)
+                continue
+            nsb, kb, h = self._name_of(ns, key)
+            idx, _ = find(seg, nsb, kb, h)
+            v = q[idx] if idx >= 0 else EMPTY
+            if v <= TOMB:  # missing, or deleted since we found it
+                append(None)
+                continue
+            data, exp = self._read(seg, v)
+            if exp != INF and exp <= now:
+                append(None)
+                continue
+            append(data)
+            if hot is not None and len(data) <= _HOT_DATA_MAX:
+                if len(hot) >= _HOT_MAX:
+                    hot.clear()
+                expires = None if exp == INF else exp
+                hot[key] = (gen, q, idx, v, expires, data, _NOVALUE, None, v >> 32 << 32)
+        return out
 
     def __getitem__(self, key: str) -> Any:
         # Fast path: a value this instance has read before, still in the same slot (the
@@ -432,10 +485,10 @@ class SharedMemoryStore(Store):
         depth = lock.depth  # only this thread changes it while it holds rlock
         if not depth:
             try:
-                _flock(lock.fd, _LOCK_EX)
-            except BaseException:
+                _flock(lock.fd, _LOCK_EX)  # fd -1 (closed): ValueError, see flock_failed
+            except BaseException as exc:
                 rlock.release()
-                raise
+                flock_failed(lock, exc)
         lock.depth = depth + 1
         try:
             seg = self._seg
@@ -471,6 +524,8 @@ class SharedMemoryStore(Store):
             try:
                 if not depth:
                     _flock(lock.fd, _LOCK_UN)
+                    if lock.doomed:  # closed by this thread inside the section
+                        drop_fd(lock)
             finally:
                 rlock.release()
         if e is None and len(hot) >= _HOT_MAX:
@@ -577,10 +632,10 @@ class SharedMemoryStore(Store):
             rlock.acquire()
             if not lock.depth:
                 try:
-                    _flock(lock.fd, _LOCK_EX)
-                except BaseException:
+                    _flock(lock.fd, _LOCK_EX)  # fd -1 (closed): see flock_failed
+                except BaseException as exc:
                     rlock.release()
-                    raise
+                    flock_failed(lock, exc)
             lock.depth += 1
         try:
             seg = self._seg
@@ -625,6 +680,8 @@ class SharedMemoryStore(Store):
             try:
                 if not depth:
                     _flock(lock.fd, _LOCK_UN)
+                    if lock.doomed:  # closed by this thread inside the section
+                        drop_fd(lock)
             finally:
                 rlock.release()
         if ns == self._ns and dl <= _HOT_DATA_MAX:
@@ -769,6 +826,12 @@ class SharedMemoryStore(Store):
         self._h.publish(gen)
         old, nq = seg.gen, new.q
         with self._lock:
+            if self._seg.gen == CLOSED_GEN:
+                # Closed by this very thread inside the section (close() waits for every
+                # other one): the write is published; keep the closed sentinel. (Closing
+                # by another thread is not checked here: the rest of a locked section
+                # that is running, such as a series append, must go on on this segment.)
+                return
             self._seg = new
             # Carry the read cache over: the entries of records that were copied point at
             # their new slots, so the next set or get of each key skips the table probe
@@ -789,10 +852,27 @@ class SharedMemoryStore(Store):
             hot.update(carried)
 
     def _close(self) -> None:
+        # Other threads may be inside any method. Writers: the sentinels are swapped in
+        # under the lock's thread lock, so a locked section running now (a modify, a
+        # series append, a rebuild) finishes whole first, and one entered later fails
+        # over to the closed check (_wseg -> _current) before it touches the segment.
+        # Readers take no lock: nothing is unmapped under them (they hold references to
+        # the segment they read; the mapping goes with the last one). The lock's
+        # descriptor is closed only when no thread of this process is inside a locked
+        # section (Handle.close): that would drop the flock under a writer.
         self._plain_set = False
-        self._hot.clear()
         try:
             if self._delete_on_close and not self._readonly:
-                self._h.unlink()
+                with contextlib.suppress(StoreClosedError):  # closed by another thread
+                    self._h.unlink()
         finally:
+            rlock = self._ilock.rlock
+            rlock.acquire()  # re-entrant: close() inside this thread's own section is fine
+            try:
+                with self._lock:
+                    self._seg = closed_segment()
+                    self._ctlq = CLOSED_CTLQ
+                    self._hot = {}
+            finally:
+                rlock.release()
             self._h.close()

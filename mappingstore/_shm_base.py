@@ -24,6 +24,16 @@ Cross-process locking is ``flock(2)`` on the control segment: the kernel drops i
 holder dies, so a killed writer never deadlocks the others. Writers order their stores so
 that a writer killed at any instruction leaves a state the next writer can use as is
 (see ``docs/backends/shm.md``).
+
+Closing while other threads use the object: readers take no lock, so nothing is ever
+unmapped or released explicitly. ``close()`` swaps the object's references for closed
+sentinels (a generation that matches no segment), and the mappings go when the last
+thread holding one drops it (reference counting). The lock's descriptor is closed only
+under the lock's thread lock, when no thread of the process is inside a locked section:
+closing it under a writer would drop the ``flock`` and let another process write the same
+segment at the same time (and a reused descriptor number could be ``flock``-ed by
+mistake). A thread that takes the lock after that finds ``fd < 0`` and raises
+:class:`StoreClosedError`.
 """
 
 from __future__ import annotations
@@ -38,9 +48,10 @@ import stat
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from .errors import (
     BackendError,
@@ -50,17 +61,22 @@ from .errors import (
     InvalidKeyError,
     LockTimeoutError,
     MappingStoreError,
+    StoreClosedError,
     StoreCorruptError,
     StoreNotFoundError,
 )
 
 __all__ = [
+    "CLOSED_CTLQ",
+    "CLOSED_GEN",
     "CTL_SIZE",
     "DELETED",
     "PAGE",
     "SHM_DIR",
     "Handle",
     "check_name",
+    "drop_fd",
+    "flock_failed",
 ]
 
 T = TypeVar("T")
@@ -76,6 +92,16 @@ DELETED = 2**64 - 1
 #: one page fault per page on first touch (expensive under virtualisation).
 _POPULATE_MAX = 64 * 2**20
 _Q_GEN = 2  # control segment: magic (8 bytes) | version u32 + kind u32 | generation u64
+#: What a closed Handle (and store) reads as its control segment: generation 0, which no
+#: data segment has (they start at 1), so every generation check fails over to the
+#: closed check. Never released: threads still running may hold it.
+CLOSED_CTLQ: memoryview = memoryview(array("Q", bytes(CTL_SIZE)))
+#: The generation of a closed object's segment sentinel: above any real one (u64), so it
+#: never matches the control segment and never loses to a newly mapped segment.
+CLOSED_GEN = 2**64
+# _InodeLock.fd values that are not descriptors
+_FD_CLOSED = -1  # every instance using it closed
+_FD_LOST = -2  # a forked child could not reopen it
 
 # (st_dev, st_ino) of a control segment -> the process-wide lock for it
 _LOCKS: dict[tuple[int, int], _InodeLock] = {}
@@ -138,7 +164,7 @@ class _InodeLock:
     ``threading.RLock`` orders the threads of this process; ``flock`` orders processes.
     """
 
-    __slots__ = ("depth", "fd", "ghost", "key", "refs", "rlock")
+    __slots__ = ("depth", "doomed", "fd", "ghost", "key", "refs", "rlock")
 
     def __init__(self, fd: int, key: tuple[int, int]) -> None:
         self.fd = fd
@@ -147,6 +173,9 @@ class _InodeLock:
         self.depth = 0
         self.ghost = 0  # levels a forked child inherited without the flock (see fork)
         self.refs = 0
+        # The last instance closed while this very thread was inside a locked section:
+        # the release that leaves the section closes the descriptor (see _unregister_lock).
+        self.doomed = False
 
     def acquire(self, timeout: float | None) -> None:
         if not self.rlock.acquire(timeout=-1 if timeout is None else timeout):
@@ -156,15 +185,36 @@ class _InodeLock:
             return
         try:
             if self.fd < 0:
-                raise BackendError("the shared-memory lock could not be reopened after fork()")
+                raise self.unusable()
             if timeout is None:
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
             else:
                 self._acquire_polling(timeout)
-        except BaseException:
+        except BaseException as exc:
             self.rlock.release()
-            raise
+            err = self.flock_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
         self.depth = 1
+
+    def unusable(self) -> MappingStoreError:
+        """The error for taking a lock whose descriptor is gone (``fd < 0``)."""
+        if self.fd == _FD_LOST:  # pragma: no cover - /proc is always mounted on Linux
+            return BackendError("the shared-memory lock could not be reopened after fork()")
+        return StoreClosedError("the shared-memory store was closed")
+
+    def flock_error(self, exc: BaseException) -> BaseException:
+        """The error to raise for *exc*, raised while taking the ``flock`` (the caller
+        holds no lock any more): the closed error if the descriptor was closed, ours for
+        an OS error, *exc* itself otherwise (ours already, or KeyboardInterrupt...)."""
+        if isinstance(exc, MappingStoreError):
+            return exc
+        if self.fd < 0:
+            return self.unusable()
+        if isinstance(exc, OSError):
+            return _os_error(exc, "cannot take the shared-memory lock")
+        return exc
 
     def _acquire_polling(self, timeout: float) -> None:
         # flock cannot time out by itself; poll with a short, growing sleep.
@@ -191,8 +241,19 @@ class _InodeLock:
         try:
             if not self.depth:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
+                if self.doomed:
+                    drop_fd(self)
         finally:
             self.rlock.release()
+
+
+def flock_failed(lock: _InodeLock, exc: BaseException) -> NoReturn:
+    """Raise for *exc*, raised by ``flock`` while taking *lock* (for the writers that
+    inline :meth:`_InodeLock.acquire`; the caller has released the thread lock)."""
+    err = lock.flock_error(exc)
+    if err is exc:
+        raise exc
+    raise err from exc
 
 
 def _register_lock(fd: int, st: os.stat_result) -> _InodeLock:
@@ -213,15 +274,41 @@ def _register_lock(fd: int, st: os.stat_result) -> _InodeLock:
 
 
 def _unregister_lock(lock: _InodeLock) -> None:
+    """Drop one instance's share of *lock*; the last one closes its descriptor.
+
+    Closing the descriptor drops the ``flock``: it happens under the thread lock, so never
+    while another thread of this process is inside a locked section (writing the segment);
+    this waits for it to leave. If this very thread is inside one (``close()`` called from
+    a ``modify`` function), the release that leaves the section closes it.
+    """
     with _LOCKS_GUARD:
         lock.refs -= 1
         if lock.refs > 0:
             return
+    rlock = lock.rlock
+    rlock.acquire()
+    try:
+        if lock.depth:
+            lock.doomed = True
+        else:
+            drop_fd(lock)
+    finally:
+        rlock.release()
+
+
+def drop_fd(lock: _InodeLock) -> None:
+    """Close the descriptor of an unused *lock* (the caller holds its thread lock and no
+    level of it); kept if an instance registered it again meanwhile."""
+    with _LOCKS_GUARD:
+        lock.doomed = False
+        if lock.refs > 0:
+            return
         if _LOCKS.get(lock.key) is lock:
             del _LOCKS[lock.key]
-        fd, lock.fd = lock.fd, -1
+        fd, lock.fd = lock.fd, min(lock.fd, _FD_CLOSED)
     if fd >= 0:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _after_fork_in_child() -> None:
@@ -239,7 +326,7 @@ def _after_fork_in_child() -> None:
         try:
             lock.fd = os.open(f"/proc/self/fd/{old}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # pragma: no cover - /proc is always mounted on Linux
-            lock.fd = -1
+            lock.fd = _FD_LOST
         with contextlib.suppress(OSError):
             os.close(old)
         if lock.depth > 0 and lock.rlock._is_owned():  # type: ignore[attr-defined]
@@ -285,6 +372,7 @@ class Handle:
         self._magic = magic
         self._lock: _InodeLock | None = None
         self.ctl: mmap.mmap | None = None
+        self.closed = False
         for _ in range(20):
             if self._attach(create, init):
                 break
@@ -407,23 +495,29 @@ class Handle:
         finally:
             lock.release()
 
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(f"{self.base} is closed")
+
     def __enter__(self) -> None:
+        # The lock object stays set once attached (close() keeps it): a thread inside the
+        # section when another thread closes must still find it to leave the section.
         lock = self._lock
-        if lock is None:
-            raise BackendError(f"{self.base} is closed")
+        if lock is None or self.closed:
+            raise self._closed_error()
         lock.acquire(self.lock_timeout)
 
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._lock is not None
-        self._lock.release()
+        lock = self._lock
+        if lock is not None:  # always: __enter__ checked it, and nothing unsets it
+            lock.release()
 
     @property
     def inode_lock(self) -> _InodeLock:
         """The process-wide lock object (``acquire(timeout)`` / ``release()``)."""
-        if self._lock is None:
-            raise BackendError(f"{self.base} is closed")
+        if self._lock is None or self.closed:
+            raise self._closed_error()
         return self._lock
 
     # -- generations ----------------------------------------------------------------------
@@ -431,7 +525,10 @@ class Handle:
     @property
     def generation(self) -> int:
         """The published generation (``DELETED`` once unlinked)."""
-        return int(self.ctlq[_Q_GEN])
+        gen = int(self.ctlq[_Q_GEN])
+        if not gen:  # CLOSED_CTLQ
+            raise self._closed_error()
+        return gen
 
     def data_path(self, gen: int) -> str:
         """The file of data-segment generation *gen*."""
@@ -450,6 +547,8 @@ class Handle:
         move, which means the segment is really gone. *what* names the object in errors.
         """
         for _ in range(100):
+            if self.closed:
+                raise self._closed_error()
             self.check_not_deleted(gen)
             try:
                 return wrap(gen, self.open_data(gen))
@@ -508,8 +607,7 @@ class Handle:
     def _check_still_named(self) -> None:
         """Refuse to create files for an object whose control segment was deleted by hand
         (``rm /dev/shm/...``): nobody could find or remove them later."""
-        assert self._lock is not None
-        mine = os.fstat(self._lock.fd)
+        mine = os.fstat(self.inode_lock.fd)  # under the lock: the descriptor is open
         try:
             st = os.stat(self.base, follow_symlinks=False)
         except FileNotFoundError:
@@ -538,8 +636,9 @@ class Handle:
 
     def unlink(self) -> None:
         """Remove the object: mark it deleted for every attached instance, delete its files."""
-        if self._lock is None or self.ctl is None:
-            raise BackendError(f"{self.base} is closed")
+        lock = self._lock
+        if lock is None or self.closed:
+            raise self._closed_error()
         if self.readonly:
             from .errors import ReadOnlyError
 
@@ -547,7 +646,7 @@ class Handle:
         with self:
             if self.generation == DELETED:
                 return
-            mine = os.fstat(self._lock.fd)
+            mine = os.fstat(lock.fd)
             self.ctlq[_Q_GEN] = DELETED
             try:
                 st = os.stat(self.base, follow_symlinks=False)
@@ -564,16 +663,24 @@ class Handle:
                 os.unlink(self.base)
 
     def close(self) -> None:
-        """Unmap the control segment and drop this instance's share of the lock."""
-        lock, self._lock = self._lock, None
-        ctl, self.ctl = self.ctl, None
-        with contextlib.suppress(BufferError):
-            self.ctlq.release()
-        if ctl is not None:
-            with contextlib.suppress(BufferError):
-                ctl.close()
-        if lock is not None:
-            _unregister_lock(lock)
+        """Detach: drop the control segment and this instance's share of the lock.
+
+        Safe while other threads use the object (idempotent, also when two threads close
+        at once). Nothing is unmapped or released here: a thread still running may hold
+        the mapping (a released ``memoryview`` would fail under it), so the references are
+        swapped for :data:`CLOSED_CTLQ` and the mapping goes with its last reference. The
+        lock's descriptor is closed once no thread of this process is inside a locked
+        section (see :func:`_unregister_lock`); the lock object stays set for the threads
+        still inside one.
+        """
+        with _LOCKS_GUARD:
+            if self.closed:
+                return
+            self.closed = True
+        self.ctlq = CLOSED_CTLQ
+        self.ctl = None
+        if self._lock is not None:
+            _unregister_lock(self._lock)
 
 
 def data_files(prefix: str, name: str) -> list[str]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from ._shm_base import PAGE, Handle, check_name, data_files
+from ._shm_base import CLOSED_GEN, PAGE, Handle, check_name, data_files
 from .errors import CapacityError, InvalidOptionError, StoreClosedError, StoreCorruptError
 
 __all__ = ["SharedBytes"]
@@ -66,6 +66,14 @@ class _BSeg:
             raise StoreCorruptError(f"SharedBytes data segment {gen} has a bad header")
 
 
+def _closed_seg() -> _BSeg:
+    """What a closed object holds: no mapping, and a generation that never matches the
+    control segment nor loses to a segment a thread still running maps."""
+    seg = _BSeg.__new__(_BSeg)
+    seg.gen = CLOSED_GEN
+    return seg
+
+
 def _seg_size(nbytes: int) -> int:
     return (_HEAD + nbytes + PAGE - 1) // PAGE * PAGE
 
@@ -85,7 +93,9 @@ class SharedBytes:
     ``flock`` that the kernel releases when its holder dies; :meth:`update` is an atomic
     read-modify-write across processes, and releases the lock if *fn* raises.
 
-    Thread-safe; fork-safe. Linux only (``/dev/shm``). Segments are mode 0600; attaching to
+    Thread-safe, including :meth:`close` while other threads use the object (calls already
+    running finish or raise :class:`~mappingstore.errors.StoreClosedError`, later ones
+    raise it); fork-safe. Linux only (``/dev/shm``). Segments are mode 0600; attaching to
     one that another user owns or others can write raises
     :class:`~mappingstore.errors.InsecureStorageError`. Remove it with :meth:`unlink` (or
     ``delete_on_close=True``).
@@ -124,6 +134,7 @@ class SharedBytes:
             lock_timeout=lock_timeout,
             init=self._init_segment,
         )
+        self._ilock = self._h.inode_lock
         try:
             self._seg = self._map(self._h.generation)
         except BaseException:
@@ -145,10 +156,12 @@ class SharedBytes:
         seg = self._seg
         gen = self._h.ctlq[2]
         if gen != seg.gen:
-            new = self._map(gen)
-            if new.gen > self._seg.gen:
-                self._seg = new
+            new = self._map(gen)  # StoreClosedError if closed meanwhile (generation 0)
             seg = self._seg
+            if new.gen > seg.gen:  # never over the closed sentinel (CLOSED_GEN)
+                self._seg = seg = new
+            if seg.gen == CLOSED_GEN:
+                raise StoreClosedError(f"SharedBytes {self._name!r} is closed")
         return seg
 
     def _read(self, seg: _BSeg) -> bytes:
@@ -252,7 +265,8 @@ class SharedBytes:
                 self._h.discard(gen)
                 raise
             self._h.publish(gen)
-            self._seg = new
+            if self._seg.gen != CLOSED_GEN:  # never over the closed sentinel
+                self._seg = new
             return
         self._write(seg, end, payload)
         seg.q[_Q_END] = end + need  # commit the space, then publish
@@ -287,10 +301,18 @@ class SharedBytes:
         self._closed = True
         try:
             if self._delete_on_close and not self._readonly:
-                self._h.unlink()
+                with contextlib.suppress(StoreClosedError):  # closed by another thread
+                    self._h.unlink()
         finally:
-            with contextlib.suppress(BufferError):
-                del self._seg
+            # A set or update running now finishes first (the lock's thread lock); nothing
+            # is unmapped under readers: they hold their own references to the segment,
+            # and the mapping goes with the last one (see Handle.close).
+            rlock = self._ilock.rlock
+            rlock.acquire()
+            try:
+                self._seg = _closed_seg()
+            finally:
+                rlock.release()
             self._h.close()
 
     def __enter__(self) -> SharedBytes:

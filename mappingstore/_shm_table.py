@@ -23,7 +23,7 @@ import struct
 import zlib
 from array import array
 
-from ._shm_base import PAGE
+from ._shm_base import CLOSED_GEN, PAGE
 from .errors import StoreCorruptError
 
 MAGIC_DATA = b"MSSHMDT1"
@@ -175,3 +175,12 @@ def fill(
     nq[Q_END] = pos
     nq[Q_USED] = len(keep) + len(adds)
     return moved
+
+
+def closed_segment() -> Segment:
+    """The segment a closed store holds: no mapping, and a generation above any real one,
+    so it never matches the control segment (every access falls through to the closed
+    check) and a segment mapped by a thread still running never replaces it."""
+    seg = Segment.__new__(Segment)
+    seg.gen = CLOSED_GEN
+    return seg

@@ -629,6 +629,7 @@ class Store(MutableMapping[str, Any]):
         """The cipher new encrypted values are sealed with (set up on first use)."""
         cipher = self._cipher
         if cipher is None:
+            self._check_open()  # closed by another thread: the key is gone with it
             # A store locked by a password (opened with encrypt=False) must never get values
             # sealed with the in-process key: nobody holding the password could read them.
             no_secret = self._password is None and self._raw_key is None
@@ -649,6 +650,7 @@ class Store(MutableMapping[str, Any]):
         if head == ENCRYPTED_HEADER:
             cipher = self._cipher
             if cipher is None:
+                self._check_open()  # closed by another thread: the key is gone with it
                 if self._meta_get("crypto") is None:
                     # No key slot: nothing was ever encrypted here, so this header is damage
                     # (one flipped bit turns a plain header into it) or a foreign record.
@@ -1502,8 +1504,10 @@ class Store(MutableMapping[str, Any]):
         if self._closed:
             return
         self._closed = True
-        self._cipher = None
-        self._close()
+        try:
+            self._close()  # may wait for calls of other threads, which may still decode
+        finally:
+            self._cipher = None
 
     def __enter__(self: T) -> T:
         return self

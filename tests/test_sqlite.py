@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1181,3 +1182,40 @@ def test_a_child_forked_inside_the_transaction_uses_its_own_connection(
         assert a.modify("n", fn) == 2
         assert "child" not in b
         b.close()
+
+
+def test_closing_an_encrypted_store_under_readers_raises_only_store_closed(
+    tmp_path: Path,
+) -> None:
+    # close() dropped the key before closing the connections: a read already running
+    # then found no key and raised PasswordRequiredError (21 of 30 rounds).
+    rnd = random.Random(3)
+    wrong: list[str] = []
+    for r in range(30):
+        store = SQLiteStore(tmp_path / f"e{r}.db", key=b"k" * 32)
+        store.update({f"k{i}": i for i in range(50)})
+
+        def use(seed: int, store: SQLiteStore = store) -> None:
+            ops = random.Random(seed)
+            try:
+                while True:
+                    op = ops.randrange(3)
+                    if op == 0:
+                        store.get("k2")
+                    elif op == 1:
+                        list(store.items())
+                    else:
+                        store.modify("k3", lambda v: v + 1, default=0)
+            except StoreClosedError:
+                pass
+            except Exception as exc:  # reported below
+                wrong.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=use, args=(r * 10 + n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(rnd.random() * 0.02)
+        store.close()
+        for t in threads:
+            t.join(30)
+    assert wrong == []
