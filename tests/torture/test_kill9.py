@@ -429,6 +429,10 @@ def run_kills(target: Target, kills: int, seed: int, acks: Path) -> Tally:
     return tally
 
 
+# Long: a Redis writer killed inside the store lock (a batch whose pop or modify must be
+# checked at the commit takes it) holds it until its 10 s lease runs out, and 200 kills
+# can add up past the suite's 300 s default. The per-kill progress check stays 60 s.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("backend", PERSISTENT)
 def test_kill_9_loses_no_acknowledged_write_and_tears_no_batch(
     backend: str, target: Target, tier: str, tmp_path: Path, figure: Callable[..., None]
