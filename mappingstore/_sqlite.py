@@ -1266,18 +1266,6 @@ class SQLiteStore(Store):
 
     # -- backend contract ---------------------------------------------------------------
 
-    def _cursor(self) -> sqlite3.Cursor:
-        if self._gen != _fork_gen:
-            self._after_fork()
-        try:
-            return self._local.holder.cursor  # type: ignore[no-any-return]
-        except AttributeError:
-            return self._thread_conn().cursor
-
-    def _point(self, sql: str, nid: int, key: str) -> Any:
-        """The row of a primary-key lookup (hot path: kept flat on purpose)."""
-        return self._one(sql, (nid, key))
-
     def __getitem__(self, key: str) -> Any:
         # docstring inherited. Store.__getitem__ and _get() inlined for the common read (an
         # ASCII key of a file store's own namespace, outside a batch; bench/bench_core.py).
@@ -1328,7 +1316,7 @@ class SQLiteStore(Store):
         nid = self._ns_id(ns)
         if nid is None:
             return None
-        row = self._point(_GET, nid, key)
+        row = self._one(_GET, (nid, key))
         if row is None or (row[1] is not None and row[1] <= self._clock()):
             return None
         return row[0], row[1]
@@ -1339,7 +1327,7 @@ class SQLiteStore(Store):
             nid = self._ns_id(ns)
             if nid is None:
                 return None
-        # The hottest path: _point() and _cursor() inlined for the common case.
+        # The hottest path: _one() inlined for the common case.
         try:
             if self._memlock is None and self._gen == _fork_gen:
                 try:
@@ -1367,7 +1355,7 @@ class SQLiteStore(Store):
         nid = self._ns_id(ns)
         if nid is None:
             return False
-        row = self._point(_CONTAINS, nid, key)
+        row = self._one(_CONTAINS, (nid, key))
         return row is not None and (row[0] is None or row[0] > self._clock())
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
