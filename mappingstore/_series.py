@@ -581,17 +581,49 @@ class Series(MutableMapping[int, Any]):
 
         self.extend(_update_pairs(other))
 
+    # pop, popitem and setdefault read and then write: each is one exclusive section (as
+    # Store.pop and Store.setdefault are), so a point is popped once, pop(t, default)
+    # never raises KeyError, and of two setdefault calls on a new point only one stores.
+
     def pop(self, t: int, *default: Any) -> Any:
-        self._store._check_writable()
-        return super().pop(t, *default)
+        """Remove the point at *t* and return its value; *default* (if given) or
+        ``KeyError`` when there is none. Atomic."""
+        store = self._store
+        store._check_writable()
+        if len(default) > 1:
+            raise TypeError(f"pop expected at most 2 arguments, got {1 + len(default)}")
+        with store._atomic():
+            try:
+                value = self[t]
+            except MissingKeyError:
+                if default:
+                    return default[0]
+                raise
+            del self[t]
+        return value
 
     def popitem(self) -> tuple[int, Any]:
-        self._store._check_writable()
-        return super().popitem()
+        """Remove and return the earliest ``(timestamp, value)``; ``KeyError`` when empty.
+        Atomic."""
+        store = self._store
+        store._check_writable()
+        with store._atomic():
+            first = self.first()
+            if first is None:
+                raise MissingKeyError(f"popitem(): series {self.name!r} is empty")
+            del self[first[0]]
+        return first
 
     def setdefault(self, t: int, default: Any = None) -> Any:
-        self._store._check_writable()
-        return super().setdefault(t, default)
+        """The value at *t*; if there is none, store *default* there and return it. Atomic."""
+        store = self._store
+        store._check_writable()
+        with store._atomic():
+            try:
+                return self[t]
+            except MissingKeyError:
+                self[t] = default
+        return default
 
     def __delitem__(self, t: int) -> None:
         t = _check_ts(t)
@@ -869,6 +901,10 @@ class Series(MutableMapping[int, Any]):
         """``(timestamp, value)`` pairs in ascending order (one pass over the chunks)."""
         return _SeriesItems(self)
 
+    def values(self) -> Any:
+        """The values in ascending timestamp order (one pass over the chunks)."""
+        return _SeriesValues(self)
+
     def first(self) -> tuple[int, Any] | None:
         """The earliest ``(timestamp, value)``, or ``None`` when the series is empty."""
         self._store._check_open()
@@ -935,7 +971,7 @@ class Series(MutableMapping[int, Any]):
     __hash__ = None  # type: ignore[assignment]
 
 
-from collections.abc import ItemsView  # noqa: E402
+from collections.abc import ItemsView, ValuesView  # noqa: E402
 
 
 class _SeriesItems(ItemsView[int, Any]):
@@ -943,6 +979,19 @@ class _SeriesItems(ItemsView[int, Any]):
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         yield from self._mapping._scan(None, None)
+
+
+class _SeriesValues(ValuesView[Any]):
+    _mapping: Series
+
+    def __iter__(self) -> Iterator[Any]:
+        # One pass, as items(): never a listing, then a read per timestamp (which a point
+        # removed in between would turn into a KeyError).
+        for _, value in self._mapping._scan(None, None):
+            yield value
+
+    def __contains__(self, value: object) -> bool:
+        return any(v is value or v == value for v in self)
 
 
 def series_names(store: Store) -> list[str]:

@@ -58,6 +58,7 @@ from ._codec import (
     PLAIN_HEADER,
     decode_plain,
     decode_plain_many,
+    is_encrypted,
     pack,
     unpack,
     unpack_many,
@@ -69,6 +70,7 @@ from .errors import (
     CorruptValueError,
     IntegrityError,
     InvalidOptionError,
+    MappingStoreError,
     MissingKeyError,
     PasswordRequiredError,
     ReadOnlyError,
@@ -652,6 +654,11 @@ class Store(MutableMapping[str, Any]):
             if cipher is None:
                 self._check_open()  # closed by another thread: the key is gone with it
                 if self._meta_get("crypto") is None:
+                    if self._sealed_in_process(ns, key, record, context):
+                        raise PasswordRequiredError(
+                            f"the value of {key!r} is encrypted with this process's key "
+                            "for the named memory store: open it with encrypt=True"
+                        )
                     # No key slot: nothing was ever encrypted here, so this header is damage
                     # (one flipped bit turns a plain header into it) or a foreign record.
                     raise CorruptValueError(
@@ -665,6 +672,21 @@ class Store(MutableMapping[str, Any]):
                 cipher.open_record(ENCRYPTED_HEADER, self._store_id, ns, key, record, context)
             )
         raise CorruptValueError(f"stored value of {key!r} is not a mappingstore record")
+
+    def _sealed_in_process(self, ns: str, key: str, record: bytes, context: bytes) -> bool:
+        """Whether *record* opens with the in-process key (memory stores opened with
+        ``encrypt=True`` and no password): a sound record another instance of the same
+        named store sealed, not damage. Only asked on the error path."""
+        ephemeral = self._ephemeral_key()
+        if ephemeral is None:
+            return False
+        try:
+            _crypto.Cipher(ephemeral).open_record(
+                ENCRYPTED_HEADER, b"ephemeral", ns, key, record, context
+            )
+        except MappingStoreError:
+            return False
+        return True
 
     def _expires(self, ttl: float | None) -> float | None:
         ttl = self._default_ttl if ttl is None else _check_ttl(ttl)
@@ -951,7 +973,17 @@ class Store(MutableMapping[str, Any]):
         self._check_open()
         wanted = list(_iterable(keys, "get_many()"))
         if self._dot:
-            return {k: self[k] for k in wanted if k in self}
+            from . import _tree
+
+            found: dict[str, Any] = {}
+            for k in wanted:
+                # One read per name (a leaf, else a branch as a View): never a check and
+                # then a read, which a name deleted or expired in between would fail.
+                try:
+                    found[k] = _tree.get_item(self, "", k)
+                except MissingKeyError:
+                    pass
+            return found
         checked = [check_key(k) for k in wanted]
         if self._batch() is not None:
             datas = [self._rget(self._ns, k) for k in checked]
@@ -1024,13 +1056,9 @@ class Store(MutableMapping[str, Any]):
         self._check_writable()
         keys = _iterable(keys, "delete_many()")
         if self._dot:
-            n = 0
-            with self.batch():
-                for k in list(keys):
-                    if k in self:
-                        del self[k]
-                        n += 1
-            return n
+            from . import _tree
+
+            return _tree.delete_many(self, "", keys)
         checked = list(dict.fromkeys(check_key(k) for k in keys))
         with self._atomic():
             present = [k for k in checked if self._rrecord(self._ns, k) is not None]
@@ -1087,10 +1115,11 @@ class Store(MutableMapping[str, Any]):
         """Atomically replace the value of *key* with ``fn(value)`` and return the new value.
 
         If *key* is missing, ``fn(default)`` is stored (``KeyError`` without a default).
-        The item keeps its expiry; a new item gets the store's default TTL. Atomic across
-        threads, and across processes on backends shared between processes. ``fn`` may
-        run more than once on backends with optimistic concurrency (Redis): keep it free
-        of side effects. If ``fn`` raises, nothing is written.
+        The item keeps its expiry and its encryption (an item stored with
+        ``set(..., encrypt=...)`` stays as it was); a new item gets the store's defaults.
+        Atomic across threads, and across processes on backends shared between processes.
+        ``fn`` may run more than once on backends with optimistic concurrency (Redis): keep
+        it free of side effects. If ``fn`` raises, nothing is written.
         """
         self._check_writable()
         if self._dot:
@@ -1104,19 +1133,21 @@ class Store(MutableMapping[str, Any]):
 
         def step(rec: Record | None) -> Any:
             result.clear()
+            encrypt: bool | None = None
             if rec is None:
                 if default is MISSING:
                     raise MissingKeyError(key)
                 old, expires = default, self._expires(None)
             else:
                 old, expires = self._decode(ns, k, rec[0]), rec[1]
+                encrypt = is_encrypted(rec[0])  # the item keeps its own setting
             new = fn(old)
             if self._dot and isinstance(new, Mapping):
                 from .errors import NameConflictError
 
                 raise NameConflictError("modify() cannot turn a leaf into a branch under dot names")
             result.append(new)
-            return (self._encode(ns, k, new), expires)
+            return (self._encode(ns, k, new, encrypt), expires)
 
         if not self._dot:
             # _update is atomic by contract: an _exclusive() section around it would only
@@ -1422,7 +1453,8 @@ class Store(MutableMapping[str, Any]):
         """Re-wrap the store's data key under a new password (or raw ``key=``).
 
         O(1): no value is rewritten. Every namespace of the store is affected. Other open
-        instances keep working (the data key does not change).
+        instances keep working (the data key does not change). The key derivation keeps
+        the store's recorded ``security`` level unless ``security=`` names another one.
         """
         self._check_writable()
         if self._cipher is None or self._store_id == b"ephemeral":
@@ -1431,11 +1463,13 @@ class Store(MutableMapping[str, Any]):
             )
         if (new is None) == (key is None):
             raise InvalidOptionError("give exactly one of a new password or key=")
-        level = security or self._security
         slot_bytes = self._meta_get("crypto")
         if slot_bytes is None:
             raise PasswordRequiredError("this store has no password yet")
         old = _crypto.KeySlot.from_dict(unpack(slot_bytes))
+        # Without security=, the level recorded with the store stays (never the one this
+        # open passed, which opening ignores): a new password never weakens the KDF.
+        level = security or old.security or self._security
         data_key = _crypto.unwrap(
             old, self._store_id, password=self._password, raw_key=self._raw_key
         )

@@ -68,6 +68,16 @@ def _empty_segment(key: str) -> NameConflictError:
     )
 
 
+def _torn(store: Store, full: str) -> bool:
+    """True if a listing that saw *full* as both a leaf and a branch was only torn: on
+    backends whose listings are not one snapshot (Redis, ``Sharded``), a branch replaced
+    while it is listed can show an old leaf and a new branch of the same name. The store is
+    then sound, and the listing keeps the side it met first instead of blaming keys
+    "stored without dot names". Checked only when a listing meets a conflict, a few times
+    over: the two lookups are not one snapshot either, and a real conflict is stable."""
+    return any(not (_is_leaf(store, full) and _is_branch(store, full)) for _ in range(5))
+
+
 def _is_leaf(store: Store, full: str) -> bool:
     return store._rrecord(store._ns, full) is not None
 
@@ -294,6 +304,33 @@ def del_item(store: Store, base: str, name: Any) -> None:
         store._rapply(ops)
 
 
+def delete_many(store: Store, base: str, names: Iterable[Any]) -> int:
+    """``del view[name]`` for each of *names* that exists, in one atomic write; return how
+    many existed. Every name is checked before anything is read; a name is looked up
+    against the store minus the deletions before it (``["a", "a.b"]`` deletes branch
+    ``a`` and counts 1), as the loop of single deletes would."""
+    from ._store import Op
+
+    store._check_writable()
+    fulls = list(dict.fromkeys(_full(base, name) for name in names))
+    ns = store._ns
+    gone: set[str] = set()
+    n = 0
+    with store._atomic():
+        for full in fulls:
+            if full not in gone and store._rrecord(ns, full) is not None:
+                gone.add(full)  # a leaf first, as del_item
+                n += 1
+                continue
+            below = [k for k in store._rkeys(ns, full + ".") if k not in gone]
+            if below:
+                gone.update(below)
+                n += 1
+        if gone:
+            store._rapply([Op(ns, k, None, None) for k in gone])
+    return n
+
+
 def contains(store: Store, base: str, name: Any) -> bool:
     full = _full(base, name)
     return _is_leaf(store, full) or _is_branch(store, full)
@@ -319,7 +356,7 @@ def iter_children(store: Store, base: str) -> Iterator[str]:
                 raise _empty_segment(key)
             seen[child] = branch
             yield child
-        elif kind is not branch:
+        elif kind is not branch and not _torn(store, prefix + child):
             raise _both(prefix + child)
 
 
@@ -337,7 +374,7 @@ def iter_child_items(store: Store, base: str) -> Iterator[tuple[str, Any]]:
         branch = dot != ""
         kind = seen.get(child)
         if kind is not None:
-            if kind is not branch:
+            if kind is not branch and not _torn(store, prefix + child):
                 raise _both(prefix + child)
             continue
         if not child:
@@ -365,19 +402,28 @@ def _build(store: Store, prefix: str) -> tuple[dict[str, Any], list[str]]:
         parts = key[cut:].split(".")
         if "" in parts:
             raise _empty_segment(key)
-        node = out
+        keys.append(key)
+        node: dict[str, Any] | None = out
         for i in range(len(parts) - 1):
+            assert node is not None
             child = node.get(parts[i], MISSING)  # a leaf's value may be None
             if child is MISSING:
                 child = node[parts[i]] = {}
                 branches.add(id(child))
             elif id(child) not in branches:
-                raise _both(prefix + ".".join(parts[: i + 1]))
+                name = prefix + ".".join(parts[: i + 1])
+                if not _torn(store, name):
+                    raise _both(name)
+                node = None  # a torn listing: keep the leaf met first
+                break
             node = child
+        if node is None:
+            continue
         if parts[-1] in node:  # a branch: keys are unique, so never a leaf
-            raise _both(key)
+            if not _torn(store, key):
+                raise _both(key)
+            continue  # a torn listing: keep the branch met first
         node[parts[-1]] = store._decode(ns, key, data)
-        keys.append(key)
     return out, keys
 
 
@@ -434,7 +480,9 @@ def setdefault_item(store: Store, base: str, name: Any, default: Any) -> Any:
         except KeyError:
             pass
         set_item(store, base, name, default, ttl=None, encrypt=None)
-        return get_item(store, base, name) if isinstance(default, Mapping) and default else default
+        # A mapping default is now a branch: hand out a live view of it (of an empty
+        # branch too, so ``d.setdefault(k, {})[x] = y`` writes through, as on a dict).
+        return View(store, _full(base, name)) if isinstance(default, Mapping) else default
 
 
 def make_view(store: Store, name: Any) -> View:
@@ -557,13 +605,17 @@ class View(MutableMapping[str, Any]):
         """``(name, value)`` pairs, from one scan of the branch."""
         return _ViewItems(self)
 
+    def values(self) -> Any:
+        """The values (a sub-branch as a :class:`View`), from one scan of the branch."""
+        return _ViewValues(self)
+
     def __repr__(self) -> str:
         return f"<View {self._path!r} of {self._store!r}>"
 
     __hash__ = None  # type: ignore[assignment]
 
 
-from collections.abc import ItemsView  # noqa: E402
+from collections.abc import ItemsView, ValuesView  # noqa: E402
 
 
 class _ViewItems(ItemsView[str, Any]):
@@ -577,3 +629,17 @@ class _ViewItems(ItemsView[str, Any]):
     def __contains__(self, item: object) -> bool:
         # As dict_items (and the store's items view): only a (key, value) tuple.
         return isinstance(item, tuple) and len(item) == 2 and super().__contains__(item)
+
+
+class _ViewValues(ValuesView[Any]):
+    _mapping: View
+
+    def __iter__(self) -> Iterator[Any]:
+        # One scan, as the store's values view: never a listing, then a read per name
+        # (which a name deleted or expired in between would turn into a KeyError).
+        view = self._mapping
+        view._store._check_open()
+        return (value for _, value in iter_child_items(view._store, view._path))
+
+    def __contains__(self, value: object) -> bool:
+        return any(v is value or v == value for v in self)

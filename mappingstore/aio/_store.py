@@ -1044,7 +1044,7 @@ class AsyncSeries:
 
     async def extend(self, points: Iterable[tuple[int, Any]]) -> None:
         """Add ``(timestamp, value)`` pairs in any order; a repeated timestamp keeps the last."""
-        await self._store._run(self._series.extend, list(points))
+        await self._store._run(self._series.extend, list(_iterable(points, "extend()")))
 
     async def getitem(self, t: int) -> Any:
         """The value at *t*; ``KeyError`` if there is none."""
