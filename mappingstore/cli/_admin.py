@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from .._adapters import Prefixed
 from .._store import Store
 from .._url import redact
 from ..errors import (
@@ -137,28 +138,54 @@ def check_cmd(settings: Settings, all_namespaces: bool) -> None:
             ),
         )
         try:
+            # (kind, key prefix, name): the store's own objects (key prefix ""), then the
+            # series and event logs written through a key prefix, which its listings omit.
             plan = [
-                (ns, {kind: _kinds.names(stores.get(ns), kind) for kind, *_ in _kinds.KINDS})
+                (
+                    ns,
+                    [
+                        *(
+                            (kind, "", name)
+                            for kind, *_ in _kinds.KINDS
+                            for name in _kinds.names(stores.get(ns), kind)
+                        ),
+                        *(
+                            (kind, key_prefix, name)
+                            for kind, *_ in _kinds.KINDS
+                            for key_prefix, found in _kinds.prefixed_names(
+                                stores.get(ns), kind
+                            ).items()
+                            for name in found
+                        ),
+                    ],
+                )
                 for ns in spaces
             ]
-            total = sum(
-                _raw.count(store, ns) + sum(map(len, objects.values())) for ns, objects in plan
-            )
+            total = sum(_raw.count(store, ns) + len(objects) for ns, objects in plan)
             with Job(settings, "check", total=total) as job:
                 for ns, objects in plan:
                     _check_items(store, ns, job, bad)
-                    for kind, found in objects.items():
-                        for name in found:
-                            try:
-                                _kinds.check_object(stores.get(ns), kind, name)
-                            except MissingKeyError:
-                                pass  # a blob deleted since it was listed
-                            except _kinds.DAMAGE as exc:
-                                bad.append(
-                                    {"namespace": ns, "kind": kind, "key": name, "error": str(exc)}
-                                )
-                            counts[kind] += 1
-                            job.add(0, progress=1)
+                    for kind, key_prefix, name in objects:
+                        try:
+                            ns_store = stores.get(ns)
+                            if key_prefix:
+                                with Prefixed(ns_store, key_prefix) as view:
+                                    _kinds.check_object(view, kind, name)
+                            else:
+                                _kinds.check_object(ns_store, kind, name)
+                        except MissingKeyError:
+                            pass  # a blob deleted since it was listed
+                        except _kinds.DAMAGE as exc:
+                            bad.append(
+                                {
+                                    "namespace": ns,
+                                    "kind": kind,
+                                    "key": key_prefix + name,
+                                    "error": str(exc),
+                                }
+                            )
+                        counts[kind] += 1
+                        job.add(0, progress=1)
                 shown = [
                     f"{counts[kind]:,} {one if counts[kind] == 1 else many}"
                     for kind, one, many, _ in _kinds.KINDS

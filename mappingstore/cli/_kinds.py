@@ -35,6 +35,7 @@ from decimal import Decimal
 from typing import IO, Any, cast
 
 from .._events import OPS, Event, EventLog
+from .._keys import internal_ns
 from .._series import Series
 from .._store import Store
 from ..errors import (
@@ -183,6 +184,51 @@ def names(store: Store, kind: str, prefix: str = "") -> list[str]:
     else:
         found = store.blob_names()
     return [name for name in found if name.startswith(prefix)]
+
+
+def prefixed_names(store: Store, kind: str, prefix: str = "") -> dict[str, list[str]]:
+    """The series or event logs (*kind*) kept under a key prefix: those written through
+    ``Prefixed`` or a ``?key_prefix=`` URL of *store*, which its own listing never shows
+    (the key prefix stands before the record's tag). ``{key prefix: sorted names}``, for
+    the objects whose key prefix + name starts with *prefix*; ``{}`` for blobs, which the
+    store lists under their full names already."""
+    if kind == "blobs":
+        return {}
+    ns = internal_ns("ts" if kind == "series" else "ev", store._ns)
+    found: dict[str, list[str]] = {}
+    for key in store._rkeys(ns, ""):
+        if _own_record(key):
+            continue
+        head = _prefixed_head(key)
+        if head is not None and (head[0] + head[1]).startswith(prefix):
+            found.setdefault(head[0], []).append(head[1])
+    return {p: sorted(found[p]) for p in sorted(found)}
+
+
+def _own_record(key: str) -> bool:
+    """Whether *key* is one of the store's own series or event-log records
+    (``H:``/``E:``/``D:<len>:<name>``, or ``C:<len>:<name>:<hex id>``)."""
+    if key[1:2] != ":" or key[:1] not in ("H", "E", "D", "C"):
+        return False
+    length, sep, rest = key[2:].partition(":")
+    if not sep or not length.isdigit():
+        return False
+    tail = rest[int(length) :]
+    if key[0] != "C":
+        return tail == "" and len(rest) == int(length)
+    return tail[:1] == ":" and len(tail) > 1 and all(c in "0123456789abcdef" for c in tail[1:])
+
+
+def _prefixed_head(key: str) -> tuple[str, str] | None:
+    """``(key prefix, name)`` when *key* is ``key prefix + "H:<len>:<name>"`` (any split
+    of an ambiguous key names the same stored records: it is the same key)."""
+    i = key.find("H:", 1)
+    while i != -1:
+        length, sep, name = key[i + 2 :].partition(":")
+        if sep and length.isdigit() and length == str(len(name)):
+            return key[:i], name
+        i = key.find("H:", i + 1)
+    return None
 
 
 # -- reading --------------------------------------------------------------------------------

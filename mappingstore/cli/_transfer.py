@@ -13,11 +13,12 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 import click
 
+from .._adapters import Prefixed
 from .._codec import is_encrypted
 from .._jsonio import from_typed, to_plain, to_typed
 from .._keys import check_key, check_namespace
@@ -584,7 +585,26 @@ class _Copier:
             ) from None
 
 
-def _check_plaintext(src: Store, dst: Store | None, plan: list[Any], allow_plaintext: bool) -> None:
+@contextlib.contextmanager
+def _prefixed(store: Store | None, key_prefix: str) -> Iterator[Store | None]:
+    """*store* seen through *key_prefix* (``None`` stays ``None``); the store stays open."""
+    if store is None:
+        yield None
+        return
+    view = Prefixed(store, key_prefix)
+    try:
+        yield view
+    finally:
+        view.close()
+
+
+def _check_plaintext(
+    src: Store,
+    dst: Store | None,
+    plan: list[Any],
+    allow_plaintext: bool,
+    more: Sequence[tuple[str, str]] = (),
+) -> None:
     """Refuse to store the series, event logs and blobs of an encrypted source unencrypted.
 
     Items are judged one by one (each record says whether it is encrypted); these are
@@ -601,6 +621,7 @@ def _check_plaintext(src: Store, dst: Store | None, plan: list[Any], allow_plain
         for (kind, one, _, _) in _kinds.KINDS
         for name in objects[kind]
     ]
+    found += more
     if found:
         one, name = found[0]
         raise PasswordRequiredError(
@@ -634,12 +655,32 @@ def _copy(
         )
         for s, d in pairs
     ]
-    _check_plaintext(src, dst, plan, options["allow_plaintext"])
+    # Series and event logs written through a key prefix (Prefixed, ?key_prefix=), which
+    # the store's own listings never show: found by their records, copied through the
+    # same prefix on both sides.
+    under = [
+        {kind: _kinds.prefixed_names(srcs.get(s), kind, prefix) for kind, *_ in _kinds.KINDS}
+        for s, _ in pairs
+    ]
+    _check_plaintext(
+        src,
+        dst,
+        plan,
+        options["allow_plaintext"],
+        [
+            (one, key_prefix + name)
+            for found in under
+            for (kind, one, _, _) in _kinds.KINDS
+            for key_prefix, names in found[kind].items()
+            for name in names
+        ],
+    )
     tallies = {kind: _kinds.Tally() for kind, *_ in _kinds.KINDS}
     names_held: dict[tuple[str, str], set[str]] = {}
     total = sum(len(names) + sum(map(len, objects.values())) for _, _, names, objects in plan)
+    total += sum(len(n) for found in under for by in found.values() for n in by.values())
     with Job(settings, "copy", total=total) as job, _raw.RecordReader(src) as reader:
-        for sns, dns, names, objects in plan:
+        for (sns, dns, names, objects), prefixed in zip(plan, under, strict=True):
             for chunk in iter_chunks(iter(names), options["batch_size"]):
                 existing = _raw.datas(dst, dns, chunk) if dst is not None else [None] * len(chunk)
                 records = reader.read(sns, chunk)
@@ -676,9 +717,29 @@ def _copy(
                         dry=dry_run,
                     )
                     job.add(0, progress=1)
+            for kind, by_prefix in prefixed.items():
+                target = dsts.get(dns) if dsts is not None else None
+                for key_prefix, found in by_prefix.items():
+                    with (
+                        Prefixed(srcs.get(sns), key_prefix) as psrc,
+                        _prefixed(target, key_prefix) as pdst,
+                    ):
+                        held = set(_kinds.names(pdst, kind)) if pdst is not None else set()
+                        for name in found:
+                            _kinds.copy_object(
+                                kind,
+                                psrc,
+                                pdst,
+                                name,
+                                tallies[kind],
+                                held=held,
+                                overwrite=options["overwrite"],
+                                dry=dry_run,
+                            )
+                            job.add(0, progress=1)
     shown = []
     for kind, one, many, unit in _kinds.KINDS:
-        if any(objects[kind] for _, _, _, objects in plan):
+        if any(objects[kind] for _, _, _, objects in plan) or any(f[kind] for f in under):
             t = tallies[kind]
             size = (
                 human_bytes(t.units)

@@ -479,3 +479,61 @@ def test_check_reports_a_series_whose_first_or_last_point_is_not_in_its_data(
         _stale_edges(s, "stale", [1, 1], [2, 2.0])
     run = invoke("--url", url, "check", env=env)
     assert run.code == 1 and run.stdout.startswith("BAD series stale: "), run
+
+
+# -- series and event logs written through a key prefix (seventh review) -------------------
+
+
+def _fill_prefixed(url: str, key_prefix: str, **options: Any) -> None:
+    with mappingstore.open(f"{url}?key_prefix={key_prefix}", **options) as app:
+        app["setting"] = 1
+        app.series("temp").extend([(1, 20.5), (2, 21.0), (-3, None)])
+        app.events("acct").apply({"balance": 100}, 1000)
+        app.events("acct").apply({"balance": (operator.add, 5)}, 2000)
+
+
+def test_copy_carries_series_and_logs_written_through_a_key_prefix(tmp_path: Path) -> None:
+    src, dst = f"sqlite:///{tmp_path}/src.db", f"sqlite:///{tmp_path}/dst.db"
+    _fill_prefixed(src, "app:")
+    _fill_prefixed(src, "H:odd:")  # a key prefix that itself looks like a tag
+    with mappingstore.open(src) as base:
+        base.series("own").extend([(5, "x")])
+    run = ok("copy", src, dst)
+    assert "3 series" in run.stderr and "2 event logs" in run.stderr, run
+    for key_prefix in ("app:", "H:odd:"):
+        with (
+            mappingstore.open(f"{src}?key_prefix={key_prefix}") as a,
+            mappingstore.open(f"{dst}?key_prefix={key_prefix}") as b,
+        ):
+            assert b.series_names() == a.series_names() == ["temp"]
+            assert b.event_names() == a.event_names() == ["acct"]
+            assert list(b.series("temp").items()) == list(a.series("temp").items())
+            assert b.events("acct").events() == a.events("acct").events()
+            assert b.events("acct").current() == {"balance": 105}
+            assert b["setting"] == 1
+    with mappingstore.open(dst) as b:
+        assert b.series_names() == ["own"]
+    again = ok("copy", src, dst)  # everything present: nothing copied twice
+    assert "0 series" in again.stderr and "0 conflicting" in again.stderr, again
+
+
+def test_copy_refuses_prefixed_encrypted_series_into_plaintext(tmp_path: Path) -> None:
+    src, dst = f"sqlite:///{tmp_path}/src.db", f"sqlite:///{tmp_path}/dst.db"
+    _fill_prefixed(src, "app:", password=PASSWORD, security="low")
+    run = invoke(
+        "copy", src, dst, env={"MAPPINGSTORE_PASSWORD": PASSWORD, "MAPPINGSTORE_SECURITY": "low"}
+    )
+    assert run.code != 0 and "app:temp" in run.stderr + run.stdout, run
+
+
+def test_check_reads_series_written_through_a_key_prefix(tmp_path: Path) -> None:
+    from mappingstore._keys import internal_ns
+
+    url = f"sqlite:///{tmp_path}/src.db"
+    _fill_prefixed(url, "app:")
+    run = ok("check", "--url", url)
+    assert "1 series" in run.stderr and "1 event log" in run.stderr, run
+    with mappingstore.open(url) as base:
+        base._put(internal_ns("ts", base.namespace), "app:H:4:temp", b"junk", None)
+    bad = invoke("check", "--url", url)
+    assert bad.code == 1 and "app:temp" in bad.stdout, bad
