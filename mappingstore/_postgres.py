@@ -201,6 +201,14 @@ def _lost(exc: BaseException, conn: AnyConn | None) -> bool:
     )
 
 
+def _scrubbed(exc: psycopg.Error) -> psycopg.Error:
+    """A copy of the failed-connection error *exc* to chain ours to: the same class and
+    its message (redacted), nothing else. psycopg keeps the failed attempt in
+    ``exc.pgconn``, whose conninfo holds the password in clear (``repr`` shows it), and
+    ``exc``'s traceback holds it in the frames' locals."""
+    return type(exc)(redact(str(exc).strip()))
+
+
 def _live(expires: float | None, now: float) -> bool:
     """True when a row with this ``expires`` had not expired at *now*."""
     return expires is None or expires > now
@@ -693,19 +701,24 @@ class PostgresStore(Store):
         Not with ``pool_min_size`` >= 2 (the pool opens those at once, as asked) or
         ``pool_max_size`` 1 (the connection could not count as one of the pool's).
         """
+        failed: psycopg.Error | None = None
         try:
             conn: Conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
         except psycopg.Error as exc:
-            reason = redact(str(exc).strip())
+            failed = _scrubbed(exc)
+        if failed is not None:
+            # Raised here, outside the except block: the original error (which holds the
+            # password) is then not our error's __context__ either.
+            reason = str(failed)
             if _OPTION_ERROR.search(reason):
                 # Refused before any network I/O (or by the server, for options=): a
                 # retry can never succeed, so not a BackendUnavailableError.
                 raise InvalidOptionError(
                     f"invalid PostgreSQL connection setting for {self._url}: {reason}"
-                ) from exc
+                ) from failed
             raise BackendUnavailableError(
                 f"cannot connect to PostgreSQL at {self._url}: {reason}"
-            ) from exc
+            ) from failed
         try:
             self._txn.conn = conn  # route the statements of _ensure_table to it
             self._ensure_table()
@@ -1212,16 +1225,31 @@ class PostgresStore(Store):
                 if row is None or row[0] is None:
                     continue  # emptied meanwhile
                 ident = row[0]
-            names.append(bytes(ident).decode())
+            try:
+                names.append(bytes(ident).decode())
+            except UnicodeDecodeError:
+                continue  # not a namespace of the store (see _iter_keys)
         return names
+
+    # A key or namespace name that is not UTF-8 (written by another program: the store
+    # writes only the UTF-8 of a str) names nothing the store can read, write or delete:
+    # listings skip it, as SQLite's skip a BLOB key; len() counts rows and still counts it.
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         for row in self._scan(ns, prefix.encode(), items=False):
-            yield (row[0] if row[1] is None else row[1]).decode()
+            try:
+                key = (row[0] if row[1] is None else row[1]).decode()
+            except UnicodeDecodeError:
+                continue  # not a key of the store (see above)
+            yield key
 
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         for row in self._scan(ns, prefix.encode(), items=True):
-            yield (row[0] if row[1] is None else row[1]).decode(), row[2]
+            try:
+                key = (row[0] if row[1] is None else row[1]).decode()
+            except UnicodeDecodeError:
+                continue  # not a key of the store (see above)
+            yield key, row[2]
 
     def _scan(self, ns: str, low: bytes, *, items: bool) -> Iterator[tuple[Any, ...]]:
         """Rows ``(key, long_key[, value])`` of *ns* whose key starts with *low*, streamed

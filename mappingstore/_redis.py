@@ -612,15 +612,28 @@ class RedisStore(Store):
                 args = next_args
                 res = self._eval(lua.ITER, keys, args, write=False)
 
+    # An index member that is not UTF-8 (put there by another program: mappingstore
+    # writes only the UTF-8 of a str) names no key of the store: no key can read, write or
+    # delete it, so listings skip it, as they skip a namespace name that is not ours
+    # (_namespaces); len() counts index entries and still counts it.
+
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         # docstring inherited
         for member, _ in self._walk(ns, prefix, False):
-            yield member.decode("utf-8")
+            try:
+                key = member.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # not a key of the store (see above)
+            yield key
 
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         # docstring inherited
         for member, data in self._walk(ns, prefix, True):
-            yield member.decode("utf-8"), data
+            try:
+                key = member.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # not a key of the store (see above)
+            yield key, data
 
     def _count(self, ns: str) -> int:
         # docstring inherited
@@ -834,15 +847,36 @@ class RedisStore(Store):
             finally:
                 local.depth = 0
                 _RENEWER.drop(renewal)
-                # Closed meanwhile (by another thread): no connection to release it with;
-                # the lease, no longer renewed, frees it.
-                released = self._closed or self._run(
-                    "UNLOCK", False, lambda: self._client.eval(_RELEASE, 1, key, token)
-                )
-                if not released:
-                    self._log.warning(
-                        "the store lock of %s expired before its section ended", self.url
-                    )
+                self._release_lock(key, token)
+
+    def _release_lock(self, key: bytes, token: bytes) -> None:
+        """Release the store lock taken with *token*; never raises.
+
+        The section's outcome is already settled when this runs: its writes either
+        returned (they are applied) or raised their own error. A failed release must
+        change neither (a plain ``BackendUnavailableError`` here would say "nothing was
+        written" of writes that were, and would hide the section's own error), and it
+        needs no handling: the lease, no longer renewed, frees the lock within
+        ``_LOCK_LEASE_MS``. Closed meanwhile (by another thread): nothing to release
+        it with, the lease frees it too."""
+        if self._closed:
+            return
+        try:
+            released = self._run(
+                "UNLOCK", False, lambda: self._client.eval(_RELEASE, 1, key, token)
+            )
+        except StoreClosedError:
+            return  # closed by another thread meanwhile: the lease frees it
+        except MappingStoreError as exc:
+            self._log.warning(
+                "could not release the store lock of %s (%s); it frees itself within %g s",
+                self.url,
+                exc,
+                _LOCK_LEASE_MS / 1000,
+            )
+            return
+        if not released:
+            self._log.warning("the store lock of %s expired before its section ended", self.url)
 
     @property
     def _lock_key(self) -> bytes:

@@ -67,8 +67,15 @@ def count_of(counters: list[bytes | None]) -> int | None:
 
     A counter is ``index entries + expiry entries * 2**32``: the sum stays below 2**32
     exactly when no bucket has an expiry entry (and the namespace fewer than 2**32 keys;
-    beyond that the COUNT script answers too)."""
-    total = sum(map(int, filter(None, counters)))
+    beyond that the COUNT script answers too).
+
+    A counter holding anything but an integer (written by another program) also gives
+    ``None``: a counter only caches what the index holds, so the COUNT script, which
+    reads the index itself, still counts right."""
+    try:
+        total = sum(map(int, filter(None, counters)))
+    except ValueError:
+        return None
     return None if total >> 32 else total
 
 

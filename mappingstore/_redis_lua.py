@@ -60,7 +60,16 @@ local function counted(I, dn, de)
   local d = dn + de * 4294967296
   if d ~= 0 then
     local C = string.sub(I, 1, -2) .. 'c'
-    if redis.call('INCRBY', C, d) <= 0 then redis.call('DEL', C) end
+    local n = redis.pcall('INCRBY', C, d)
+    if type(n) == 'table' then
+      -- A foreign value (not an integer): the counter only caches the index, which this
+      -- script has already changed, so rebuild it from there instead of failing a write
+      -- that is applied.
+      local X = string.sub(I, 1, -2) .. 'x'
+      n = redis.call('ZCARD', I) + redis.call('ZCARD', X) * 4294967296
+      if n > 0 then redis.call('SET', C, string.format('%d', n)) end
+    end
+    if n <= 0 then redis.call('DEL', C) end
   end
 end
 -- Drop dead index entries, bounded, and only once enough have piled up: keeps a

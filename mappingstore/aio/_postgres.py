@@ -345,13 +345,24 @@ class NativePostgres:
                 return
             query, after = scan.page, bytes(rows[-1][0])
 
+    # A name that is not UTF-8 is no key of the store: skipped, as the sync store does
+    # (PostgresStore._iter_keys).
+
     async def iter_keys(self, ns: str, prefix: str = "") -> AsyncIterator[str]:
         async for row in self._scan(ns, prefix.encode(), items=False):
-            yield bytes(row[0] if row[1] is None else row[1]).decode()
+            try:
+                key = bytes(row[0] if row[1] is None else row[1]).decode()
+            except UnicodeDecodeError:
+                continue
+            yield key
 
     async def iter_items(self, ns: str, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
         async for row in self._scan(ns, prefix.encode(), items=True):
-            yield bytes(row[0] if row[1] is None else row[1]).decode(), bytes(row[2])
+            try:
+                key = bytes(row[0] if row[1] is None else row[1]).decode()
+            except UnicodeDecodeError:
+                continue
+            yield key, bytes(row[2])
 
     async def aclose(self) -> None:
         if self._closed:

@@ -190,11 +190,19 @@ class NativeRedis:
 
     async def iter_keys(self, ns: str, prefix: str = "") -> AsyncIterator[str]:
         async for member, _ in self._walk(ns, prefix, False):
-            yield member.decode("utf-8")
+            try:
+                key = member.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # no key of the store (see RedisStore._iter_keys)
+            yield key
 
     async def iter_items(self, ns: str, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
         async for member, data in self._walk(ns, prefix, True):
-            yield member.decode("utf-8"), data
+            try:
+                key = member.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # no key of the store (see RedisStore._iter_keys)
+            yield key, data
 
     async def aclose(self) -> None:
         if self._closed:
