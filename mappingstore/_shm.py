@@ -37,6 +37,8 @@ from ._shm_base import (
     PAGE,
     SHM_DIR,
     Handle,
+    check_flag,
+    check_lock_timeout,
     check_name,
     drop_fd,
     flock_failed,
@@ -58,6 +60,7 @@ from ._shm_table import (
     closed_segment,
     fill,
     find_slot,
+    intact,
     record_size,
     segment_size,
     write_record,
@@ -68,6 +71,7 @@ from .errors import (
     CapacityError,
     InvalidOptionError,
     InvalidURLError,
+    OptionTypeError,
     StoreClosedError,
     StoreCorruptError,
 )
@@ -138,6 +142,12 @@ class SharedMemoryStore(Store):
     iteration scan the table (O(capacity)). A multi-key write (``update``, ``batch``,
     ``clear``) rewrites the data segment, so its cost grows with the store's size.
 
+    Every record has a checksum. A damaged record raises
+    :class:`~mappingstore.errors.StoreCorruptError` when its key is read and when a
+    listing (iteration, ``items()``, ``namespaces()``) reaches it; a write or delete of
+    its key replaces it, and a rewrite of the data segment leaves it out (with a warning
+    on the store's logger).
+
     Segments are created mode 0600; attaching to one owned by another user, writable by
     group or others, or not a regular file raises
     :class:`~mappingstore.errors.InsecureStorageError`.
@@ -170,18 +180,20 @@ class SharedMemoryStore(Store):
     ) -> None:
         super().__init__(**options)
         self._name = check_name(name, "shared-memory store")
-        if max_size is not None and (
-            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < PAGE
-        ):
-            raise InvalidOptionError(f"max_size must be an int >= {PAGE} bytes, got {max_size!r}")
-        if lock_timeout is not None and (
-            isinstance(lock_timeout, bool)
-            or not isinstance(lock_timeout, (int, float))
-            or not lock_timeout >= 0
-        ):
-            raise InvalidOptionError(f"lock_timeout must be >= 0 seconds, got {lock_timeout!r}")
+        # Every option is checked before the store is opened (or created).
+        if max_size is not None:
+            if isinstance(max_size, bool) or not isinstance(max_size, int):
+                raise OptionTypeError(
+                    f"max_size must be an int (bytes) or None, not {type(max_size).__qualname__}"
+                )
+            if max_size < PAGE:
+                raise InvalidOptionError(
+                    f"max_size must be an int >= {PAGE} bytes, got {max_size!r}"
+                )
+        lock_timeout = check_lock_timeout(lock_timeout)
+        create = check_flag(create, "create")
         self._max_size = min(max_size or MAX_SEGMENT, MAX_SEGMENT)
-        self._delete_on_close = bool(delete_on_close)
+        self._delete_on_close = check_flag(delete_on_close, "delete_on_close")
         self._ns_cache: dict[str, tuple[bytes, int]] = {}
         self._hot: dict[str, tuple[Any, ...]] = {}
         self._plain_dot = not self._dot
@@ -544,8 +556,11 @@ class SharedMemoryStore(Store):
     def _contains(self, ns: str, key: str) -> bool:
         return self._get(ns, key) is not None
 
-    def _scan(self, seg: Segment, nsb: bytes | None) -> Iterator[tuple[int, int, int, int, float]]:
-        """(offset, len ns, len key, len data, expires) of every record of *nsb* (all: None)."""
+    def _scan(
+        self, seg: Segment, nsb: bytes | None
+    ) -> Iterator[tuple[int, int, int, int, int, float]]:
+        """(slot value, offset, len ns, len key, len data, expires) of every record of
+        *nsb* (all: None), as its header says: not checked (see :meth:`_checked`)."""
         q, mm = seg.q, seg.mm
         slots = q[seg.t0 : seg.t0 + seg.cap].tolist()  # a snapshot of the table
         unpack = REC.unpack_from
@@ -558,44 +573,98 @@ class SharedMemoryStore(Store):
             _crc, _flags, dl, exp, nl, kl = unpack(mm, off)
             if nsb is not None and (nl != len(nsb) or mm[off + 32 : off + 32 + nl] != nsb):
                 continue
-            yield off, nl, kl, dl, exp
+            yield v, off, nl, kl, dl, exp
+
+    def _checked(self, seg: Segment, v: int) -> tuple[int, int, int, float]:
+        """``(len ns, len key, len data, expires)`` of the record of slot value *v*, whose
+        checksum (and the slot's hash of its names) holds; :class:`StoreCorruptError` if
+        it does not. Listings check every record they hand out, as a read by key does
+        (:meth:`_read`), so a damaged record is reported, never listed under a name
+        nobody wrote (or decoded into a raw ``UnicodeDecodeError``)."""
+        for _ in range(3):  # a weakly ordered CPU may show a record before its bytes
+            rec = intact(seg, v)
+            if rec is not None:
+                return rec
+        raise self._corrupt()
+
+    def _listed(self, seg: Segment, ns: str, prefix: str) -> Iterator[tuple[bytes, int, int]]:
+        """(key, offset of the data, len data) of every live record of *ns* whose key
+        starts with *prefix*, each checked as :meth:`_checked` does (inlined: a listing
+        checks every record it hands out, as a read by key does)."""
+        nsb, nsh = self._ns_cache.get(ns) or self._ns_entry(ns)
+        now = self._clock()
+        pb = prefix.encode("utf-8")  # (UTF-8 keeps prefixes: bytes and str ones agree)
+        mm, mv, size = seg.mm, seg.mv, seg.size
+        heap = (seg.t0 + seg.cap) * 8  # where the heap starts: after the table
+        unpack, crc32, lns = REC.unpack_from, zlib.crc32, len(nsb)
+        for v in seg.q[seg.t0 : seg.t0 + seg.cap].tolist():  # a snapshot of the table
+            if v <= TOMB:
+                continue
+            off = (v & M32) << 3
+            if off + 32 > size:
+                raise self._corrupt()
+            crc, _flags, dl, exp, nl, kl = unpack(mm, off)
+            if nl != lns or mm[off + 32 : off + 32 + nl] != nsb:
+                continue
+            names = off + 32 + nl + kl
+            kb = mm[names - kl : names]
+            if pb and not kb.startswith(pb):
+                continue
+            end = names + dl
+            if (
+                off < heap
+                or end > size
+                # (a copy is cheaper than a memoryview for a small record)
+                or crc32(mm[off + 4 : end] if dl <= 4096 else mv[off + 4 : end]) != crc
+                or crc32(kb, nsh) != v >> 32  # the slot's hash: crc32(ns + key)
+            ):
+                nl, kl, dl, exp = self._checked(seg, v)  # look again, or raise
+                names = off + 32 + nl + kl
+                kb = mm[names - kl : names]
+            if exp > now:
+                yield kb, names, dl
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         seg = self._current()
-        nsb = self._name_of(ns, "")[0]
-        now = self._clock()
-        mm = seg.mm
-        for off, nl, kl, _dl, exp in self._scan(seg, nsb):
-            if exp <= now:
-                continue
-            key = mm[off + 32 + nl : off + 32 + nl + kl].decode("utf-8")
-            if key.startswith(prefix):
-                yield key
+        for kb, _at, _dl in self._listed(seg, ns, prefix):
+            try:
+                key = kb.decode("utf-8")
+            except UnicodeDecodeError:  # a sound checksum over bytes no writer wrote
+                raise self._corrupt() from None
+            yield key
 
     def _iter_items(self, ns: str, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         seg = self._current()
-        nsb = self._name_of(ns, "")[0]
-        now = self._clock()
         mm = seg.mm
-        for off, nl, kl, dl, exp in self._scan(seg, nsb):
-            if exp <= now:
-                continue
-            start = off + 32 + nl
-            key = mm[start : start + kl].decode("utf-8")
-            if key.startswith(prefix):
-                yield key, mm[start + kl : start + kl + dl]
+        for kb, at, dl in self._listed(seg, ns, prefix):
+            try:
+                key = kb.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self._corrupt() from None
+            yield key, mm[at : at + dl]
 
     def _count(self, ns: str) -> int:
+        # Counts the slots (O(capacity), no checksum): a damaged record is counted, and
+        # reported by whatever reads it.
         seg = self._current()
         nsb = self._name_of(ns, "")[0]
         now = self._clock()
-        return sum(1 for r in self._scan(seg, nsb) if r[4] > now)
+        return sum(1 for r in self._scan(seg, nsb) if r[5] > now)
 
     def _namespaces(self) -> Iterable[str]:
         seg = self._current()
         mm = seg.mm
-        found = {bytes(mm[off + 32 : off + 32 + nl]) for off, nl, *_ in self._scan(seg, None)}
-        return [n.decode("utf-8") for n in found]
+        found: dict[bytes, int] = {}  # namespace -> the slot value of one of its records
+        for v, off, nl, *_ in self._scan(seg, None):
+            found.setdefault(bytes(mm[off + 32 : off + 32 + nl]), v)
+        out = []
+        for n, v in found.items():  # a name is listed once one record vouches for it
+            self._checked(seg, v)
+            try:
+                out.append(n.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise self._corrupt() from None
+        return out
 
     # -- backend contract: writes (under the cross-process lock) -------------------------
 
@@ -698,10 +767,10 @@ class SharedMemoryStore(Store):
                 return False
             v = seg.q[idx]
             off = (v & M32) << 3
-            if off + 32 > seg.size:
-                raise self._corrupt()
-            exp: float = REC.unpack_from(seg.mm, off)[3]
             seg.q[idx] = TOMB
+            if off + 32 > seg.size:  # a damaged slot of this key (see find_slot): gone now
+                return True
+            exp: float = REC.unpack_from(seg.mm, off)[3]
             return exp == INF or exp > self._clock()
 
     def _apply(self, ops: Sequence[Op]) -> None:
@@ -776,13 +845,16 @@ class SharedMemoryStore(Store):
         keep: list[tuple[int, int, int]] = []  # (slot value, offset, size)
         append = keep.append
         unpack = REC.unpack_from
-        total = 0
-        limit = seg.size - 32
+        mv, crc32 = seg.mv, zlib.crc32
+        total = damaged = 0
+        heap = (seg.t0 + seg.cap) * 8  # where the heap starts: after the table
+        limit, seg_size = seg.size - 32, seg.size
         for v in live:
             off = (v & M32) << 3
-            if off > limit:
-                raise self._corrupt()
-            _crc, _f, dl, exp, nl, kl = unpack(mm, off)
+            if off > limit or off < heap:
+                damaged += 1
+                continue
+            crc, _f, dl, exp, nl, kl = unpack(mm, off)
             if exp <= now:
                 continue  # expired: invisible already, reclaim it
             if (
@@ -791,9 +863,29 @@ class SharedMemoryStore(Store):
                 and mm[off + 32 : off + 32 + nl] == drop_ns
             ):
                 continue
+            # Only sound records are copied (see _shm_table.intact, inlined): a damaged
+            # one belongs to no key that can be trusted, and copying it blind could copy
+            # garbage or overrun the segment. Under the lock every record is complete.
+            names = off + 32 + nl + kl
+            end = names + dl
+            if (
+                end > seg_size
+                # (a copy is cheaper than a memoryview for a small record)
+                or crc32(mm[off + 4 : end] if dl <= 4096 else mv[off + 4 : end]) != crc
+                or crc32(mm[off + 32 : names]) != v >> 32  # the slot's hash
+            ):
+                damaged += 1
+                continue
             size = (39 + nl + kl + dl) & ~7  # record_size(nl + kl + dl)
             append((v, off, size))
             total += size
+        if damaged:
+            self._log.warning(
+                "shm://%s: %d damaged record(s) left out of the rebuilt data segment "
+                "(their keys, which read as damaged until now, read as missing)",
+                self._name,
+                damaged,
+            )
         extra = sum(record_size(len(a[0]) + len(a[1]) + len(a[2])) for a in adds)
         nkeys = len(keep) + len(adds)
         cap = 16

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import mmap
 import os
 import re
@@ -59,8 +60,10 @@ from .errors import (
     CapacityError,
     InsecureStorageError,
     InvalidKeyError,
+    InvalidOptionError,
     LockTimeoutError,
     MappingStoreError,
+    OptionTypeError,
     StoreClosedError,
     StoreCorruptError,
     StoreNotFoundError,
@@ -74,6 +77,8 @@ __all__ = [
     "PAGE",
     "SHM_DIR",
     "Handle",
+    "check_flag",
+    "check_lock_timeout",
     "check_name",
     "drop_fd",
     "flock_failed",
@@ -117,6 +122,34 @@ def check_name(name: object, what: str) -> str:
             f"invalid {what} name {name!r}: use 1 to 128 characters among A-Z a-z 0-9 _ -"
         )
     return name
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A yes/no option: a bool (or 0/1), never a truthy string such as ``"no"``."""
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    raise OptionTypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_lock_timeout(value: object) -> float | None:
+    """The ``lock_timeout`` option: seconds >= 0, or None to wait as long as it takes.
+
+    A wait longer than a thread lock can time (``threading.TIMEOUT_MAX``, about 292
+    years; ``math.inf`` included) is the same as None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionTypeError(
+            f"lock_timeout must be a number of seconds or None, not {type(value).__qualname__}"
+        )
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf if value > 0 else -math.inf
+    if not seconds >= 0:  # negative or NaN
+        raise InvalidOptionError(f"lock_timeout must be >= 0 seconds, got {value!r}")
+    return None if seconds > threading.TIMEOUT_MAX else seconds
 
 
 def _check_platform() -> None:
@@ -364,6 +397,9 @@ class Handle:
         lock_timeout: float | None,
         init: Callable[[Handle], None],
     ) -> None:
+        # Checked before anything exists: create="no" (truthy) must not create the object.
+        create = check_flag(create, "create")
+        lock_timeout = check_lock_timeout(lock_timeout)
         _check_platform()
         self.name = name
         self.base = f"{SHM_DIR}/{prefix}.{name}"

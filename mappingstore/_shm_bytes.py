@@ -23,8 +23,14 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from ._shm_base import CLOSED_GEN, PAGE, Handle, check_name, data_files
-from .errors import CapacityError, InvalidOptionError, StoreClosedError, StoreCorruptError
+from ._shm_base import CLOSED_GEN, PAGE, Handle, check_flag, check_name, data_files
+from .errors import (
+    CapacityError,
+    InvalidOptionError,
+    OptionTypeError,
+    StoreClosedError,
+    StoreCorruptError,
+)
 
 __all__ = ["SharedBytes"]
 
@@ -113,16 +119,19 @@ class SharedBytes:
         lock_timeout: float | None = None,
     ) -> None:
         self._name = check_name(name, "SharedBytes")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        for option, value in (("size", size), ("max_size", max_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise OptionTypeError(f"{option} must be an int, got {value!r}")
+        if size < 0:
             raise InvalidOptionError(f"size must be an int >= 0, got {size!r}")
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+        if max_size < 1:
             raise InvalidOptionError(f"max_size must be an int >= 1, got {max_size!r}")
         if max_size > _FORMAT_MAX - _HEAD - _REC_SIZE - PAGE:
             raise InvalidOptionError(f"max_size is above the format limit of {_FORMAT_MAX} bytes")
         self._initial = min(size, max_size)
         self._max = max_size
-        self._readonly = bool(readonly)
-        self._delete_on_close = bool(delete_on_close)
+        self._readonly = check_flag(readonly, "readonly")
+        self._delete_on_close = check_flag(delete_on_close, "delete_on_close")
         self._closed = True
         self._checked: tuple[int, int] = (0, 0)  # (generation, offset) whose crc passed
         self._h = Handle(

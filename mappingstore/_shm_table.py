@@ -106,10 +106,58 @@ def find_slot(seg: Segment, nsb: bytes, kb: bytes, h: int) -> tuple[int, int]:
                 free = t0 + i
         elif v >> 32 == h:
             off = (v & M32) << 3
-            if mm[off + 24 : off + end] == name:
+            if mm[off + 24 : off + end] == name or _taken(seg, v, name):
                 return t0 + i, free
         i = (i + 1) & mask
     return -1, free
+
+
+def intact(seg: Segment, v: int) -> tuple[int, int, int, float] | None:
+    """``(len(ns), len(key), len(data), expires)`` of the record the slot value *v* points
+    to, or None if the record or the slot is damaged: the record is outside the heap or
+    fails its checksum, or its names do not hash to the slot's hash (the slot points at
+    another key's record)."""
+    off = (v & M32) << 3
+    rec = sound(seg, off)
+    if rec is None or zlib.crc32(seg.mv[off + REC_SIZE : off + REC_SIZE + rec[0] + rec[1]]) != (
+        v >> 32
+    ):
+        return None
+    return rec
+
+
+def sound(seg: Segment, off: int) -> tuple[int, int, int, float] | None:
+    """``(len(ns), len(key), len(data), expires)`` of the record at *off*, or None if it
+    is outside the heap or fails its checksum."""
+    if off < HEAD + 8 * seg.cap or off + REC_SIZE > seg.size:
+        return None
+    crc, _flags, dl, exp, nl, kl = REC.unpack_from(seg.mm, off)
+    end = off + REC_SIZE + nl + kl + dl
+    if end > seg.size or zlib.crc32(seg.mv[off + 4 : end]) != crc:
+        return None
+    return nl, kl, dl, exp
+
+
+def _taken(seg: Segment, v: int, name: bytes) -> bool:
+    """Whether the record of slot value *v*, whose hash is the key's but whose names
+    were not the key's (*name*: ``len(ns), len(key), ns, key``), is the key's record.
+
+    Only a hash collision, or damage, comes here. A record that fails its checksum, in
+    a slot with the key's hash, is taken as the key's own (another key with the same
+    32-bit hash is the rare case): a read then reports it as damaged and a write
+    replaces it, instead of the read missing it and the write adding a second record.
+    A sound record with other names is another key's (a collision, or a damaged slot
+    pointing at it). A reader on a weakly ordered CPU may see a record before its
+    bytes, so this looks again before calling a record damaged.
+    """
+    off = (v & M32) << 3
+    for _ in range(3):
+        ok = sound(seg, off) is not None
+        if seg.mm[off + 24 : off + 24 + len(name)] == name:
+            return True  # the key's own record after all (its bytes had not arrived)
+        if ok:
+            return False
+    return True
 
 
 def write_record(
