@@ -29,7 +29,7 @@ import nacl.pwhash
 import nacl.secret
 import nacl.utils
 
-from .errors import IntegrityError, InvalidOptionError, WrongPasswordError
+from .errors import IntegrityError, InvalidOptionError, StoreCorruptError, WrongPasswordError
 
 __all__ = ["SECURITY_LEVELS", "Cipher", "KeySlot", "aad_for", "aad_prefix", "derive_kek"]
 
@@ -42,6 +42,8 @@ SECURITY_LEVELS: dict[str, tuple[int, int]] = {
 SALT_SIZE = _ARGON.SALTBYTES  # 16
 KEY_SIZE = nacl.secret.Aead.KEY_SIZE  # 32
 _WRAP_AAD = b"mappingstore/key-wrap/v1\x00"
+# nonce || the sealed 32-byte data key || tag (nacl.secret.Aead.encrypt)
+_WRAPPED_SIZE = nacl.secret.Aead.NONCE_SIZE + KEY_SIZE + nacl.secret.Aead.MACBYTES
 
 
 # The raw AEAD calls: nacl.secret.Aead wraps each in encoder and EncryptedMessage layers
@@ -371,9 +373,30 @@ _KDF_LOCK = threading.Lock()
 _KDF_PEPPER = os.urandom(32)
 
 
+def _password_bytes(password: str | bytes) -> bytes:
+    """The UTF-8 bytes of a str password (bytes pass through).
+
+    A str holding a lone surrogate has no UTF-8 form: ``os.environ`` and ``sys.argv`` give
+    one for each byte that is not UTF-8 (PEP 383). ``UnicodeEncodeError`` would carry the
+    whole password in its ``args``, so it is replaced, without chaining, by an error that
+    holds no part of it (not chained either: no ``__cause__``, no ``__context__``).
+    """
+    if not isinstance(password, str):
+        return bytes(password)
+    try:
+        return password.encode("utf-8")
+    except UnicodeEncodeError:
+        pass  # raised below, outside the handler: not even __context__ keeps the password
+    raise InvalidOptionError(
+        "the password is not valid text: it holds a lone surrogate (what os.environ "
+        "gives for bytes that are not UTF-8); pass it as bytes (os.environb) or fix "
+        "its encoding"
+    )
+
+
 def derive_kek(password: str | bytes, salt: bytes, opslimit: int, memlimit: int) -> bytes:
     """argon2id(password, salt) -> 32-byte key-encryption key."""
-    pw = password.encode("utf-8") if isinstance(password, str) else bytes(password)
+    pw = _password_bytes(password)
     tag = hashlib.blake2b(pw, key=_KDF_PEPPER, digest_size=32).digest()
     cache_key = (tag, salt, opslimit, memlimit)
     with _KDF_LOCK:
@@ -411,14 +434,37 @@ class KeySlot:
 
     @classmethod
     def from_dict(cls, data: Any) -> KeySlot:
+        """The slot stored as *data*; every field is checked here, before PyNaCl sees it
+        (the slot has no checksum: a damaged one must raise StoreCorruptError, never one
+        of PyNaCl's own exceptions)."""
         try:
-            if data["v"] != 1:
+            if type(data) is not dict or type(data["v"]) is not int or data["v"] != 1:
                 raise ValueError("unsupported key slot version")
-            return cls(data["kdf"], data["salt"], data["ops"], data["mem"], data["wrapped"])
+            slot = cls(data["kdf"], data["salt"], data["ops"], data["mem"], data["wrapped"])
         except (KeyError, TypeError, ValueError) as exc:
-            from .errors import StoreCorruptError
-
             raise StoreCorruptError("the store's encryption metadata is damaged") from exc
+        problem = slot._problem()
+        if problem:
+            raise StoreCorruptError(f"the store's encryption metadata is damaged: {problem}")
+        return slot
+
+    def _problem(self) -> str:
+        """What is wrong with this slot's fields, or ``""``."""
+        if self.kdf not in ("argon2id", "raw"):
+            return "unknown key derivation"
+        if type(self.salt) is not bytes or len(self.salt) != SALT_SIZE:
+            return f"the salt is not {SALT_SIZE} bytes"
+        if type(self.opslimit) is not int or not (
+            _ARGON.OPSLIMIT_MIN <= self.opslimit <= _ARGON.OPSLIMIT_MAX
+        ):
+            return "the argon2id operations limit is out of range"
+        if type(self.memlimit) is not int or not (
+            _ARGON.MEMLIMIT_MIN <= self.memlimit <= _ARGON.MEMLIMIT_MAX
+        ):
+            return "the argon2id memory limit is out of range"
+        if type(self.wrapped) is not bytes or len(self.wrapped) != _WRAPPED_SIZE:
+            return f"the wrapped key is not {_WRAPPED_SIZE} bytes"
+        return ""
 
     @property
     def security(self) -> str | None:
@@ -445,7 +491,7 @@ def _kek_for(
         raise InvalidOptionError("password= must be str or bytes")
     if not pw:
         raise InvalidOptionError("the password must not be empty")
-    return "argon2id", derive_kek(pw, salt, ops, mem)
+    return "argon2id", derive_kek(_password_bytes(pw), salt, ops, mem)
 
 
 def new_slot(
@@ -478,9 +524,21 @@ def unwrap(
         raise WrongPasswordError("this store is locked with a raw key; pass key=")
     if slot.kdf == "argon2id" and password is None:
         raise WrongPasswordError("this store is locked with a password; pass password=")
-    _, kek = _kek_for(password, raw_key, slot.salt, slot.opslimit, slot.memlimit)
+    problem = slot._problem()  # a slot built in code rather than read by from_dict
+    if problem:
+        raise StoreCorruptError(f"the store's encryption metadata is damaged: {problem}")
+    try:
+        _, kek = _kek_for(password, raw_key, slot.salt, slot.opslimit, slot.memlimit)
+    except nacl.exceptions.CryptoError as exc:  # the checked parameters still failed
+        raise StoreCorruptError(
+            f"the store's key cannot be derived with its recorded argon2id parameters "
+            f"(operations {slot.opslimit}, memory {slot.memlimit} bytes): not enough "
+            f"memory, or damaged metadata ({type(exc).__name__})"
+        ) from exc
     try:
         return bytes(nacl.secret.Aead(kek).decrypt(slot.wrapped, _WRAP_AAD + store_id))
+    except (nacl.exceptions.ValueError, nacl.exceptions.TypeError) as exc:
+        raise StoreCorruptError("the store's encryption metadata is damaged") from exc
     except nacl.exceptions.CryptoError as exc:
         raise WrongPasswordError("wrong password or key for this store") from exc
 

@@ -134,26 +134,81 @@ def to_plain(value: Any) -> Any:
     return str(value)
 
 
+def _need(ok: bool, tag: str, what: str, value: Any) -> None:
+    if not ok:
+        raise CorruptValueError(f"{tag} needs {what}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _extra(extra: dict[str, Any], tag: str, name: str, kinds: tuple[type, ...]) -> Any:
+    """The ``name`` field beside *tag* (None when absent), of one of *kinds* or None."""
+    value = extra.get(name)
+    if value is not None and type(value) not in kinds:
+        raise CorruptValueError(f'{tag}\'s "{name}" field has the wrong type: {_shown(value)}')
+    return value
+
+
+def _fold(extra: dict[str, Any], tag: str) -> int:
+    fold = extra.get("fold", 0)
+    if type(fold) is not int or fold not in (0, 1):
+        raise CorruptValueError(f'{tag}\'s "fold" field must be 0 or 1, got {_shown(fold)}')
+    return fold
+
+
+_COLLECTIONS: dict[str, type] = {
+    "$tuple": tuple,
+    "$set": set,
+    "$frozenset": frozenset,
+    "$list": list,
+}
+
+
 def _tagged(tag: str, value: Any, extra: dict[str, Any]) -> Any:
+    """The value of the typed object ``{tag: value, **extra}``. Every payload's type, size
+    and value is checked: anything else raises :class:`CorruptValueError` (a ValueError),
+    never an error of the type it would have been built with."""
+    try:
+        return _build(tag, value, extra)
+    except CorruptValueError:
+        raise
+    except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+        # ValueError: a bad ISO text, UUID, base64; TypeError: an unhashable set item or
+        # dict key; ArithmeticError: decimal's InvalidOperation, OverflowError.
+        raise CorruptValueError(f"bad {tag} value {_shown(value)}: {exc}") from None
+
+
+def _build(tag: str, value: Any, extra: dict[str, Any]) -> Any:
     from ._codec import ZoneInfo
 
     if tag == "$bytes":
+        _need(type(value) is str, tag, "base64 text", value)
         return base64.b64decode(value, validate=True)
-    if tag in ("$tuple", "$set", "$frozenset", "$list"):
-        items = list(map(from_typed, value))
-        return {"$tuple": tuple, "$set": set, "$frozenset": frozenset}[tag](items)
+    if tag in _COLLECTIONS:
+        _need(type(value) is list, tag, "a list", value)
+        return _COLLECTIONS[tag](map(from_typed, value))
     if tag == "$dict":
+        _need(type(value) is list, tag, "a list of [key, value] pairs", value)
+        for pair in value:
+            _need(type(pair) is list and len(pair) == 2, tag, "[key, value] pairs", pair)
         return {from_typed(k): from_typed(v) for k, v in value}
     if tag == "$int":
         if type(value) is not str or not _INT_TEXT.fullmatch(value):
-            raise ValueError(f"$int needs decimal digits, got {value!r}")
+            raise CorruptValueError(f"$int needs decimal digits, got {_shown(value)}")
         # Through Decimal: int(text) refuses more than sys.get_int_max_str_digits() digits.
         return int(Decimal(value))
     if tag == "$float":
+        _need(type(value) is str, tag, 'text ("nan", "inf" or "-inf")', value)
         return float(value)
     if tag == "$datetime":
+        _need(type(value) is str, tag, "ISO text", value)
+        zone = _extra(extra, tag, "zone", (str,))
+        _extra(extra, tag, "tzname", (str,))
+        fold = _fold(extra, tag)
         dt = _dt.datetime.fromisoformat(value)
-        zone = extra.get("zone")
         if zone and ZoneInfo is not None:
             try:
                 dt = dt.replace(tzinfo=ZoneInfo(zone))
@@ -162,32 +217,52 @@ def _tagged(tag: str, value: Any, extra: dict[str, Any]) -> Any:
                 # directory such as "Europe" raises IsADirectoryError): keep the ISO
                 # offset, as the codec does.
                 pass
-        return _named(dt, extra).replace(fold=extra.get("fold", 0))
+        return _named(dt, extra).replace(fold=fold)
     if tag == "$date":
+        _need(type(value) is str, tag, "ISO text", value)
         return _dt.date.fromisoformat(value)
     if tag == "$time":
-        return _named(_dt.time.fromisoformat(value), extra).replace(fold=extra.get("fold", 0))
+        _need(type(value) is str, tag, "ISO text", value)
+        _extra(extra, tag, "tzname", (str,))
+        fold = _fold(extra, tag)
+        return _named(_dt.time.fromisoformat(value), extra).replace(fold=fold)
     if tag == "$timedelta":
+        _need(
+            type(value) is list and len(value) == 3 and all(type(n) is int for n in value),
+            tag,
+            "[days, seconds, microseconds] (integers)",
+            value,
+        )
         d, s, us = value
         return _dt.timedelta(days=d, seconds=s, microseconds=us)
     if tag == "$decimal":
+        _need(type(value) is str, tag, "text", value)
         return Decimal(value)
     if tag == "$uuid":
+        _need(type(value) is str, tag, "text", value)
         return uuid.UUID(value)
     if tag == "$complex":
-        return complex(from_typed(value[0]), from_typed(value[1]))
-    raise ValueError(f"unknown type tag {tag!r}")
+        _need(type(value) is list and len(value) == 2, tag, "[real, imag]", value)
+        real, imag = map(from_typed, value)
+        _need(
+            type(real) in (int, float) and type(imag) in (int, float),
+            tag,
+            "two numbers [real, imag]",
+            value,
+        )
+        return complex(real, imag)
+    raise CorruptValueError(f"unknown type tag {tag!r}")
 
 
 def from_typed(value: Any) -> Any:
-    """Reverse :func:`to_typed`."""
+    """Reverse :func:`to_typed`. A malformed typed object raises :class:`CorruptValueError`."""
     if isinstance(value, list):
         return list(map(from_typed, value))
     if isinstance(value, dict):
         tags = [k for k in value if k.startswith("$")]
         if tags:
             if len(tags) != 1:
-                raise ValueError(f"ambiguous typed object with tags {tags}")
+                raise CorruptValueError(f"ambiguous typed object with tags {tags}")
             tag = tags[0]
             return _tagged(tag, value[tag], {k: v for k, v in value.items() if k != tag})
         return dict(zip(value, map(from_typed, value.values()), strict=True))
@@ -215,5 +290,5 @@ def load(src: str | bytes | IO[str] | IO[bytes]) -> dict[str, Any]:
         if not isinstance(obj, dict):
             raise ValueError("expected a JSON object {name: value}")
         return {k: from_typed(v) for k, v in obj.items()}
-    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+    except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError) as exc:
         raise CorruptValueError(f"not valid mappingstore JSON: {exc}") from exc

@@ -1007,7 +1007,7 @@ class Store(MutableMapping[str, Any]):
         plain = self._open_many(ns, keys, datas)
         if plain is not None:
             if None not in plain:  # every key found, every record encrypted
-                values = unpack_many(cast("list[bytes]", plain))
+                values = unpack_many(cast("list[bytes]", plain), whole=True)
                 if values is not None:
                     return dict(zip(keys, values, strict=True))
             return {
@@ -1049,7 +1049,7 @@ class Store(MutableMapping[str, Any]):
         plain = self._open_many(ns, keys, datas)
         if plain is None or None in plain:  # no key, a failure, or records of other kinds
             return None
-        return unpack_many(cast("list[bytes]", plain))
+        return unpack_many(cast("list[bytes]", plain), whole=True)
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete the *keys* that exist, atomically; return how many existed."""

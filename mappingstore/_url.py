@@ -149,14 +149,29 @@ def parse_url(
         port = None
     return ParsedURL(
         scheme=head.lower(),
-        netloc=urllib.parse.unquote(split.netloc),
-        path=urllib.parse.unquote(split.path),
+        # A server URL's user and password are decoded below, on their own.
+        netloc=urllib.parse.unquote(split.netloc) if with_credentials else _strict(split.netloc),
+        path=_strict(split.path),
         options=options,
         username=urllib.parse.unquote(split.username) if split.username else None,
         password=urllib.parse.unquote(split.password) if split.password else None,
         hostname=split.hostname,
         port=port,
         raw=url,
+    )
+
+
+def _strict(part: str) -> str:
+    """*part* of a URL (a path, a store name) with its %XX escapes decoded; one that is
+    not UTF-8 is refused: ``urllib.parse.unquote`` would turn ``%FF`` into U+FFFD, and
+    the URL would name another file or store (``%FF`` and ``%FE`` the same one)."""
+    try:
+        return urllib.parse.unquote(part, errors="strict")
+    except UnicodeDecodeError:
+        pass  # raised below: the decoding error would hold bytes of the URL
+    raise InvalidURLError(
+        "the URL holds a %XX escape that is not UTF-8 text (such as %FF): names "
+        "in store URLs are UTF-8, percent-encoded"
     )
 
 
@@ -229,22 +244,55 @@ def file_url(scheme: str, path: str, query: list[str]) -> str:
     return base + ("?" + "&".join(query) if query else "")
 
 
-# The password runs to the LAST "@" of the URL (whitespace or a quote ends a URL inside a
-# longer message): urllib splits at the last "@" before the path, so an unescaped "@" or
-# ":" in a password is hidden, and so is the rest of one with an unescaped "/", "?" or "#"
-# (which no parser can split right). An "@" later in a path or query hides a little too
-# much. The user name is kept only when nothing but a user name can be in it.
-_USERINFO = re.compile(r"(?P<pre>://)(?P<info>[^\s'\"]*)(?P<post>@)")
-_PLAIN_USER = re.compile(r"[^/?#\[\]@]*")
+# Where a URL's user information may start: after a scheme and a separator, even a
+# mistyped one ("redis://", "redis:/", "redis//", a bare "//"). Its end is the LAST "@"
+# before the next such start that comes after an "@": urllib splits at the last "@"
+# before the path, so an unescaped "@" or ":" in a password is hidden, and so is the rest
+# of one with an unescaped "/", "?", "#", a space or a quote (which no parser can split
+# right, and which a message quoting the URL keeps). An "@" later in a path or query
+# hides a little too much. The user name is kept only when nothing but a user name can be
+# in it.
+_URL_START = re.compile(r"(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)(?::/{1,2}|//)|//)")
+# A "user:secret@" with no such start ("redis:u:pw@h", "u:pw@h"): no space in it, and
+# starting a word (a file URL's "sqlite:///a:b@c.db" is a path, not a password).
+_BARE_USERINFO = re.compile(r"(?<![^\s'\"(=,;<\[])(?P<user>[^\s:/@'\"]*):(?P<secret>[^\s@]*)@")
+_PLAIN_USER = re.compile(r"[^/?#\[\]@\s'\"]*")
 
 
-def _hide_userinfo(match: re.Match[str]) -> str:
-    info = match["info"]
-    if ":" not in info or info.startswith("/"):
-        return match[0]  # a user name alone, or a file URL's path: no password to hide
+def _hidden(info: str) -> str:
+    """*info* (the user information of a URL) with its password hidden."""
+    if ":" not in info:
+        return info  # a user name alone: no password to hide
     user = info.partition(":")[0]
-    shown = user + ":***" if _PLAIN_USER.fullmatch(user) else "***"
-    return f"{match['pre']}{shown}{match['post']}"
+    return user + ":***" if _PLAIN_USER.fullmatch(user) else "***"
+
+
+def _hide_userinfo(text: str) -> str:
+    parts: list[str] = []
+    done = 0  # text[:done] is in parts
+    at = 0
+    while (start := _URL_START.search(text, at)) is not None:
+        begin = start.end()
+        first_at = text.find("@", begin)
+        if first_at < 0:
+            break
+        nxt = _URL_START.search(text, first_at)
+        last_at = text.rfind("@", begin, nxt.start() if nxt else len(text))
+        info = text[begin:last_at]
+        scheme = (start["scheme"] or "").lower()
+        file_path = info.startswith("/") and scheme not in CREDENTIAL_SCHEMES
+        if not file_path:
+            parts += (text[done:begin], _hidden(info))
+            done = last_at
+        at = max(last_at + 1, begin)
+    parts.append(text[done:])
+    return "".join(parts)
+
+
+def _hide_bare(match: re.Match[str]) -> str:
+    if match["secret"].startswith("/"):
+        return match[0]  # "scheme:///path": a file URL's path
+    return _hidden(f"{match['user']}:{match['secret']}") + "@"
 
 
 # A secret given as a query option (refused by parse_url, but the refused URL may still
@@ -257,5 +305,5 @@ def redact(text: str) -> str:
 
     Secret query options (``?password=...``, ``key=``, ``token=``...) are hidden too.
     """
-    text = _USERINFO.sub(_hide_userinfo, text)
+    text = _BARE_USERINFO.sub(_hide_bare, _hide_userinfo(text))
     return _QUERY_SECRET.sub(r"\g<pre>***", text)
