@@ -269,21 +269,27 @@ def _create_beside(path: str) -> tuple[int, str]:
     nobody else can read whatever the umask, and turn an existing 0644 target into 0600.
     A new file gets what ``open(path, "wb")`` gives (0666 minus the umask, applied by
     ``os.open``), an existing target keeps its permission bits.
+
+    The file is created with no permission bit the target lacks (``os.open`` applies the
+    mode atomically; the umask can only take bits away, which ``fchmod`` then puts back):
+    created wider and narrowed afterwards, it could be opened by another user in between,
+    who would keep reading through that descriptor what is written to a 0600 target.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".mappingstore-{os.urandom(8).hex()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
+        mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    tmp = os.path.join(directory, f".mappingstore-{os.urandom(8).hex()}.part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o666 if mode is None else mode & 0o777)
+    if mode is not None:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            pass
-        else:
-            os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
+            os.fchmod(fd, mode)  # the bits the umask took away (and setgid, sticky...)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
     return fd, tmp
 
 

@@ -239,9 +239,7 @@ class DirectoryBlobs(Blobs):
             raise StoreCorruptError(f"{path!r} names another blob (hash collision or damage)")
         files = self.files
         self._ensure_dir(os.path.dirname(path), self._base())
-        tmp = files._tmp_path()
-        files._write_file(tmp, data)
-        os.replace(tmp, path)
+        files._replace_file(path, data)
         files._sync_dir(os.path.dirname(path))
 
     # -- reading ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import itertools
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import zlib
@@ -163,6 +164,12 @@ _FLAG_EXPIRES = 1
 _JOURNAL_MAGIC = b"\x93MSJ\x01"
 _MARKER_TEXT = b"mappingstore-directory 1\n"
 _READ_CHUNK = 16384
+#: Opening never follows a symbolic link, nor waits for the writer of a FIFO.
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+#: What opening or reading something that is not a regular file may fail with.
+_NOT_A_FILE = frozenset(
+    {errno.ELOOP, errno.EMLINK, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EAGAIN}
+)
 
 
 def pack_record(key: str, data: bytes, expires: float | None) -> bytes:
@@ -192,15 +199,36 @@ def parse_record(raw: bytes, where: str = "") -> tuple[str, float | None, bytes]
 
 
 def _read(path: str) -> bytes | None:
+    """The bytes of the regular file *path*, or ``None`` when there is none.
+
+    Anything else found there (a directory, a FIFO, a device, a socket, a symbolic link
+    someone put in the store) is never read and counts as no file: a record file is
+    always a regular file, written by a rename. ``O_NONBLOCK`` keeps the open of a FIFO
+    from waiting for a writer; the type is checked (``fstat``) only when the read is not
+    that of a plain record (empty or short, or a full first chunk), never on the common
+    path.
+    """
     # os.open/os.read instead of open(): no buffered-I/O objects, about 3x faster for
     # the small files this backend mostly holds.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, _READ_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno in _NOT_A_FILE:  # a symbolic link (ELOOP), a socket (ENXIO)...
+            return None
+        raise
     try:
-        data = os.read(fd, _READ_CHUNK)
-        if len(data) == _READ_CHUNK:
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except OSError as exc:
+            if exc.errno in _NOT_A_FILE:  # a directory (EISDIR), an idle FIFO (EAGAIN)
+                return None
+            raise
+        size = len(data)
+        if (size < _HEAD_SIZE or size == _READ_CHUNK) and not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO, a device...: not a record file
+        if size == _READ_CHUNK:
             chunks = [data]
             while True:
                 more = os.read(fd, 1 << 20)
@@ -357,9 +385,7 @@ class DirectoryStore(Store):
                         f"{self._root!r} is not empty and not a mappingstore directory"
                     )
                 os.makedirs(self._tmp, exist_ok=True)
-                tmp = self._tmp_path()
-                self._write_file(tmp, _MARKER_TEXT)
-                os.replace(tmp, self._marker)
+                self._replace_file(self._marker, _MARKER_TEXT)
                 self._sync_dir(self._root)
             os.makedirs(self._tmp, exist_ok=True)
             # Every temp file is created under the lock we hold now, so any left here
@@ -463,13 +489,32 @@ class DirectoryStore(Store):
             fsync_dir(path)
 
     def _write_file(self, path: str, data: bytes) -> None:
+        """Create *path* (a new file) holding *data*; on failure (a full disk...) remove it
+        again, so a failed write keeps no space and leaves nothing behind."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            _write_all(fd, data)
-            if self._durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                _write_all(fd, data)
+                if self._durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    def _replace_file(self, path: str, data: bytes) -> None:
+        """Atomically make *data* the content of *path*: a temp file renamed over it. A
+        failure at any step leaves no temp file behind."""
+        tmp = self._tmp_path()
+        self._write_file(tmp, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def _retire_journal(self) -> None:
         """End a batch whose files are all written: the journal, emptied (no copy of the
@@ -603,9 +648,8 @@ class DirectoryStore(Store):
         if os.access(self._journal, os.F_OK):
             self._settle()
         directory = self._ns_dir(ns)
-        try:
-            names = [n for n in os.listdir(directory) if n[0] != "."]
-        except (FileNotFoundError, NotADirectoryError):
+        names = _record_names(directory)
+        if names is None:
             return []
         expiring = os.access(os.path.join(directory, ".expiring"), os.F_OK)
         now = self._clock()
@@ -670,9 +714,8 @@ class DirectoryStore(Store):
         if self._nbatch:
             return super()._holds_live(ns)
         directory = self._ns_dir(ns)
-        try:
-            names = [n for n in os.listdir(directory) if n[0] != "."]
-        except (FileNotFoundError, NotADirectoryError):
+        names = _record_names(directory)
+        if names is None:
             return False
         if not os.access(os.path.join(directory, ".expiring"), os.F_OK):
             return any(n[0] == _HASHED or decode_name(n) is not None for n in names)
@@ -718,11 +761,18 @@ class DirectoryStore(Store):
         tmp = self._tmp_path()
         self._write_file(tmp, pack_record(key, data, expires))
         try:
-            os.replace(tmp, path)
-        except FileNotFoundError:
-            # First write to this namespace (or after clear()): create its directory.
-            self._make_ns_dir(ns, directory)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                # First write to this namespace (or after clear()): create its directory.
+                self._make_ns_dir(ns, directory)
+                os.replace(tmp, path)
+        except BaseException:
+            # No temp file outlives a failed write (it would keep its disk space until
+            # the store is opened again).
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return directory
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
@@ -740,12 +790,15 @@ class DirectoryStore(Store):
             self._flock.release()
 
     def _remove_file(self, ns: str, key: str) -> bool:
+        path = self._path(ns, key)
         try:
             live = self._load(ns, key) is not None
         except CorruptValueError:
             live = True  # a damaged record is still a record: deleting it is the fix
         try:
-            os.unlink(self._path(ns, key))
+            if not live and not stat.S_ISREG(os.lstat(path).st_mode):
+                return False  # a directory, a FIFO...: not a record, not ours to remove
+            os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):
             return False
         return live
@@ -786,9 +839,7 @@ class DirectoryStore(Store):
             # to take the lock (a reader waits for that) applies it again (idempotent:
             # every op is a whole-file replace or delete). Readers that see the journal
             # wait for the lock, so none sees a half-applied batch.
-            tmp = self._tmp_path()
-            self._write_file(tmp, _encode_journal(ops))
-            os.replace(tmp, self._journal)
+            self._replace_file(self._journal, _encode_journal(ops))
             self._sync_dir(self._root)
             self._replay(ops)
             self._retire_journal()
@@ -816,9 +867,7 @@ class DirectoryStore(Store):
                 return 0
             now = self._clock()
             left = 0
-            for name in os.listdir(directory):
-                if name[0] == ".":
-                    continue
+            for name in _record_names(directory) or ():
                 path = os.path.join(directory, name)
                 raw = _read(path)
                 if raw is None:
@@ -858,6 +907,21 @@ def _ns_dirs(parent: str) -> Iterator[tuple[str, str]]:
             ns = decode_name(name)
         if ns is not None and encode_name(ns) == name:
             yield ns, path
+
+
+def _record_names(directory: str) -> list[str] | None:
+    """Names of the regular files of *directory* that may be record files (no dot name),
+    or ``None`` if it does not exist. Anything else there (a subdirectory, a FIFO, a
+    symbolic link) is foreign, as are files whose names this backend does not produce.
+    The type comes with the listing (``d_type``): no ``stat`` per entry on the usual
+    file systems."""
+    try:
+        with os.scandir(directory) as entries:
+            return [
+                e.name for e in entries if e.name[0] != "." and e.is_file(follow_symlinks=False)
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _holds_entries(path: str) -> bool:

@@ -41,9 +41,10 @@ head only.
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 from ._codec import pack, unpack
 from ._keys import check_key, internal_ns, tagged_key, tagged_names
@@ -84,6 +85,8 @@ OPS: dict[str, Callable[..., Any]] = {
     **_UNARY,
 }
 _NAME_OF: dict[Any, str] = {fn: name for name, fn in OPS.items()}
+#: The operator names an event may carry in storage.
+_STORED_OPS = frozenset(OPS) | {"snapshot"}
 
 
 class Event(NamedTuple):
@@ -156,6 +159,75 @@ def _check_ts(t: Any) -> int:
     return int(t)
 
 
+def _valid_events(events: Any) -> TypeGuard[list[list[Any]]]:
+    """Whether *events*, as decoded from storage, is a list of ``[timestamp, item, op,
+    value]`` in time order, each with a known operator (a snapshot's value a dict)."""
+    if type(events) is not list:
+        return False
+    previous: Any = -math.inf
+    try:
+        for event in events:
+            if type(event) is not list or len(event) != 4:
+                return False
+            ts, item, op, value = event
+            if (
+                type(ts) is not int
+                or ts < previous
+                or type(item) is not str
+                or op not in _STORED_OPS  # TypeError if unhashable
+                or (op == "snapshot" and type(value) is not dict)
+            ):
+                return False
+            previous = ts
+    except TypeError:
+        return False
+    return True
+
+
+def _valid_head(head: Any) -> bool:
+    """Whether *head*, as decoded from storage, has the shape :class:`EventLog` writes
+    (see its storage notes): checked whole, so damage (or a hand edit of a readable
+    store, such as an INI file) is reported as such and never replayed into a state."""
+    if type(head) is not dict:
+        return False
+    try:
+        last, pending = head["l"], head["p"]
+        return (
+            type(head["n"]) is int
+            and type(head["k"]) is int
+            and head["k"] >= 0
+            and (last is None or type(last) is int)
+            and type(head["s"]) is dict
+            and type(head["b"]) is dict
+            and type(head.get("v", 0)) is int  # no "v": written before versions existed
+            and type(head.get("r", 0)) is int  # no "r": before epochs, or no chunk yet
+            and _valid_events(pending)
+            # The tail holds the latest events: none is after the last timestamp.
+            and (not pending or (last is not None and pending[-1][0] <= last))
+        )
+    except KeyError:
+        return False
+
+
+def _valid_directory(chunks: Any) -> TypeGuard[list[list[int]]]:
+    """Whether *chunks* is a chunk directory: ``[first_timestamp, chunk_id, count]``
+    entries (ints, count at least 1) in time order."""
+    if type(chunks) is not list:
+        return False
+    previous = None
+    for entry in chunks:
+        if (
+            type(entry) is not list
+            or len(entry) != 3
+            or not all(type(x) is int for x in entry)
+            or entry[2] < 1
+            or (previous is not None and entry[0] < previous)
+        ):
+            return False
+        previous = entry[0]
+    return True
+
+
 def _copy(state: Mapping[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = unpack(pack(dict(state)))
     return result
@@ -212,7 +284,7 @@ class EventLog:
         if data is None:
             return None
         head = self._store._decode(self._ns, self._head_key, data)
-        if not isinstance(head, dict) or not {"n", "l", "s", "p", "b", "k"} <= head.keys():
+        if not _valid_head(head):
             raise CorruptValueError(f"event log {self._name!r}: damaged head record")
         head["c"] = None
         return data, head
@@ -279,7 +351,7 @@ class EventLog:
         chunks = self._load_directory()[1]
         # The head records how many chunks exist; a directory that disagrees (only a
         # tampered store can produce one: both are written in one atomic write) is refused.
-        if not isinstance(chunks, list) or len(chunks) != expected:
+        if not _valid_directory(chunks) or len(chunks) != expected:
             raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
         return chunks
 
@@ -287,11 +359,13 @@ class EventLog:
         """The directory as *head* knew it, for a reader (see :meth:`_read`)."""
         epoch, chunks = self._load_directory()
         expected = head["k"]
-        if epoch is None:  # from before epochs: only the exact count can be checked
+        if not _valid_directory(chunks):
+            pass
+        elif epoch is None:  # from before epochs: only the exact count can be checked
             used[0] = True
-            if isinstance(chunks, list) and len(chunks) == expected:
+            if len(chunks) == expected:
                 return chunks
-        elif epoch == head.get("r") and isinstance(chunks, list) and len(chunks) >= expected:
+        elif epoch == head.get("r") and len(chunks) >= expected:
             return chunks[:expected]  # chunks flushed since the head was read: not ours
         raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
 
@@ -301,16 +375,25 @@ class EventLog:
         chunks: list[list[int]] = head["c"]
         return chunks
 
-    def _chunk(self, cid: int) -> tuple[dict[str, Any], list[list[Any]]]:
+    def _chunk(self, entry: list[int]) -> tuple[dict[str, Any], list[list[Any]]]:
+        """``(base state, events)`` of the chunk of directory *entry*, checked against it
+        (its first timestamp and its count of events)."""
+        first, cid, count = entry
         key = self._chunk_key(cid)
         data = self._store._rget(self._ns, key)
         if data is None:
             raise CorruptValueError(f"event log {self._name!r}: chunk {cid} is missing")
         chunk = self._store._decode(self._ns, key, data)
-        try:
-            return chunk["b"], chunk["e"]
-        except (KeyError, TypeError) as exc:
-            raise CorruptValueError(f"event log {self._name!r}: damaged chunk {cid}") from exc
+        if type(chunk) is dict:
+            base, events = chunk.get("b"), chunk.get("e")
+            if (
+                type(base) is dict
+                and _valid_events(events)
+                and len(events) == count
+                and events[0][0] == first
+            ):
+                return base, events
+        raise CorruptValueError(f"event log {self._name!r}: damaged chunk {cid}")
 
     def _put_chunk(self, cid: int, base: dict[str, Any], events: list[list[Any]]) -> Op:
         from ._store import Op
@@ -410,7 +493,7 @@ class EventLog:
         i = bisect.bisect_right([c[0] for c in chunks], ts) - 1
         if i < 0:
             return False
-        return any(e[0] == ts for e in self._chunk(chunks[i][1])[1])
+        return any(e[0] == ts for e in self._chunk(chunks[i])[1])
 
     def _append(self, head: dict[str, Any], ts: int, new_events: list[list[Any]]) -> list[Op]:
         state = head["s"]
@@ -458,7 +541,7 @@ class EventLog:
 
         chunks = head["c"]
         i = max(bisect.bisect_right([c[0] for c in chunks], ts) - 1, 0)
-        loaded = [self._chunk(c[1]) for c in chunks[i:]]
+        loaded = [self._chunk(c) for c in chunks[i:]]
         state = _copy(loaded[0][0])
         ops: list[Op] = []
         for offset, (_, events) in enumerate(loaded):
@@ -483,7 +566,7 @@ class EventLog:
         return ops
 
     def _all_events(self, head: dict[str, Any]) -> list[list[Any]]:
-        return [e for c in head["c"] for e in self._chunk(c[1])[1]] + list(head["p"])
+        return [e for c in head["c"] for e in self._chunk(c)[1]] + list(head["p"])
 
     def prune(self, before: int) -> int:
         """Compact every event at or before *before* into one ``snapshot`` event.
@@ -568,7 +651,7 @@ class EventLog:
             i = bisect.bisect_right([c[0] for c in chunks], t) - 1
             if i < 0:
                 return None, []
-            return self._chunk(chunks[i][1])
+            return self._chunk(chunks[i])
 
         base, events = self._read(read, (None, []))
         state: dict[str, Any] = {}
@@ -601,7 +684,7 @@ class EventLog:
         def read(head: dict[str, Any], used: list[bool]) -> list[Event]:
             out: list[Event] = []
             pending = head["p"]
-            blocks: list[list[list[Any]] | int] = []
+            blocks: list[list[int] | None] = []  # directory entries, then None: the tail
             # Chunk events are at or before the tail's first one: after it, skip them all.
             if head["k"] and not (lo is not None and pending and lo > pending[0][0]):
                 chunks = self._read_directory(head, used)
@@ -609,11 +692,10 @@ class EventLog:
                     nxt = chunks[i + 1][0] if i + 1 < len(chunks) else None
                     if lo is not None and nxt is not None and nxt < lo:
                         continue  # the whole chunk is before start
-                    blocks.append(c[1])
-            blocks.append(pending)
-            for block in blocks:
-                if isinstance(block, int):
-                    block = self._chunk(block)[1]
+                    blocks.append(c)
+            blocks.append(None)
+            for entry in blocks:
+                block = pending if entry is None else self._chunk(entry)[1]
                 for e_ts, item, op, value in block:
                     if lo is not None and e_ts < lo:
                         continue

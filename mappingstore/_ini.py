@@ -753,10 +753,19 @@ class IniStore(Store):
         """Replace the file with *doc* (caller holds the file lock and ``_mem``)."""
         data = doc.render()
         tmp = os.path.join(self._dir, f"{self._tmp_prefix}{os.urandom(6).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        # Keep the file's permission bits (a 0600 file stays 0600). The temp file is
+        # created with no bit the file lacks: created wider and narrowed afterwards, it
+        # could be opened in between by another user, who would then read the new file
+        # through that descriptor. The umask can only take bits away: fchmod restores them.
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.fchmod(fd, os.stat(self._file).st_mode & 0o7777)  # keep a 0600 file 0600
+            mode: int | None = os.stat(self._file).st_mode & 0o7777
+        except FileNotFoundError:
+            mode = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o666 if mode is None else mode & 0o777)
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
