@@ -369,6 +369,14 @@ class EventLog:
             return chunks[:expected]  # chunks flushed since the head was read: not ours
         raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
 
+    def _first_event(self, head: dict[str, Any]) -> list[Any] | None:
+        """The log's earliest event (a ``snapshot`` after a prune), or ``None``."""
+        chunks = self._need_directory(head)
+        if chunks:
+            return self._chunk(chunks[0])[1][0]
+        pending: list[list[Any]] = head["p"]
+        return pending[0] if pending else None
+
     def _need_directory(self, head: dict[str, Any]) -> list[list[int]]:
         if head["c"] is None:
             head["c"] = self._directory(head["k"])
@@ -439,7 +447,8 @@ class EventLog:
         supported :mod:`operator` function: ``(operator.add, 1)``,
         ``(operator.delitem, None)``, ``(operator.neg,)``. Any other tuple is a plain value.
         The default timestamp is now in milliseconds, bumped past the last event; an
-        explicit timestamp that already has an event raises :class:`EventConflictError`. A
+        explicit timestamp that already has an event raises :class:`EventConflictError`, and
+        so does one before the snapshot a :meth:`prune` left (that history is compacted). A
         change that cannot replay raises :class:`ReplayError` and nothing is stored.
         """
         store = self._store
@@ -467,8 +476,19 @@ class EventLog:
             if ts is None:
                 now = int(store._clock() * 1000)
                 ts = now if last is None or now > last else last + 1
-            elif last is not None and ts <= last and self._exists(head, ts):
-                raise EventConflictError(f"event log {self._name!r} already has an event at {ts}")
+            elif last is not None and ts <= last:
+                if self._exists(head, ts):
+                    raise EventConflictError(
+                        f"event log {self._name!r} already has an event at {ts}"
+                    )
+                first = self._first_event(head)
+                if first is not None and first[2] == "snapshot" and ts < first[0]:
+                    # prune() compacted everything up to the snapshot into its state: an
+                    # event before it has no history left to replay into.
+                    raise EventConflictError(
+                        f"event log {self._name!r} was pruned up to {first[0]}: an event "
+                        f"at {ts} would fall in the compacted history"
+                    )
             if not parsed:
                 return _copy(head["s"])
             new_events = [[ts, item, op, value] for item, op, value in parsed]
@@ -572,7 +592,9 @@ class EventLog:
         """Compact every event at or before *before* into one ``snapshot`` event.
 
         ``current()`` and every ``past(t)`` for ``t >= before`` are unchanged. Returns the
-        number of events removed (0 when nothing is at or before *before*).
+        number of events removed (0 when nothing is at or before *before*). The snapshot
+        takes the timestamp of the last event it replaces; :meth:`apply` then refuses an
+        event before it (:class:`EventConflictError`): its history is gone.
         """
         store = self._store
         store._check_writable()

@@ -173,7 +173,8 @@ class MissingFrequencyError(MappingStoreError, ValueError):
 
 
 class EventConflictError(MappingStoreError, ValueError):
-    """An event already exists at that timestamp in the sequence."""
+    """An event already exists at that timestamp in the sequence, or the timestamp falls
+    in the history a ``prune()`` compacted."""
 
 
 class ReplayError(MappingStoreError, ValueError):

@@ -389,3 +389,42 @@ def test_async_series_extend_of_a_non_iterable() -> None:
                 await store.series("s").extend(5)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+# -- event logs: inserts before a prune's snapshot ------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite:///{tmp}/e.db"])
+def test_an_event_before_a_prunes_snapshot_is_refused(tmp_path: Path, url: str) -> None:
+    import operator
+
+    from mappingstore.errors import EventConflictError
+
+    with mappingstore.open(url.format(tmp=tmp_path)) as store:
+        log = store.events("acct")
+        log.apply({"balance": 100}, 1000)
+        log.apply({"balance": (operator.add, 50)}, 2000)
+        log.apply({"balance": (operator.add, 1)}, 3000)
+        assert log.prune(2500) == 1
+        before = (log.current(), log.events())
+        for ts in (500, 1999):  # the snapshot is at 2000: its history is compacted
+            with pytest.raises(EventConflictError):
+                log.apply({"owner": "ann"}, ts)
+        with pytest.raises(EventConflictError):
+            log.apply({"owner": "ann"}, 2000)  # the snapshot's own timestamp
+        assert (log.current(), log.events()) == before
+        # after the snapshot, inserts in the past still replay in order
+        assert log.apply({"owner": "ann"}, 2500) == {"balance": 151, "owner": "ann"}
+        assert log.past(2600) == {"balance": 150, "owner": "ann"}
+        # an unpruned log takes events before its first one
+        other = store.events("other")
+        other.apply({"a": 1}, 1000)
+        assert other.apply({"b": 2}, 10) == {"a": 1, "b": 2}
+        # many chunks: the snapshot is the first chunk's first event
+        big = store.events("big")
+        for i in range(100):
+            big.apply({"n": i}, 10_000 + 2 * i)
+        big.prune(10_100)  # the snapshot at 10_100
+        with pytest.raises(EventConflictError):
+            big.apply({"x": 1}, 10_051)
+        assert big.apply({"x": 1}, 10_101)["x"] == 1
