@@ -66,6 +66,7 @@ from .errors import (
     MappingStoreError,
     StoreCorruptError,
     StoreNotFoundError,
+    UnknownOutcomeError,
 )
 
 if TYPE_CHECKING:
@@ -839,10 +840,23 @@ class DirectoryStore(Store):
             # to take the lock (a reader waits for that) applies it again (idempotent:
             # every op is a whole-file replace or delete). Readers that see the journal
             # wait for the lock, so none sees a half-applied batch.
+            for op in ops:
+                # A directory where a key's file goes (another program's) would fail the
+                # replay, and every later replay: refuse before anything is journaled.
+                if op.data is not None and _is_dir(path := self._path(op.ns, op.key)):
+                    raise BackendError(f"cannot write {op.key!r}: {path!r} is a directory")
             self._replace_file(self._journal, _encode_journal(ops))
             self._sync_dir(self._root)
-            self._replay(ops)
-            self._retire_journal()
+            try:
+                self._replay(ops)
+                self._retire_journal()
+            except (OSError, MappingStoreError) as exc:
+                # The journal is durable: the batch is committed, and the next write or
+                # open replays it. "Failed" would be a lie a caller might act on.
+                raise UnknownOutcomeError(
+                    f"a batch written to {self._root!r} is journaled but not yet applied "
+                    f"({exc}); the next write or open of the store completes it"
+                ) from exc
             # Must be durable before any later write: a journal that reappeared after a
             # power cut would overwrite newer values when replayed.
             self._sync_dir(self._root)
@@ -928,6 +942,14 @@ def _holds_entries(path: str) -> bool:
     try:
         return any(n[0] != "." for n in os.listdir(path))
     except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _is_dir(path: str) -> bool:
+    """Whether *path* itself (not a link's target) is a directory."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
         return False
 
 

@@ -538,3 +538,49 @@ def test_dir_unreadable_entry_is_still_an_error(tmp_path: Path) -> None:
             store["b"]
         with pytest.raises(MappingStoreError):
             dict(store.items())
+
+
+# -- a batch whose replay fails (lead's follow-up) ------------------------------------------
+
+
+def test_dir_batch_over_a_foreign_directory_is_refused_before_the_journal(tmp_path: Path) -> None:
+    import mappingstore
+    from mappingstore.errors import BackendError
+
+    store = mappingstore.open(f"dir:///{tmp_path}/d")
+    store["a"] = 0
+    path = store._path(store._ns, "a")
+    os.unlink(path)
+    os.mkdir(path)  # another program's directory where a's file goes
+    with pytest.raises(BackendError):
+        store.update({"a": 1, "b": 2})
+    assert "b" not in store and not os.path.exists(os.path.join(store.path, ".journal"))
+    store["c"] = 3  # no journal left to replay: later writes go on
+    store.update({"c": 4, "d": 5})
+    assert store.get_many(["b", "c", "d"]) == {"c": 4, "d": 5}
+    store.close()
+
+
+def test_dir_batch_whose_replay_fails_is_unknown_outcome_and_completed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mappingstore
+    from mappingstore._directory import DirectoryStore
+    from mappingstore.errors import UnknownOutcomeError
+
+    store = mappingstore.open(f"dir:///{tmp_path}/d")
+    real = DirectoryStore._replay
+    calls: list[int] = []
+
+    def failing(self: DirectoryStore, ops: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real(self, ops)
+
+    monkeypatch.setattr(DirectoryStore, "_replay", failing)
+    with pytest.raises(UnknownOutcomeError):
+        store.update({"x": 1, "y": 2})
+    store["z"] = 3  # the next write replays the journal first
+    assert store.get_many(["x", "y", "z"]) == {"x": 1, "y": 2, "z": 3}
+    store.close()
