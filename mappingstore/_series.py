@@ -355,8 +355,9 @@ class Series(MutableMapping[int, Any]):
             return [], []
         return entry[1]["c"], entry[2]
 
-    def _chunk_raw(self, cid: int) -> tuple[list[int], bytes]:
-        """Timestamps and the packed value array of chunk *cid* (values not decoded)."""
+    def _chunk_raw(self, cid: int, entry: list[int] | None = None) -> tuple[list[int], bytes]:
+        """Timestamps and the packed value array of chunk *cid* (values not decoded),
+        checked against its directory *entry* (first timestamp, id, count) when given."""
         key = self._chunk_key(cid)
         data = self._store._rget(self._ns, key)
         if data is None:
@@ -366,12 +367,16 @@ class Series(MutableMapping[int, Any]):
             ts, packed = chunk["t"], chunk["v"]
             if type(ts) is not list or type(packed) is not bytes:
                 raise TypeError("bad chunk types")
+            if entry is not None and (len(ts) != entry[2] or not ts or ts[0] != entry[0]):
+                # A chunk that disagrees with its head (a hand edit, damage) would make
+                # len() and iteration disagree: damage, unless a write changed the head.
+                raise TypeError("chunk does not match its directory entry")
             return ts, packed
         except (KeyError, TypeError) as exc:
             raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}") from exc
 
-    def _chunk(self, cid: int) -> tuple[list[int], list[Any]]:
-        ts, packed = self._chunk_raw(cid)
+    def _chunk(self, cid: int, entry: list[int] | None = None) -> tuple[list[int], list[Any]]:
+        ts, packed = self._chunk_raw(cid, entry)
         values = unpack_slice(packed, 0, len(ts))
         if len(values) != len(ts):
             raise CorruptValueError(f"series {self._name!r}: damaged chunk {cid}")
@@ -528,7 +533,7 @@ class Series(MutableMapping[int, Any]):
                 if i not in groups:
                     new_chunks.append(entry)
                     continue
-                ts, vs = self._chunk(entry[1])
+                ts, vs = self._chunk(entry[1], entry)
                 merged = dict(zip(ts, vs, strict=True))
                 merged.update(groups[i])
                 pieces, next_id = self._pieces(merged, entry[1], next_id, ops, written)
@@ -658,7 +663,7 @@ class Series(MutableMapping[int, Any]):
                 ):
                     kept.append(entry)
                     continue
-                ts, vs = self._chunk(entry[1])
+                ts, vs = self._chunk(entry[1], entry)
                 keep = [
                     j
                     for j, t in enumerate(ts)
@@ -700,7 +705,7 @@ class Series(MutableMapping[int, Any]):
             if hi is not None and c[0] > hi:
                 return
             fetched.append(c[1])
-            ts, packed = self._chunk_raw(c[1])
+            ts, packed = self._chunk_raw(c[1], c)
             a = 0 if lo is None else bisect.bisect_left(ts, lo)
             b = len(ts) if hi is None else bisect.bisect_right(ts, hi)
             if a < b:
@@ -777,7 +782,7 @@ class Series(MutableMapping[int, Any]):
                 cid = chunks[i][1]
                 fetched = True
                 try:
-                    ts, packed = self._chunk_raw(cid)
+                    ts, packed = self._chunk_raw(cid, chunks[i])
                 except CorruptValueError:
                     if self._changed(entry[0]):
                         pos[0] = None

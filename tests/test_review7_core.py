@@ -428,3 +428,23 @@ def test_an_event_before_a_prunes_snapshot_is_refused(tmp_path: Path, url: str) 
         with pytest.raises(EventConflictError):
             big.apply({"x": 1}, 10_051)
         assert big.apply({"x": 1}, 10_101)["x"] == 1
+
+
+def test_a_series_chunk_that_disagrees_with_its_head_is_damage() -> None:
+    from mappingstore._keys import internal_ns, tagged_key
+    from mappingstore.errors import CorruptValueError
+
+    store = mappingstore.open("memory://")
+    ts = store.series("s")
+    ts.extend((t, t) for t in range(3000))  # three chunks
+    ns, key = internal_ns("ts", store._ns), tagged_key("H", "s")
+    head = store._decode(ns, key, store._get(ns, key))  # type: ignore[arg-type]
+    head["c"][1][2] += 5  # a hand edit of a count (len() now says 3005)
+    store._put(ns, key, store._encode(ns, key, head), None)
+    assert len(ts) == 3005
+    with pytest.raises(CorruptValueError):
+        list(ts)
+    with pytest.raises(CorruptValueError):
+        ts.range(0, 2999)
+    with pytest.raises(CorruptValueError):
+        ts.extend([(1500, "x")])  # a write into that chunk reads it first
