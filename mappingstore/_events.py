@@ -41,6 +41,7 @@ head only.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import operator
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -369,13 +370,15 @@ class EventLog:
             return chunks[:expected]  # chunks flushed since the head was read: not ours
         raise CorruptValueError(f"event log {self._name!r}: damaged chunk directory")
 
-    def _first_event(self, head: dict[str, Any]) -> list[Any] | None:
-        """The log's earliest event (a ``snapshot`` after a prune), or ``None``."""
-        chunks = self._need_directory(head)
-        if chunks:
-            return self._chunk(chunks[0])[1][0]
-        pending: list[list[Any]] = head["p"]
-        return pending[0] if pending else None
+    def _refuse_before(self, ts: int, later: Iterable[list[Any]]) -> None:
+        """EventConflictError if a snapshot is among the events *later* than an insert at
+        *ts* (every event after it is replayed anyway, so this costs no read)."""
+        for e in later:
+            if e[2] == "snapshot":
+                raise EventConflictError(
+                    f"event log {self._name!r} was pruned up to {e[0]}: an event at {ts} "
+                    "would be reset by that snapshot and never reach current()"
+                )
 
     def _need_directory(self, head: dict[str, Any]) -> list[list[int]]:
         if head["c"] is None:
@@ -448,9 +451,17 @@ class EventLog:
         ``(operator.delitem, None)``, ``(operator.neg,)``. Any other tuple is a plain value.
         The default timestamp is now in milliseconds, bumped past the last event; an
         explicit timestamp that already has an event raises :class:`EventConflictError`, and
-        so does one before the snapshot a :meth:`prune` left (that history is compacted). A
-        change that cannot replay raises :class:`ReplayError` and nothing is stored.
+        so does one before a snapshot that a :meth:`prune` left (replaying the snapshot
+        would reset the state, so the change would never reach :meth:`current`). A change
+        that cannot replay raises :class:`ReplayError` and nothing is stored.
         """
+        return self._apply(changes, timestamp, before_snapshots=False)
+
+    def _apply(
+        self, changes: Mapping[str, Any], timestamp: int | None, *, before_snapshots: bool
+    ) -> dict[str, Any]:
+        """:meth:`apply`; with *before_snapshots*, an event may also go before a snapshot
+        (what a copy of a log that holds such events must do to reproduce it exactly)."""
         store = self._store
         store._check_writable()
         if not isinstance(changes, Mapping):
@@ -476,29 +487,18 @@ class EventLog:
             if ts is None:
                 now = int(store._clock() * 1000)
                 ts = now if last is None or now > last else last + 1
-            elif last is not None and ts <= last:
-                if self._exists(head, ts):
-                    raise EventConflictError(
-                        f"event log {self._name!r} already has an event at {ts}"
-                    )
-                first = self._first_event(head)
-                if first is not None and first[2] == "snapshot" and ts < first[0]:
-                    # prune() compacted everything up to the snapshot into its state: an
-                    # event before it has no history left to replay into.
-                    raise EventConflictError(
-                        f"event log {self._name!r} was pruned up to {first[0]}: an event "
-                        f"at {ts} would fall in the compacted history"
-                    )
+            elif last is not None and ts <= last and self._exists(head, ts):
+                raise EventConflictError(f"event log {self._name!r} already has an event at {ts}")
             if not parsed:
                 return _copy(head["s"])
             new_events = [[ts, item, op, value] for item, op, value in parsed]
             if last is None or ts > last:
                 ops = self._append(head, ts, new_events)
             elif self._in_pending(head, ts):
-                ops = self._insert_pending(head, ts, new_events)
+                ops = self._insert_pending(head, ts, new_events, before_snapshots)
             else:
                 self._need_directory(head)
-                ops = self._insert_chunks(head, ts, new_events)
+                ops = self._insert_chunks(head, ts, new_events, before_snapshots)
             store._rapply(ops)
             # The head was decoded for this call only and is now encoded: hand it over.
             state: dict[str, Any] = head["s"]
@@ -538,11 +538,13 @@ class EventLog:
         return [op, self._put_directory(head)]
 
     def _insert_pending(
-        self, head: dict[str, Any], ts: int, new_events: list[list[Any]]
+        self, head: dict[str, Any], ts: int, new_events: list[list[Any]], before_snapshots: bool
     ) -> list[Op]:
         pending = head["p"]
         # Stable: the new events go after every existing event at an earlier or equal time.
         pos = bisect.bisect_right([e[0] for e in pending], ts)
+        if not before_snapshots:
+            self._refuse_before(ts, pending[pos:])
         pending[pos:pos] = new_events
         state = _copy(head["b"])
         for e_ts, item, op, value in pending:
@@ -555,13 +557,20 @@ class EventLog:
         return ops
 
     def _insert_chunks(
-        self, head: dict[str, Any], ts: int, new_events: list[list[Any]]
+        self, head: dict[str, Any], ts: int, new_events: list[list[Any]], before_snapshots: bool
     ) -> list[Op]:
         from ._store import Op
 
         chunks = head["c"]
         i = max(bisect.bisect_right([c[0] for c in chunks], ts) - 1, 0)
         loaded = [self._chunk(c) for c in chunks[i:]]
+        if not before_snapshots:
+            self._refuse_before(
+                ts,
+                itertools.chain(
+                    (e for _, events in loaded for e in events if e[0] > ts), head["p"]
+                ),
+            )
         state = _copy(loaded[0][0])
         ops: list[Op] = []
         for offset, (_, events) in enumerate(loaded):

@@ -420,6 +420,19 @@ def test_an_event_before_a_prunes_snapshot_is_refused(tmp_path: Path, url: str) 
         other = store.events("other")
         other.apply({"a": 1}, 1000)
         assert other.apply({"b": 2}, 10) == {"a": 1, "b": 2}
+        # a snapshot in the middle of the log (a prune before an older snapshot's time
+        # leaves the later one where it is): events before it are refused too
+        mid = store.events("mid")
+        for i in range(10):
+            mid.apply({"n": i}, 100 * (i + 1))
+        mid.prune(500)  # snapshot at 500
+        # an event before it, as logs of earlier releases (and copies of them) hold
+        mid._apply({"old": 1}, 200, before_snapshots=True)
+        assert mid.events()[0].timestamp == 200 and mid.events()[1].op == "snapshot"
+        for ts in (100, 300):
+            with pytest.raises(EventConflictError):
+                mid.apply({"early": 1}, ts)
+        assert mid.apply({"late": 1}, 650)["late"] == 1
         # many chunks: the snapshot is the first chunk's first event
         big = store.events("big")
         for i in range(100):

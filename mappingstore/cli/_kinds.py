@@ -25,6 +25,7 @@ the same URL (:class:`Instances`), opened with the password the first one was op
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as _dt
 import itertools
@@ -195,11 +196,13 @@ def prefixed_names(store: Store, kind: str, prefix: str = "") -> dict[str, list[
     if kind == "blobs":
         return {}
     ns = internal_ns("ts" if kind == "series" else "ev", store._ns)
+    keys = sorted(store._rkeys(ns, ""))
+    known = set(keys)
     found: dict[str, list[str]] = {}
-    for key in store._rkeys(ns, ""):
-        if _own_record(key):
+    for key in keys:
+        if _own_record(key) or _other_record(key, known):
             continue
-        head = _prefixed_head(key)
+        head = _prefixed_head(key, keys)
         if head is not None and (head[0] + head[1]).startswith(prefix):
             found.setdefault(head[0], []).append(head[1])
     return {p: sorted(found[p]) for p in sorted(found)}
@@ -219,16 +222,57 @@ def _own_record(key: str) -> bool:
     return tail[:1] == ":" and len(tail) > 1 and all(c in "0123456789abcdef" for c in tail[1:])
 
 
-def _prefixed_head(key: str) -> tuple[str, str] | None:
-    """``(key prefix, name)`` when *key* is ``key prefix + "H:<len>:<name>"`` (any split
-    of an ambiguous key names the same stored records: it is the same key)."""
+def _other_record(key: str, known: set[str]) -> bool:
+    """Whether *key* is the edge record, chunk directory or a chunk of an object whose
+    head is in *known* (``key prefix + "E:<len>:<name>"`` and so on): such a key may also
+    read as the head of another name (``"aH:5:E:1:b"``: the edge record of ``b`` under
+    ``"aH:5:"``, or the head of ``"E:1:b"`` under ``"a"``), and the head decides."""
+    for tag in ("E:", "D:", "C:"):
+        j = key.find(tag)
+        while j != -1:
+            length, sep, rest = key[j + 2 :].partition(":")
+            if sep and length.isdigit():
+                n = int(length)
+                name, tail = rest[:n], rest[n:]
+                whole = tail == "" if tag != "C:" else tail[:1] == ":" and len(tail) > 1
+                if len(name) == n and whole and key[:j] + "H:" + f"{n}:{name}" in known:
+                    return True
+            j = key.find(tag, j + 1)
+    return False
+
+
+def _prefixed_head(key: str, keys: list[str]) -> tuple[str, str] | None:
+    """``(key prefix, name)`` when *key* is ``key prefix + "H:<len>:<name>"``.
+
+    A key prefix or a name may itself hold ``H:<len>:``, so a key can split more than one
+    way; the split whose other records exist (edge record, chunk directory, chunks: in
+    the sorted *keys*) is the one written. A head alone (a log held in its head) reads the
+    same whichever split is taken: the first."""
+    splits = []
     i = key.find("H:", 1)
     while i != -1:
         length, sep, name = key[i + 2 :].partition(":")
         if sep and length.isdigit() and length == str(len(name)):
-            return key[:i], name
+            splits.append((key[:i], name))
         i = key.find("H:", i + 1)
-    return None
+    if len(splits) > 1:
+        for key_prefix, name in splits:
+            if _has_siblings(keys, key_prefix, name):
+                return key_prefix, name
+    return splits[0] if splits else None
+
+
+def _has_siblings(keys: list[str], key_prefix: str, name: str) -> bool:
+    """Whether *keys* (sorted) hold another record of the object *name* under
+    *key_prefix*: its edge record or chunk directory, or a chunk."""
+    tail = f"{len(name)}:{name}"
+    for tag in ("E:", "D:"):
+        j = bisect.bisect_left(keys, key_prefix + tag + tail)
+        if j < len(keys) and keys[j] == key_prefix + tag + tail:
+            return True
+    chunk = key_prefix + "C:" + tail + ":"
+    j = bisect.bisect_left(keys, chunk)
+    return j < len(keys) and keys[j].startswith(chunk)
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -434,13 +478,17 @@ def _rebuild(log: EventLog, events: list[Event]) -> None:
         if snapshot is not None:
             ts = snapshot.timestamp
             if snapshot.value:
-                log.apply(dict(snapshot.value), ts)
+                log._apply(dict(snapshot.value), ts, before_snapshots=True)
             else:  # an empty state: one item set just before, deleted at the snapshot
-                log.apply({"_": 0}, ts - 1)
-                log.apply({"_": (operator.delitem,)}, ts)
+                log._apply({"_": 0}, ts - 1, before_snapshots=True)
+                log._apply({"_": (operator.delitem,)}, ts, before_snapshots=True)
             log.prune(ts)
         for group in groups_after:
-            log.apply({e.item: _change(e) for e in group}, group[0].timestamp)
+            # Events before a later snapshot exist in logs that pruned before and took
+            # inserts: reproduced as they are (apply() refuses to add new ones).
+            log._apply(
+                {e.item: _change(e) for e in group}, group[0].timestamp, before_snapshots=True
+            )
 
 
 def _copy_blob(
