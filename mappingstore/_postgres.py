@@ -140,6 +140,20 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
 }
 
 
+# The relation kind, its columns and its primary key's columns, in order (identifiers are
+# checked plain names, so quoting them is enough for to_regclass).
+_LAYOUT = (
+    "SELECT c.relkind::text,"
+    " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid"
+    " AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),"
+    " ARRAY(SELECT a.attname::text FROM pg_index i"
+    " CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, pos)"
+    " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num"
+    " WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.pos)"
+    " FROM pg_class c WHERE c.oid = to_regclass(%s)"
+)
+
+
 def _check_identifier(what: str, name: Any) -> str:
     if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise InvalidOptionError(
@@ -450,6 +464,9 @@ class PostgresStore(Store):
         super().__init__(**options)
         self._table = _check_identifier("table", table)
         self._schema = None if schema is None else _check_identifier("schema", schema)
+        if self._schema is not None and self._schema.lower().startswith("pg_"):
+            # The server reserves them: creating one fails (and retrying never helps).
+            raise InvalidOptionError(f"schema names starting with 'pg_' are reserved: {schema!r}")
         if (
             isinstance(pool_min_size, bool)
             or not isinstance(pool_min_size, int)
@@ -753,10 +770,27 @@ class PostgresStore(Store):
             return
         types = [(col.name, col.type_code) for col in description]
         expected = [("ns", _BYTEA), ("key", _BYTEA), ("value", _BYTEA), ("expires", _FLOAT8)]
-        if types != [*expected, ("long_ns", _BYTEA), ("long_key", _BYTEA)]:
+        if types != [*expected, ("long_ns", _BYTEA), ("long_key", _BYTEA)] or self._read(
+            self._other_layout
+        ):
             raise StoreCorruptError(
                 f"PostgreSQL table {self.table!r} exists but is not a mappingstore table"
             )
+
+    def _other_layout(self, conn: Conn) -> bool:
+        """Whether the relation named like our table has the right columns but not our
+        layout: a view, a column more (every write would fail on a NOT NULL one), or a
+        primary key other than ``(ns, key)`` (upserts need exactly that key)."""
+        name = f'"{self._schema}"."{self._table}"' if self._schema else f'"{self._table}"'
+        row = conn.execute(_LAYOUT, (name,)).fetchone()
+        if row is None:  # pragma: no cover - the probe just read it
+            return True
+        relkind, columns, primary = row
+        return bool(
+            relkind not in ("r", "p")
+            or list(columns) != ["ns", "key", "value", "expires", "long_ns", "long_key"]
+            or list(primary) != ["ns", "key"]
+        )
 
     def _create_table(self) -> None:
         def body(conn: Conn) -> None:

@@ -1227,6 +1227,11 @@ class Store(MutableMapping[str, Any]):
         """
         self._check_open()
         _require_str(prefix, "prefix")
+        if not prefix.isascii():
+            try:
+                prefix.encode("utf-8")
+            except UnicodeEncodeError:
+                return  # a lone surrogate: no key (always valid UTF-8) starts with it
         if self._dot and prefix and not prefix.endswith("."):
             if self._rrecord(self._ns, prefix) is not None:
                 yield prefix
@@ -1281,13 +1286,10 @@ class Store(MutableMapping[str, Any]):
         self._check_open()
         from ._jsonio import dump
 
-        return dump(((n, self._value_of_name(n)) for n in self.names()), fp, typed=typed)
-
-    def _value_of_name(self, name: str) -> Any:
-        data = self._rget(self._ns, name)
-        if data is None:
-            return None
-        return self._decode(self._ns, name, data)
+        # One scan of records: never a listing and then a read per name, which turned a
+        # key deleted or expired in between into "name": null.
+        ns = self._ns
+        return dump(((k, self._decode(ns, k, d)) for k, d in self._ritems(ns, "")), fp, typed=typed)
 
     def import_json(self, src: str | bytes | IO[str] | IO[bytes]) -> int:
         """Import JSON written by :meth:`export_json` (text, bytes or a file); atomically.

@@ -495,6 +495,11 @@ class AsyncStore:
 
     async def _native_names(self, native: _Native, prefix: str) -> AsyncIterator[str]:
         _require_str(prefix, "prefix")
+        if not prefix.isascii():
+            try:
+                prefix.encode("utf-8")
+            except UnicodeEncodeError:
+                return  # a lone surrogate: no key starts with it (as Store.names)
         async for key in native.iter_keys(self._store._ns, prefix):
             yield key
 
