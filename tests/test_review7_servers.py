@@ -15,6 +15,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ def _urls(tmp_path: Path, prefix: str, table: str) -> list[str]:
         "memory://",
         f"sqlite:///{tmp_path}/n.db",
         f"dir:///{tmp_path}/d",
-        f"{REDIS_URL}?key_prefix={prefix}:",
+        f"{REDIS_URL}?prefix={prefix}",
         f"{POSTGRES_URL}?table={table}",
     ]
 
@@ -52,7 +53,7 @@ def test_async_names_with_a_surrogate_prefix_is_empty(prefix: str, pg_table: str
             assert [n async for n in store.names(SURROGATE)] == []
             await store.clear()
 
-    for url in (f"{REDIS_URL}?key_prefix={prefix}:", f"{POSTGRES_URL}?table={pg_table}"):
+    for url in (f"{REDIS_URL}?prefix={prefix}", f"{POSTGRES_URL}?table={pg_table}"):
         asyncio.run(main(url))
 
 
@@ -153,3 +154,59 @@ def test_postgres_opens_its_own_table_again(pg_table: str) -> None:
 def test_postgres_refuses_reserved_schema_names(schema: str) -> None:
     with pytest.raises(InvalidOptionError):
         mappingstore.open(f"{POSTGRES_URL}?table=t&schema={schema}")
+
+
+# -- async API (native Redis/PostgreSQL) ----------------------------------------------------
+
+
+def test_async_postgres_loop_may_end_with_the_store_open(pg_table: str) -> None:
+    import subprocess
+    import sys
+
+    child = (
+        "import asyncio, mappingstore.aio\n"
+        "async def main():\n"
+        f"    return await mappingstore.aio.open({POSTGRES_URL + '?table=' + pg_table!r})\n"
+        "a = asyncio.run(main())\n"
+        "print('loop ended', flush=True)\n"
+        "a.sync.close()\n"
+    )
+    # Before the fix asyncio.run() never returned (the pool's connect task).
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "loop ended" in done.stdout, done.stderr
+
+
+def test_async_native_delete_many_on_a_readonly_store(prefix: str) -> None:
+    from mappingstore.errors import ReadOnlyError
+
+    url = f"{REDIS_URL}?prefix={prefix}"
+    with mappingstore.open(url) as w:
+        w["a"] = 1
+
+    async def main() -> list[str]:
+        async with await aio.open(url, readonly=True) as store:
+            assert store.native is not None
+            with pytest.raises(ReadOnlyError):
+                await store.delete_many(5)  # type: ignore[arg-type]
+            keys = iter(["a", "b"])
+            with pytest.raises(ReadOnlyError):
+                await store.delete_many(keys)
+            return list(keys)
+
+    assert asyncio.run(main()) == ["a", "b"]  # the caller's keys were not read
+
+
+def test_async_native_batch_calls_work_from_another_loop(prefix: str) -> None:
+    url = f"{REDIS_URL}?prefix={prefix}"
+    store = asyncio.run(aio.open(url))  # opened in one loop
+
+    async def second_loop() -> Any:
+        async with store.batch():
+            await store.set("x", 1)
+            assert await store.get("x") == 1
+        return await store.pop("x")
+
+    try:
+        assert asyncio.run(second_loop()) == 1
+    finally:
+        store.sync.close()

@@ -46,7 +46,7 @@ from .._postgres import (
     _row,
 )
 from .._store import Op
-from ..errors import BackendError
+from ..errors import BackendError, BackendUnavailableError
 
 __all__ = ["NativePostgres"]
 
@@ -112,7 +112,17 @@ class NativePostgres:
             open=False,
         )
         try:
-            await pool.open(wait=False)
+            # Wait for the first connections: a pool whose background connect task is
+            # still running when the event loop ends makes asyncio.run() hang at its
+            # shutdown (cancelling that task never returns), when a caller lets the loop
+            # end with the store open, which is allowed.
+            await pool.open(wait=True, timeout=store._pool_timeout)
+        except PoolTimeout:
+            await pool.close()
+            raise BackendUnavailableError(
+                f"PostgreSQL at {store.url} gave no connection within "
+                f"{store._pool_timeout} s (pool_timeout)"
+            ) from None
         except BaseException:
             await pool.close()
             raise

@@ -343,10 +343,12 @@ class AsyncStore:
             return None
         if self._closed or self._store._closed:
             raise self._closed_error()
-        if asyncio.get_running_loop() is not self._loop:
-            raise self._other_loop_error()
+        # A call inside a batch runs on the batch's lane thread (from any loop, as every
+        # thread-path call): the loop check is only for the loop-bound native driver.
         if _LANES.get() and self._level() is not None:
             return None
+        if asyncio.get_running_loop() is not self._loop:
+            raise self._other_loop_error()
         return native
 
     def _other_loop_error(self) -> InvalidOptionError:
@@ -654,9 +656,9 @@ class AsyncStore:
         native = self._native_call()
         if native is None:
             return await self._run(self._store.delete_many, _snapshot(keys))
-        listed = await self._listed(keys, "delete_many()")
         store = self._store
-        store._check_writable()
+        store._check_writable()  # before reading the caller's keys, as the sync store
+        listed = await self._listed(keys, "delete_many()")
         ns = store._ns
         checked = list(dict.fromkeys(check_key(k) for k in listed))
         return await self._native_run(lambda: native.delete_many(ns, checked))
