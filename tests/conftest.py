@@ -88,3 +88,32 @@ def prefix(raw: Any) -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:12]}"
     yield name
     drop_redis_keys(raw, name)
+
+
+@pytest.fixture
+def pg_table() -> Iterator[str]:
+    """A fresh PostgreSQL table name of this test's own; the table (or a view of that
+    name, and its ``<name>_base`` table) is dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    from tests.servers import POSTGRES_URL, unavailable
+
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        unavailable(f"PostgreSQL at {POSTGRES_URL}", exc)
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield table
+    finally:
+        try:
+            admin.execute(
+                psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table))
+            )
+        except psycopg.errors.WrongObjectType:  # the view case
+            admin.execute(psycopg.sql.SQL("DROP VIEW {}").format(psycopg.sql.Identifier(table)))
+        admin.execute(
+            psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(
+                psycopg.sql.Identifier(table + "_base")
+            )
+        )
+        admin.close()

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import operator
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -189,25 +188,6 @@ def test_aio_redis_listings_skip_a_key_name_that_is_not_utf8(raw: Any, prefix: s
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_table() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    from tests.servers import unavailable
-
-    try:
-        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
-    except psycopg.Error as exc:
-        unavailable(f"PostgreSQL at {POSTGRES_URL}", exc)
-    table = f"rv7_{uuid.uuid4().hex[:12]}"
-    try:
-        yield table
-    finally:
-        admin.execute(
-            psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table))
-        )
-        admin.close()
 
 
 def test_postgres_listings_skip_names_that_are_not_utf8(pg_table: str) -> None:

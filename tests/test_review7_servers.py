@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,33 +85,6 @@ def test_export_skips_keys_that_expire_during_the_export() -> None:
 
 
 # -- PostgreSQL: a relation of our name with another layout ---------------------------------
-
-
-@pytest.fixture
-def pg_table() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    from tests.servers import unavailable
-
-    try:
-        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
-    except psycopg.Error as exc:
-        unavailable(f"PostgreSQL at {POSTGRES_URL}", exc)
-    table = f"rv7s_{uuid.uuid4().hex[:12]}"
-    try:
-        yield table
-    finally:
-        try:
-            admin.execute(
-                psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table))
-            )
-        except psycopg.errors.WrongObjectType:  # the view case
-            admin.execute(psycopg.sql.SQL("DROP VIEW {}").format(psycopg.sql.Identifier(table)))
-        admin.execute(
-            psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(
-                psycopg.sql.Identifier(table + "_base")
-            )
-        )
-        admin.close()
 
 
 _COLUMNS = (
