@@ -680,6 +680,23 @@ def _copy(
     total = sum(len(names) + sum(map(len, objects.values())) for _, _, names, objects in plan)
     total += sum(len(n) for found in under for by in found.values() for n in by.values())
     with Job(settings, "copy", total=total) as job, _raw.RecordReader(src) as reader:
+
+        def copy_all(
+            kind: str, source: Store, target: Store | None, found: list[str], held: set[str]
+        ) -> None:
+            for name in found:
+                _kinds.copy_object(
+                    kind,
+                    source,
+                    target,
+                    name,
+                    tallies[kind],
+                    held=held,
+                    overwrite=options["overwrite"],
+                    dry=dry_run,
+                )
+                job.add(0, progress=1)
+
         for (sns, dns, names, objects), prefixed in zip(plan, under, strict=True):
             for chunk in iter_chunks(iter(names), options["batch_size"]):
                 existing = _raw.datas(dst, dns, chunk) if dst is not None else [None] * len(chunk)
@@ -705,18 +722,7 @@ def _copy(
                 if held is None:
                     listed = _kinds.names(target, kind, prefix) if target is not None else []
                     held = names_held[dns, kind] = set(listed)
-                for name in found:
-                    _kinds.copy_object(
-                        kind,
-                        srcs.get(sns),
-                        target,
-                        name,
-                        tallies[kind],
-                        held=held,
-                        overwrite=options["overwrite"],
-                        dry=dry_run,
-                    )
-                    job.add(0, progress=1)
+                copy_all(kind, srcs.get(sns), target, found, held)
             for kind, by_prefix in prefixed.items():
                 target = dsts.get(dns) if dsts is not None else None
                 for key_prefix, found in by_prefix.items():
@@ -725,18 +731,7 @@ def _copy(
                         _prefixed(target, key_prefix) as pdst,
                     ):
                         held = set(_kinds.names(pdst, kind)) if pdst is not None else set()
-                        for name in found:
-                            _kinds.copy_object(
-                                kind,
-                                psrc,
-                                pdst,
-                                name,
-                                tallies[kind],
-                                held=held,
-                                overwrite=options["overwrite"],
-                                dry=dry_run,
-                            )
-                            job.add(0, progress=1)
+                        copy_all(kind, psrc, pdst, found, held)
     shown = []
     for kind, one, many, unit in _kinds.KINDS:
         if any(objects[kind] for _, _, _, objects in plan) or any(f[kind] for f in under):
