@@ -9,13 +9,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from .._keys import INTERNAL_PREFIX
+from .._keys import INTERNAL_PREFIX, check_key
 from .._store import KEEP, Op, Record, Store
 from ..errors import InvalidOptionError, OptionTypeError
 from ._base import Adapter, add_query
 
 if TYPE_CHECKING:
     from .._blobs import Blobs
+    from .._tree import View
 
 __all__ = ["CacheInfo", "Cached"]
 
@@ -157,7 +158,11 @@ class Cached(Adapter):
         """Forget the cached entry of *key* (in this store's namespace), or everything.
 
         Use it after another process wrote, when ``ttl`` is too long to wait for.
+        A *key* that is not a valid key raises as ``store[key]`` does
+        (:class:`~mappingstore.errors.KeyTypeError`, ``InvalidKeyError``).
         """
+        if key is not None:
+            key = check_key(key)
         with self._cache_lock:
             if key is None:
                 self._epoch += 1
@@ -451,17 +456,52 @@ class Cached(Adapter):
         # this thread goes to the store: a read-modify-write (a series or event-log head,
         # a dot-name leaf check, delete_many's count) must not build on a cached record
         # that another writer (another Cached object, another process) has replaced.
-        with self._inner._exclusive():
-            tls = self._excl_tls
-            depth = getattr(tls, "depth", 0)
-            tls.depth = depth + 1
+        with self._inner._exclusive(), self._fresh():
+            yield
+
+    @contextlib.contextmanager
+    def _fresh(self) -> Iterator[None]:
+        """While inside, every read of this thread goes to the store (and refreshes the
+        entry it read); no lock of the store is taken."""
+        tls = self._excl_tls
+        depth = getattr(tls, "depth", 0)
+        tls.depth = depth + 1
+        if not depth:
+            with self._cache_lock:
+                self._in_exclusive += 1
+        try:
+            yield
+        finally:
+            tls.depth = depth
             if not depth:
                 with self._cache_lock:
-                    self._in_exclusive += 1
-            try:
-                yield
-            finally:
-                tls.depth = depth
-                if not depth:
-                    with self._cache_lock:
-                        self._in_exclusive -= 1
+                    self._in_exclusive -= 1
+
+    # -- listings and dot-name structure: from the store, never the cache ---------------
+
+    def names(self, prefix: str = "") -> Iterator[str]:
+        names = super().names(prefix)
+        if not self._dot:
+            return names
+        # Under dot names, names("a") also probes the leaf "a" (before its first name): a
+        # listing comes from the store, so the probe must not be a cached entry (a stale
+        # leaf "a" beside a branch "a.x" another writer made would be listed as both).
+        return self._names_fresh(names)
+
+    def _names_fresh(self, names: Iterator[str]) -> Iterator[str]:
+        with self._fresh():
+            first = next(names, None)
+        if first is None:
+            return
+        yield first
+        yield from names
+
+    names.__doc__ = Store.names.__doc__
+
+    def view(self, name: str) -> View:
+        # The leaf/branch check of *name* reads the store: a stale cached leaf beside a
+        # branch another writer made would be reported as a name both a leaf and a branch.
+        with self._fresh():
+            return super().view(name)
+
+    view.__doc__ = Store.view.__doc__

@@ -6,12 +6,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, ClassVar
 
 from .._blobs import BlobReader, Blobs
-from .._keys import check_key
+from .._keys import check_key, internal_ns, tagged_names
 from .._store import KEEP, Op, Record, Store
 from ..errors import InvalidOptionError, MissingKeyError, NameConflictError, OptionTypeError
 from ._base import META_NS, Adapter, add_query, query_option
 
 __all__ = ["Prefixed"]
+
+_BLOB_NS = internal_ns("blob")  # + a user namespace: the raw namespace of its blobs
 
 
 class _PrefixedBlobs(Blobs):
@@ -181,10 +183,16 @@ class Prefixed(Adapter):
         return None
 
     def _put(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
-        if self._parents:
-            error = self._conflict(ns, [key])
-            if error is not None:
-                raise error
+        if self._parents and ns == self._ns:
+            # The check and the write in one exclusive section of the wrapped store: its
+            # reads then go to the store (a Cached one serves no stale entry there), and
+            # no writer can make a parent a leaf in between.
+            with self._inner._exclusive():
+                error = self._conflict(ns, [key])
+                if error is not None:
+                    raise error
+                self._inner._put(ns, self._full(ns, key), data, expires)
+            return
         self._inner._put(ns, self._full(ns, key), data, expires)
 
     def _delete(self, ns: str, key: str) -> bool:
@@ -214,27 +222,37 @@ class Prefixed(Adapter):
         return self._inner._get_many(ns, [self._full(ns, k) for k in keys])
 
     def _apply(self, ops: Sequence[Op]) -> None:
+        full = [op._replace(key=self._full(op.ns, op.key)) for op in ops]
         if self._parents:
             written = [op.key for op in ops if op.data is not None and op.ns == self._ns]
-            error = self._conflict(self._ns, written) if written else None
-            if error is not None:
-                raise error
-        self._inner._apply([op._replace(key=self._full(op.ns, op.key)) for op in ops])
+            if written:
+                # As in _put: a batch commits here outside any exclusive section of ours.
+                with self._inner._exclusive():
+                    error = self._conflict(self._ns, written)
+                    if error is not None:
+                        raise error
+                    self._inner._apply(full)
+                return
+        self._inner._apply(full)
 
     def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
-        error = self._conflict(ns, [key]) if self._parents else None
-        if error is not None:
-            # Read before the update (a backend may run fn inside its own transaction),
-            # refused only if fn writes: pop() and deletes stay possible.
-            inner_fn = fn
+        if not (self._parents and ns == self._ns):
+            self._inner._update(ns, self._full(ns, key), fn)
+            return
+        with self._inner._exclusive():  # as in _put
+            error = self._conflict(ns, [key])
+            if error is not None:
+                # Read before the update (a backend may run fn inside its own
+                # transaction), refused only if fn writes: pop() and deletes stay possible.
+                inner_fn = fn
 
-            def fn(rec: Record | None) -> Any:
-                new = inner_fn(rec)
-                if new is not KEEP and new is not None:
-                    raise error
-                return new
+                def fn(rec: Record | None) -> Any:
+                    new = inner_fn(rec)
+                    if new is not KEEP and new is not None:
+                        raise error
+                    return new
 
-        self._inner._update(ns, self._full(ns, key), fn)
+            self._inner._update(ns, self._full(ns, key), fn)
 
     def _clear(self, ns: str) -> None:
         with self._inner._exclusive():
@@ -248,6 +266,8 @@ class Prefixed(Adapter):
         return self._inner._exclusive()
 
     def _has_keys(self, ns: str) -> bool:
+        if ns.startswith(_BLOB_NS):
+            return self._has_blobs(ns)
         keys = self._strip(self._inner._iter_keys(ns, self._prefix))
         try:
             return next(keys, None) is not None
@@ -262,3 +282,17 @@ class Prefixed(Adapter):
             if ns == META_NS or self._has_keys(ns):
                 found.append(ns)
         return found
+
+    def _has_blobs(self, raw: str) -> bool:
+        """Whether the raw blob namespace *raw* holds a blob inside the prefix. Blobs are
+        the wrapped store's, named ``prefix + name`` in its own form (chunk records keyed
+        by a tagged name, or a directory store's files), so no key starts with the
+        prefix: list the blob names."""
+        user = raw[len(_BLOB_NS) :]
+        if user == self._ns:
+            names = self._inner._blob_backend().names()  # in every form the store keeps
+        else:
+            # Another namespace: the manifests of its chunked blobs name them.
+            names = tagged_names(self._inner._iter_keys(raw, "M:"), "M")
+        prefix, cut = self._prefix, len(self._prefix)
+        return any(n.startswith(prefix) and len(n) > cut for n in names)

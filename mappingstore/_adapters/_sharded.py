@@ -7,9 +7,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
-from .._keys import INTERNAL_PREFIX
+from .._codec import ENCRYPTED_HEADER
+from .._keys import INTERNAL_PREFIX, check_key, internal_ns
 from .._store import KEEP, Op, Record, Store
-from ..errors import InvalidOptionError, OptionTypeError
+from ..errors import IntegrityError, InvalidOptionError, OptionTypeError
 from ._base import META_NS, Adapter
 
 __all__ = ["Sharded"]
@@ -17,6 +18,21 @@ __all__ = ["Sharded"]
 
 def _text_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
+
+
+def _chunk_contexts(key: str) -> list[bytes]:
+    """The two possible sealing contexts of the blob chunk record *key*
+    (``C:<len>:<name>:<version>:<index hex>``; whether it is the last chunk is not in its
+    key), or ``[]`` if *key* is not one."""
+    from .._blobs import _context
+
+    try:
+        size, _, rest = key[2:].partition(":")
+        version, _, index = rest[int(size) + 1 :].partition(":")
+        number = int(index, 16)
+    except ValueError:
+        return []
+    return [_context(version, number, False), _context(version, number, True)]
 
 
 class Sharded(Adapter):
@@ -54,9 +70,10 @@ class Sharded(Adapter):
     the shards' exclusive sections, stopping every writer.) Keep keys that must be read
     together on one shard (``placement=``) when that matters.
 
-    **Encryption.** Options and encryption are those of the first shard: every shard
-    holds records in its format. With encryption, open all shards with one password and
-    always read them through this adapter. Thread-safe as the shards are.
+    **Encryption.** Options are those of the first shard, used on every shard (so two
+    shards must be two locations). With encryption, open all shards with one password:
+    each record is sealed with the key of the shard that holds it, so a shard stays
+    readable when others are reordered or removed. Thread-safe as the shards are.
     """
 
     scheme: ClassVar[str] = "sharded"
@@ -79,12 +96,23 @@ class Sharded(Adapter):
         if names is None:
             labels = [str(i) for i in range(len(stores))]
         else:
+            if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+                raise OptionTypeError("names must be a list of str, one per shard")
             labels = list(names)
             if not all(isinstance(n, str) for n in labels):
                 raise OptionTypeError("shard names must be str")
             if len(labels) != len(stores) or len(set(labels)) != len(labels):
                 raise InvalidOptionError("give one distinct name per shard")
         super().__init__(stores, stores[0], close_inner=close_inner)
+        # Every shard is used in the first shard's namespace: two shards at one location
+        # (one database or directory, whatever their namespace= option) would hold the
+        # same records, each listed twice. An anonymous memory store has no location.
+        urls = [s.url for s in stores if s.url != "memory://"]
+        if len(set(urls)) != len(urls):
+            raise InvalidOptionError(
+                "Sharded got two shards at one location (every shard is used in the "
+                "first shard's namespace): give each shard its own database or directory"
+            )
         self._shards = stores
         self._names = tuple(labels)
         self._placement = placement
@@ -158,30 +186,53 @@ class Sharded(Adapter):
 
     def shard_of(self, key: str) -> int:
         """The index of the shard that holds (or would hold) *key*."""
-        return self._owner(self._ns, key)
+        return self._owner(self._ns, check_key(key))
+
+    def _own_namespaces(self) -> list[str]:
+        """The raw namespaces this adapter reads and writes: its namespace and that
+        namespace's series, event logs and blobs (never another namespace of a shard)."""
+        return [self._ns] + [internal_ns(kind, self._ns) for kind in ("ts", "ev", "blob")]
 
     def rebalance(self) -> int:
-        """Move every record that is not on its owning shard; return how many moved.
+        """Move every record of this adapter that is not on its owning shard; return how
+        many moved.
 
-        Run it after adding, removing or reordering shards, before other use. A record
-        already present on the owning shard (written since) is kept, and the misplaced
-        copy dropped. Safe to rerun after an interruption.
+        Run it after adding, removing or reordering shards, before other use. Only this
+        adapter's namespace is touched (its keys, and its series, event logs and blobs),
+        never another namespace of the shards. A key already present on the owning shard
+        (written since) is kept, and the misplaced copy dropped. The series, event logs
+        and blobs of the namespace move as a whole, and only to an owning shard that holds
+        none of its own (else they stay where they are: records of one series are never
+        merged with another's). Encrypted records are sealed again for the shard they
+        move to. Safe to rerun after an interruption.
         """
         self._check_writable()
         moved = 0
-        for i, shard in enumerate(self._shards):
-            for ns in list(shard._namespaces()):
-                if ns == META_NS:
+        for ns in self._own_namespaces():
+            internal = ns != self._ns
+            for i, shard in enumerate(self._shards):
+                keys = list(shard._iter_keys(ns, ""))
+                if not keys:
                     continue
-                for key in list(shard._iter_keys(ns, "")):
+                if internal:
+                    j = self._owner(ns, "")
+                    if j == i:
+                        continue
+                    # A partly copied namespace (an interrupted rebalance) is a subset of
+                    # this one; anything else there is another shard's own data.
+                    there = list(self._shards[j]._iter_keys(ns, ""))
+                    if not all(self._same(i, j, ns, key) for key in there):
+                        continue
+                for key in keys:
                     j = self._owner(ns, key)
                     if j == i:
                         continue
                     rec = shard._get_record(ns, key)
                     if rec is None:
                         continue
+                    data = self._reseal(i, j, ns, key, rec[0])
 
-                    def place(current: Record | None, rec: Record = rec) -> Any:
+                    def place(current: Record | None, rec: Record = (data, rec[1])) -> Any:
                         return KEEP if current is not None else rec
 
                     # Copy first, then delete: an interruption leaves a duplicate that
@@ -190,6 +241,38 @@ class Sharded(Adapter):
                     shard._delete(ns, key)
                     moved += 1
         return moved
+
+    def _same(self, i: int, j: int, ns: str, key: str) -> bool:
+        """Whether shards *i* and *j* hold the same value under *key* (a copy)."""
+        mine, theirs = self._shards[i]._get(ns, key), self._shards[j]._get(ns, key)
+        if mine is None or theirs is None:
+            return False
+        if mine == theirs:
+            return True
+        try:
+            copied = self._shards[j]._decode(ns, key, self._reseal(i, j, ns, key, mine))
+            return bool(copied == self._shards[j]._decode(ns, key, theirs))
+        except Exception:  # not comparable (damaged, another context): not a copy
+            return False
+
+    def _reseal(self, i: int, j: int, ns: str, key: str, data: bytes) -> bytes:
+        """*data* (a record of shard *i*) as shard *j* stores it: sealed again with shard
+        *j*'s key when encrypted (each shard opens only what it holds)."""
+        if data[:2] != ENCRYPTED_HEADER:
+            return data
+        contexts = [b""]
+        if ns.startswith(internal_ns("blob")) and key.startswith("C:"):
+            contexts = _chunk_contexts(key) or contexts
+        error: Exception | None = None
+        for context in contexts:
+            try:
+                value = self._open_sealed(i, ns, key, data, context)
+            except IntegrityError as exc:
+                error = error or exc
+                continue
+            return self._shards[j]._encode(ns, key, value, True, context)
+        assert error is not None
+        raise error
 
     # -- reads (docstrings inherited) ---------------------------------------------------
 
@@ -216,7 +299,12 @@ class Sharded(Adapter):
         return out
 
     def _listed(self, ns: str) -> tuple[Store, ...]:
-        return (self._shards[0],) if ns == META_NS else self._shards
+        if ns.startswith(INTERNAL_PREFIX):
+            # Metadata stays on each shard (the first one's is the adapter's); a series,
+            # event log or blob namespace is on its owning shard only: what other shards
+            # hold there is their own, which the adapter neither reads nor lists.
+            return (self._shards[self._owner(ns, "")],)
+        return self._shards
 
     def _iter_keys(self, ns: str, prefix: str = "") -> Iterator[str]:
         for shard in self._listed(ns):
@@ -237,6 +325,36 @@ class Sharded(Adapter):
         for shard in self._shards:
             found.update(dict.fromkeys(shard._namespaces()))
         return list(found)
+
+    # -- codec: each record is sealed by the shard that holds it -------------------------
+
+    def _encode(
+        self, ns: str, key: str, value: Any, encrypt: bool | None = None, context: bytes = b""
+    ) -> bytes:
+        if not (self._encrypt_default if encrypt is None else encrypt):
+            return self._primary._encode(ns, key, value, False, context)
+        return self._shards[self._owner(ns, key)]._encode(ns, key, value, True, context)
+
+    def _decode(self, ns: str, key: str, record: bytes, context: bytes = b"") -> Any:
+        if record[:2] != ENCRYPTED_HEADER:
+            return self._primary._decode(ns, key, record, context)
+        return self._open_sealed(self._owner(ns, key), ns, key, record, context)
+
+    def _open_sealed(self, i: int, ns: str, key: str, record: bytes, context: bytes) -> Any:
+        """Open *record*, held by shard *i*, with that shard's key; a record sealed before
+        1.x (with the first shard's key) opens with the shard that sealed it."""
+        try:
+            return self._shards[i]._decode(ns, key, record, context)
+        except IntegrityError:
+            # The error path only: try the other shards' keys, then fail as shard i did.
+            for other in self._shards:
+                if other is self._shards[i] or other._cipher is None:
+                    continue
+                try:
+                    return other._decode(ns, key, record, context)
+                except IntegrityError:
+                    continue
+            raise
 
     # -- writes -------------------------------------------------------------------------
 
