@@ -164,6 +164,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float, refused when it is out of range (``1e400``): JSON has no
+    infinity, so such a hand-written value reads as the text, as ``NaN`` does."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def record_of(text: str) -> bytes:
     """The record of an INI value text (the inverse of :func:`value_text`)."""
     if text.startswith(TAG):
@@ -172,7 +181,7 @@ def record_of(text: str) -> bytes:
         except (binascii.Error, ValueError) as exc:
             raise CorruptValueError(f"damaged {TAG} value in the INI file") from exc
     try:
-        value: Any = json.loads(text, parse_constant=_reject_constant)
+        value: Any = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         value = text  # hand-written text that is not a JSON literal: a plain string
     try:

@@ -28,6 +28,7 @@ from .errors import (
     CapacityError,
     InvalidOptionError,
     OptionTypeError,
+    SerializationError,
     StoreClosedError,
     StoreCorruptError,
 )
@@ -35,6 +36,16 @@ from .errors import (
 __all__ = ["SharedBytes"]
 
 PREFIX = "mappingstore-bytes"
+
+
+def _payload(data: object, what: str) -> bytes:
+    """*data* as bytes; anything but bytes, bytearray or memoryview (an int would be that
+    many NUL bytes, a list of ints some bytes) raises SerializationError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SerializationError(f"SharedBytes holds bytes: {what} got {type(data).__qualname__}")
+    return bytes(data)
+
+
 _MAGIC_CTL = b"MSSHMBC1"
 _MAGIC_DATA = b"MSSHMBY1"
 _HEAD = 64
@@ -219,7 +230,7 @@ class SharedBytes:
     def set(self, data: bytes | bytearray | memoryview) -> None:
         """Replace the value (atomically for every reader)."""
         self._check_writable()
-        payload = bytes(data)
+        payload = _payload(data, "set()")
         self._check_size(payload)
         with self._h:
             self._set_locked(payload)
@@ -233,9 +244,7 @@ class SharedBytes:
         self._check_writable()
         with self._h:
             new = fn(self._read(self._current()))
-            if not isinstance(new, (bytes, bytearray, memoryview)):
-                raise TypeError(f"update() needs fn to return bytes, got {type(new).__qualname__}")
-            payload = bytes(new)
+            payload = _payload(new, "update()'s fn")
             self._check_size(payload)
             self._set_locked(payload)
         return payload
@@ -299,8 +308,9 @@ class SharedBytes:
         Other open instances raise :class:`~mappingstore.errors.StoreNotFoundError` on
         their next use; a later open of the name creates a new, empty object.
         """
-        if not self._closed:
-            self._h.unlink()
+        if self._closed:
+            raise StoreClosedError(f"SharedBytes {self._name!r} is closed")
+        self._h.unlink()
         self.close()
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import glob
 import logging
 import math
 import os
+import pathlib
 import struct
 import sys
 import uuid
@@ -338,3 +339,45 @@ def test_shared_bytes_options_are_checked_before_creating(name: str) -> None:
         assert b.get() == b"x"
     finally:
         b.unlink()
+
+
+# -- SharedBytes input types and unlink after close (INI/shm review) -----------------------
+
+
+def test_shared_bytes_set_takes_only_bytes(name: str) -> None:
+    from mappingstore.errors import SerializationError
+
+    b = SharedBytes(name)
+    try:
+        b.set(b"keep")
+        for bad in (5, [104, 105], "text", None):
+            with pytest.raises(SerializationError):
+                b.set(bad)  # type: ignore[arg-type]
+        with pytest.raises(SerializationError):
+            b.update(lambda old: "text")  # type: ignore[arg-type,return-value]
+        assert b.get() == b"keep"
+        b.set(bytearray(b"ab"))
+        assert b.update(lambda old: memoryview(old + b"c")) == b"abc"
+    finally:
+        b.unlink()
+
+
+def test_shared_bytes_unlink_after_close_raises(name: str) -> None:
+    from mappingstore.errors import StoreClosedError
+
+    b = SharedBytes(name)
+    b.close()
+    with pytest.raises(StoreClosedError):
+        b.unlink()
+    SharedBytes(name).unlink()  # an open instance removes it
+    assert _files(name) == []
+
+
+def test_ini_out_of_range_number_reads_as_text(tmp_path: pathlib.Path) -> None:
+    import mappingstore
+
+    path = tmp_path / "h.ini"
+    path.write_text("big = 1e400\nneg = -1e400\nok = 1.5e300\n")
+    with mappingstore.open(f"ini:///{path}") as store:
+        assert store["big"] == "1e400" and store["neg"] == "-1e400"
+        assert store["ok"] == 1.5e300
