@@ -52,6 +52,8 @@ from psycopg import sql
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _verdict import verdict
+
 from mappingstore import PostgresStore
 
 try:
@@ -335,13 +337,14 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         f"best of {args.repeat} interleaved runs"
         + ("" if rstore is not None else "; rstore not installed"),
         "",
-        "| case | ours | peer | ours | peer | ratio | target |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| case | ours | peer | ours | peer | ratio | target | |",
+        "|---|---|---|---:|---:|---:|---|---|",
     ]
     for row in rows:
+        judged = verdict(row.target, row.ratio, row.ours_rate)
         lines.append(
             f"| {row.case} | {row.ours} | {row.peer} | {row.ours_rate:,.0f} {row.unit} "
-            f"| {row.peer_rate:,.0f} {row.unit} | {row.ratio:.2f}x | {row.target} |"
+            f"| {row.peer_rate:,.0f} {row.unit} | {row.ratio:.2f}x | {row.target} | {judged} |"
         )
     names = {
         "ours": "PostgresStore",

@@ -21,12 +21,15 @@ import argparse
 import gc
 import operator
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+from _verdict import verdict
 
 import mappingstore
 
@@ -37,8 +40,12 @@ import mappingstore
 clock: Callable[[], float] = time.perf_counter
 
 
-def best_of(repeat: int, fn: Callable[[], Any], *, wall: bool = False) -> float:
-    """Median time of *repeat* runs of *fn* (seconds)."""
+_TMPDIRS: list[str] = []
+
+
+def median_of(repeat: int, fn: Callable[[], Any], *, wall: bool = False) -> float:
+    """Median time of *repeat* back-to-back runs of *fn* (seconds). (Not the best, as
+    the other scripts keep: the writes here build files whose cost varies run to run.)"""
     timer = time.perf_counter if wall else clock
     times = []
     for _ in range(repeat):
@@ -81,6 +88,7 @@ def bench_sqlite(
     rows: list[tuple[str, float, float | None, str]] = []
     data = [(i * 10, {"v": i, "q": i * 0.5}) for i in range(points)]
     tmp = tempfile.mkdtemp(prefix="ms-bench-series-")
+    _TMPDIRS.append(tmp)  # removed when the run ends (main)
 
     def ms_store(tag: str) -> mappingstore.Store:
         return mappingstore.open(f"sqlite:///{tmp}/ms-{tag}-{time.perf_counter_ns()}.db")
@@ -90,7 +98,7 @@ def bench_sqlite(
         with ms_store("extend") as s:
             s.series("t").extend(data)
 
-    ms_t = best_of(repeat, ms_extend, wall=True)
+    ms_t = median_of(repeat, ms_extend, wall=True)
     r_t: float | None = None
     if rstore_available():
         from rstore import Store as RStore
@@ -99,7 +107,7 @@ def bench_sqlite(
             with RStore(f"sqlite://{tmp}/r-extend-{time.perf_counter_ns()}.db", frozen=False) as r:
                 r.extend("t", *data)
 
-        r_t = best_of(repeat, r_extend, wall=True)
+        r_t = median_of(repeat, r_extend, wall=True)
     rows.append(("sqlite extend (points/s)", points / ms_t, points / r_t if r_t else None, ">= 4x"))
 
     # range over 1% windows, first/last: on one loaded store each
@@ -113,7 +121,7 @@ def bench_sqlite(
     # hiccup), from a collected heap (the range runs before leave garbage behind).
     pairs = 2_000
     gc.collect()
-    ms_fl = best_of(repeat, lambda: [(series.first(), series.last()) for _ in range(pairs)])
+    ms_fl = median_of(repeat, lambda: [(series.first(), series.last()) for _ in range(pairs)])
     r_r = r_fl = None
     if rstore_available():
         from rstore import Store as RStore
@@ -124,7 +132,7 @@ def bench_sqlite(
         with RStore(path) as r:
             r_r = mean_of(range_runs, lambda: [r.range("t", a, end=a + width) for a in starts])
             gc.collect()
-            r_fl = best_of(repeat, lambda: [(r.first("t"), r.last("t")) for _ in range(pairs)])
+            r_fl = median_of(repeat, lambda: [(r.first("t"), r.last("t")) for _ in range(pairs)])
     rows.append(
         ("sqlite range 1% window (windows/s)", 50 / ms_r, 50 / r_r if r_r else None, ">= 2x")
     )
@@ -141,7 +149,7 @@ def bench_sqlite(
             for i in range(2, events + 1):
                 log.apply({"count": (operator.add, 1)}, i)
 
-    ms_e = best_of(1, ms_events, wall=True)
+    ms_e = median_of(1, ms_events, wall=True)
     r_e: float | None = None
     r_n = min(events, rstore_events)  # rstore replays all history per apply: quadratic
     if rstore_available():
@@ -153,7 +161,7 @@ def bench_sqlite(
                 for i in range(2, r_n + 1):
                     r.apply("e", {"count": (operator.add, 1)}, i)
 
-        r_e = best_of(1, r_events, wall=True)
+        r_e = median_of(1, r_events, wall=True)
     rows.append(
         (
             f"sqlite events apply (applies/s; rstore measured on {r_n})",
@@ -167,7 +175,7 @@ def bench_sqlite(
         with s.batch():
             for i in range(1, events + 1):
                 log.apply({"count": i, f"k{i % 50}": i}, i)
-        cur = best_of(repeat, lambda: [log.current() for _ in range(20)]) / 20
+        cur = median_of(repeat, lambda: [log.current() for _ in range(20)]) / 20
     rows.append(
         (f"sqlite current() at {events} events (calls/s)", 1 / cur, None, "<= 20 ms per call")
     )
@@ -189,7 +197,7 @@ def bench_generic(
         series.remove()
         series.extend(data)
 
-    t = best_of(repeat, run, wall=True)
+    t = median_of(repeat, run, wall=True)
     series.remove()
     store.close()
     peer: float | None = None
@@ -205,7 +213,7 @@ def bench_generic(
                 r.discard()
 
         try:
-            peer = points / best_of(repeat, r_run, wall=True)
+            peer = points / median_of(repeat, r_run, wall=True)
         except Exception as exc:  # a peer failure is a result to report, not a crash
             print(f"# rstore postgres: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
     return [(f"{label} extend (points/s)", points / t, peer, target)]
@@ -251,8 +259,13 @@ def main() -> None:
     for name, ours, theirs, target in rows:
         ratio = f"{ours / theirs:8.1f}" if theirs else "       -"
         peer = f"{theirs:12,.0f}" if theirs else "           -"
-        print(f"{name:58} {ours:14,.0f} {peer} {ratio}  {target}")
+        judged = verdict(target, ours / theirs if theirs else None, ours)
+        print(f"{name:58} {ours:14,.0f} {peer} {ratio}  {target}  {judged}".rstrip())
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for path in _TMPDIRS:
+            shutil.rmtree(path, ignore_errors=True)
