@@ -17,13 +17,19 @@ len()                       a 100,000-key namespace: redis-dict and rstore count
                             ``SCAN``/``KEYS``, pottery uses ``HLEN``
 full iteration              100,000 items: raw ``SCAN MATCH`` + ``MGET`` per batch;
                             peers' ``items()`` (rstore: ``find()``); slow peers are
-                            timed for at most a few seconds and reported as items/s
+                            timed for at most a few seconds and reported as items/s.
+                            For len() and iteration every contender has a logical
+                            database (``SELECT``) of its own holding only its own
+                            100,000 items, so whole-database ``SCAN``/``KEYS`` peers
+                            scan nothing but their own data
 encrypted                   the same RedisStore with ``password=`` (``security="low"``)
 ==========================  ===========================================================
 
 By default the benchmark starts a private ``redis-server`` (no persistence) on a spare
 loopback port so that no other data skews ``KEYS``/``SCAN`` peers; ``--url`` uses an
-existing server instead (it only touches keys it created). Run from a clone::
+existing server instead (it only touches keys it created, but uses five logical
+databases besides the URL's for the len() and iteration cases, which should be empty).
+Run from a clone::
 
     pip install -e ".[redis]" hiredis redis-dict pottery rlib-store
     python bench/bench_redis.py            # full run (a few minutes)
@@ -45,6 +51,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -197,6 +204,24 @@ class Raw:
         self.r.close()
 
 
+def db_of(url: str) -> int:
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    if "db" in query:
+        return int(query["db"][0])
+    path = parts.path.strip("/")
+    return int(path) if path else 0
+
+
+def with_db(url: str, db: int) -> str:
+    """*url* pointing at logical database *db* (path form; any ``?db=`` dropped)."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "db"]
+    return urllib.parse.urlunsplit(
+        (parts.scheme, parts.netloc, f"/{db}", urllib.parse.urlencode(query), parts.fragment)
+    )
+
+
 def _chunks(seq: list[Any], n: int) -> Iterator[list[Any]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -261,6 +286,9 @@ def run(url: str, n_single: int, n_batch: int, n_big: int, repeat: int, budget: 
     enc = RedisStore(url, prefix=tag + "e", namespace="enc", password="bench", security="low")
     peers = Peers(url, tag)
     names = ["redis-dict", "pottery", "rstore"]
+    big: RedisStore | None = None
+    raw_big: Raw | None = None
+    big_peer_sets: list[Peers] = []
     try:
         # -- single set / get --------------------------------------------------------
         ks = keys(n_single)
@@ -435,12 +463,33 @@ def run(url: str, n_single: int, n_batch: int, n_big: int, repeat: int, budget: 
         )
 
         # -- a big namespace: len() and full iteration --------------------------------
-        big = RedisStore(url, prefix=tag, namespace="big")
+        # Each contender gets a logical database of its own that holds only its own n_big
+        # items: redis-dict, rstore and the raw peer count or scan the whole database, so
+        # nobody else's keys (the earlier cases' or the other contenders') may be there.
+        spare = [d for d in range(16) if d != db_of(url)]
+        dbs = {name: with_db(url, spare[i]) for i, name in enumerate(["ours", "raw", *names])}
+        for name, db_url in dbs.items():
+            probe = redis.Redis.from_url(db_url)
+            try:
+                if probe.dbsize():
+                    print(
+                        f"  warning: {db_url} (for {name}) is not empty: "
+                        "its len()/iterate numbers may be skewed",
+                        file=sys.stderr,
+                    )
+            finally:
+                probe.close()
+        big = RedisStore(dbs["ours"], prefix=tag, namespace="big")
+        raw_big = Raw(dbs["raw"], f"{tag}raw:")
         items = {k: value(i) for i, k in enumerate(keys(n_big, "g"))}
         for part in _chunks(list(items.items()), 20_000):
             big.set_many(part)
-            raw.set_many(dict(part))
-        big_peers = {name: peers.open(name, "big") for name in names}
+            raw_big.set_many(dict(part))
+        big_peers = {}
+        for name in names:
+            own = Peers(dbs[name], tag)
+            big_peer_sets.append(own)
+            big_peers[name] = own.open(name, "big")
         for name, peer in big_peers.items():
             if peer is None:
                 continue
@@ -480,7 +529,7 @@ def run(url: str, n_single: int, n_batch: int, n_big: int, repeat: int, budget: 
 
         its = {
             "ours": lambda: sum(1 for _ in big.items()),
-            "raw": raw.iterate,
+            "raw": raw_big.iterate,
         }
         for name, peer in big_peers.items():
             if peer is None:
@@ -500,8 +549,6 @@ def run(url: str, n_single: int, n_batch: int, n_big: int, repeat: int, budget: 
                 rows.append(
                     Row(f"iterate {n_big:,}", name, it["ours"], it[name], "items/s", "> 1x")
                 )
-        big.clear()
-        big.close()
 
         # -- rstore's Redis store beyond key/value: observed to fail -----------------
         if rstore is not None:
@@ -512,13 +559,19 @@ def run(url: str, n_single: int, n_batch: int, n_big: int, repeat: int, budget: 
             except Exception as exc:
                 peers.broken["rstore time series (extend)"] = f"{type(exc).__name__}: {exc}"
     finally:
-        for s_ in (plain, enc):
-            try:
-                s_.clear()
-            finally:
-                s_.close()
-        raw.clear()
-        peers.close()
+        try:
+            for s_ in (plain, enc) if big is None else (plain, enc, big):
+                try:
+                    s_.clear()
+                finally:
+                    s_.close()
+            raw.clear()
+            if raw_big is not None:
+                raw_big.clear()
+        finally:
+            peers.close()
+            for own in big_peer_sets:
+                own.close()
     for label, outcome in peers.broken.items():
         rows.append(Row(label, "(correctness)", 0.0, None, "", "", outcome))
     return rows
