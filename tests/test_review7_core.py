@@ -461,3 +461,22 @@ def test_a_series_chunk_that_disagrees_with_its_head_is_damage() -> None:
         ts.range(0, 2999)
     with pytest.raises(CorruptValueError):
         ts.extend([(1500, "x")])  # a write into that chunk reads it first
+
+
+def test_an_event_log_head_damaged_by_another_writer_is_still_checked() -> None:
+    """The check an EventLog skips for the head it encoded itself still runs for any
+    other bytes (another writer's, damage), also right after its own apply."""
+    from mappingstore._keys import internal_ns, tagged_key
+    from mappingstore.errors import CorruptValueError
+
+    store = mappingstore.open("memory://")
+    log = store.events("acct")
+    log.apply({"n": 1}, 1000)
+    ns, key = internal_ns("ev", store._ns), tagged_key("H", "acct")
+    head = store._decode(ns, key, store._get(ns, key))  # type: ignore[arg-type]
+    head["p"] = [[1000, 5, "setitem", 1]]  # an item that is not text
+    store._put(ns, key, store._encode(ns, key, head), None)
+    with pytest.raises(CorruptValueError):
+        log.apply({"n": 2}, 2000)
+    with pytest.raises(CorruptValueError):
+        log.current()
