@@ -114,15 +114,20 @@ def _redis_names(prefix: str, ns: str, key: bytes) -> tuple[bytes, bytes, bytes,
     return base + b"i", base + b"c", base + b"k:" + key, key
 
 
+def _foreign_key(raw: Any, prefix: str) -> None:
+    """Another program adds a record of k0's value under a name that is no UTF-8 (so no
+    str key) in namespace "t"."""
+    value = raw.get(_redis_names(prefix, "t", b"k0")[2])
+    index, counter, dkey, member = _redis_names(prefix, "t", b"\xff\xfe")
+    raw.set(dkey, value)
+    raw.zadd(index, {member: 0})
+    raw.incr(counter)
+
+
 def test_redis_listings_skip_a_key_name_that_is_not_utf8(raw: Any, prefix: str) -> None:
     with RedisStore(REDIS_URL, prefix=prefix, namespace="t") as s:
         s["k0"] = 0
-        value = raw.get(_redis_names(prefix, "t", b"k0")[2])
-        # Another program adds a record under a name that is no UTF-8 (so no str key).
-        index, counter, dkey, member = _redis_names(prefix, "t", b"\xff\xfe")
-        raw.set(dkey, value)
-        raw.zadd(index, {member: 0})
-        raw.incr(counter)
+        _foreign_key(raw, prefix)
         # And a namespace whose escaped name is no UTF-8.
         raw.zadd(prefix.encode() + b":{\xff:00}:i", {b"k": 0})
         # Before the fix: raw UnicodeDecodeError from every listing.
@@ -173,11 +178,7 @@ def test_redis_a_write_over_a_junk_bucket_counter_succeeds(raw: Any, prefix: str
 def test_aio_redis_listings_skip_a_key_name_that_is_not_utf8(raw: Any, prefix: str) -> None:
     with RedisStore(REDIS_URL, prefix=prefix, namespace="t") as s:
         s["k0"] = 0
-        value = raw.get(_redis_names(prefix, "t", b"k0")[2])
-    index, counter, dkey, member = _redis_names(prefix, "t", b"\xff\xfe")
-    raw.set(dkey, value)
-    raw.zadd(index, {member: 0})
-    raw.incr(counter)
+    _foreign_key(raw, prefix)
 
     async def main() -> None:
         async with await aio.open(REDIS_URL, prefix=prefix, namespace="t") as store:
