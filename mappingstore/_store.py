@@ -449,6 +449,11 @@ class Store(MutableMapping[str, Any]):
     def _get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
         return [self._get(ns, key) for key in keys]
 
+    def _uncached(self) -> contextlib.AbstractContextManager[None]:
+        """A section whose raw reads come from the storage itself, for dot-name structure
+        checks; an adapter that caches records (``Cached``) overrides it. No-op here."""
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """Make the raw calls inside atomic against other writers (re-entrant)."""

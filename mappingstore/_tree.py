@@ -74,8 +74,10 @@ def _torn(store: Store, full: str) -> bool:
     while it is listed can show an old leaf and a new branch of the same name. The store is
     then sound, and the listing keeps the side it met first instead of blaming keys
     "stored without dot names". Checked only when a listing meets a conflict, a few times
-    over: the two lookups are not one snapshot either, and a real conflict is stable."""
-    return any(not (_is_leaf(store, full) and _is_branch(store, full)) for _ in range(5))
+    over: the two lookups are not one snapshot either, and a real conflict is stable. The
+    lookups read the store itself (``Store._uncached``: never a cache's old entry)."""
+    with store._uncached():
+        return any(not (_is_leaf(store, full) and _is_branch(store, full)) for _ in range(5))
 
 
 def _is_leaf(store: Store, full: str) -> bool:
@@ -489,10 +491,11 @@ def make_view(store: Store, name: Any) -> View:
     if not store._dot:
         raise InvalidOptionError("views need a store opened with dot_names=True")
     full = check_dotted(name)
-    if _is_leaf(store, full):
-        if _is_branch(store, full):
-            raise _both(full)
-        raise NameConflictError(f"{full!r} is a leaf, not a branch")
+    with store._uncached():  # a structural check: never a cache's old entry
+        if _is_leaf(store, full):
+            if _is_branch(store, full):
+                raise _both(full)
+            raise NameConflictError(f"{full!r} is a leaf, not a branch")
     return View(store, full)
 
 

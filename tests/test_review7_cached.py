@@ -141,3 +141,19 @@ def test_prefixed_namespaces_lists_blobs_of_another_namespace(tmp_path: Path) ->
     finally:
         db.close()
         other.close()
+
+
+def test_views_of_views_check_the_store_not_the_cache() -> None:
+    """``c.view("a").view("b")`` (and a view through another adapter over the cache)
+    checks the leaf ``a.b`` in the store: a stale cached leaf beside the branch another
+    writer made is not taken for a conflict."""
+    import mappingstore
+    from mappingstore import Cached, Prefixed
+
+    inner = mappingstore.open("memory://", dot_names=True)
+    c = Cached(inner)
+    c["a.b"] = 1
+    assert c["a.b"] == 1  # cached
+    inner["a.b"] = {"c": 2}  # another writer: a.b is now a branch
+    assert c.view("a").view("b").to_dict() == {"c": 2}
+    assert Prefixed(c, "a.").view("b").to_dict() == {"c": 2}

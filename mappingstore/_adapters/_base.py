@@ -165,6 +165,10 @@ class Adapter(Store):
         if errors:
             raise errors[0]
 
+    def _uncached(self) -> contextlib.AbstractContextManager[None]:
+        # Structure checks through an adapter read what the wrapped stores read uncached.
+        return _all_uncached(self._inners)
+
     def _release(self) -> None:
         """Free the adapter's own resources (a cache...); wrapped stores are not touched."""
 
@@ -237,3 +241,12 @@ class Adapter(Store):
 
     def _inner_reprs(self) -> str:
         return ", ".join(repr(s) for s in self._inners)
+
+
+@contextlib.contextmanager
+def _all_uncached(stores: Sequence[Store]) -> Iterator[None]:
+    """Every store's :meth:`Store._uncached` section at once."""
+    with contextlib.ExitStack() as stack:
+        for store in stores:
+            stack.enter_context(store._uncached())
+        yield

@@ -16,7 +16,6 @@ from ._base import Adapter, add_query
 
 if TYPE_CHECKING:
     from .._blobs import Blobs
-    from .._tree import View
 
 __all__ = ["CacheInfo", "Cached"]
 
@@ -498,10 +497,8 @@ class Cached(Adapter):
 
     names.__doc__ = Store.names.__doc__
 
-    def view(self, name: str) -> View:
-        # The leaf/branch check of *name* reads the store: a stale cached leaf beside a
-        # branch another writer made would be reported as a name both a leaf and a branch.
-        with self._fresh():
-            return super().view(name)
-
-    view.__doc__ = Store.view.__doc__
+    def _uncached(self) -> contextlib.AbstractContextManager[None]:
+        # Dot-name structure checks (view(), the views of views, a torn listing's recheck)
+        # read the store: a stale cached leaf beside a branch another writer made would be
+        # reported as a name both a leaf and a branch.
+        return self._fresh()
