@@ -114,7 +114,7 @@ def test_prefixed_namespaces_lists_blob_only_namespaces(scheme: str, tmp_path: P
     url = {
         "memory": "memory://",
         "sqlite": f"sqlite:///{tmp_path}/b.db",
-        "dir": f"dir://{tmp_path}/d",
+        "dir": f"dir:///{tmp_path}/d",
     }[scheme]
     db = mappingstore.open(url)
     try:
