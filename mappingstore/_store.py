@@ -223,6 +223,17 @@ def _pair(pair: Any) -> tuple[Any, Any]:
     return k, v
 
 
+def _encodable(text: str) -> bool:
+    """Whether *text* is valid UTF-8 text (no lone surrogate), as every key is."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _require_str(value: object, what: str) -> None:
     if not isinstance(value, str):
         from .errors import KeyTypeError
@@ -1232,13 +1243,14 @@ class Store(MutableMapping[str, Any]):
         """
         self._check_open()
         _require_str(prefix, "prefix")
-        if not prefix.isascii():
-            try:
-                prefix.encode("utf-8")
-            except UnicodeEncodeError:
-                return  # a lone surrogate: no key (always valid UTF-8) starts with it
+        if not _encodable(prefix):
+            return  # a lone surrogate: no key (always valid UTF-8) starts with it
         if self._dot and prefix and not prefix.endswith("."):
-            if self._rrecord(self._ns, prefix) is not None:
+            # The probe of the leaf is a structure check: from the storage, never a
+            # cache's old entry (a stale leaf beside a new branch would be listed twice).
+            with self._uncached():
+                leaf = self._rrecord(self._ns, prefix) is not None
+            if leaf:
                 yield prefix
             yield from self._rkeys(self._ns, prefix + ".")
             return

@@ -478,27 +478,8 @@ class Cached(Adapter):
 
     # -- listings and dot-name structure: from the store, never the cache ---------------
 
-    def names(self, prefix: str = "") -> Iterator[str]:
-        names = super().names(prefix)
-        if not self._dot:
-            return names
-        # Under dot names, names("a") also probes the leaf "a" (before its first name): a
-        # listing comes from the store, so the probe must not be a cached entry (a stale
-        # leaf "a" beside a branch "a.x" another writer made would be listed as both).
-        return self._names_fresh(names)
-
-    def _names_fresh(self, names: Iterator[str]) -> Iterator[str]:
-        with self._fresh():
-            first = next(names, None)
-        if first is None:
-            return
-        yield first
-        yield from names
-
-    names.__doc__ = Store.names.__doc__
-
     def _uncached(self) -> contextlib.AbstractContextManager[None]:
-        # Dot-name structure checks (view(), the views of views, a torn listing's recheck)
-        # read the store: a stale cached leaf beside a branch another writer made would be
-        # reported as a name both a leaf and a branch.
+        # Dot-name structure checks (view(), the views of views, names()'s leaf probe, a
+        # torn listing's recheck) read the store: a stale cached leaf beside a branch
+        # another writer made would be reported as a name both a leaf and a branch.
         return self._fresh()

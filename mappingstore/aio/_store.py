@@ -44,7 +44,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .._codec import ENCRYPTED_HEADER
 from .._keys import MISSING, check_key
-from .._store import Op, Store, _Batch, _iterable, _require_str, _update_pairs
+from .._store import Op, Store, _Batch, _encodable, _iterable, _require_str, _update_pairs
 from ..errors import InvalidOptionError, MissingKeyError, OptionTypeError, StoreClosedError
 
 if TYPE_CHECKING:
@@ -497,11 +497,8 @@ class AsyncStore:
 
     async def _native_names(self, native: _Native, prefix: str) -> AsyncIterator[str]:
         _require_str(prefix, "prefix")
-        if not prefix.isascii():
-            try:
-                prefix.encode("utf-8")
-            except UnicodeEncodeError:
-                return  # a lone surrogate: no key starts with it (as Store.names)
+        if not _encodable(prefix):
+            return  # a lone surrogate: no key starts with it (as Store.names)
         async for key in native.iter_keys(self._store._ns, prefix):
             yield key
 
