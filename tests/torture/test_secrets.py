@@ -37,6 +37,7 @@ import json
 import logging
 import operator
 import os
+import re
 import secrets
 import select
 import shutil
@@ -1378,6 +1379,8 @@ def _long_subprocess_tables(scan: Scan, tmp: Path) -> int:
 # -- the hidden prompt, on a real terminal -------------------------------------------------
 
 
+_PROMPT = re.compile(rb"assword[^\r\n]*: ")
+
 _TAKE_TERMINAL = (
     "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
     "os.execv(sys.argv[1], sys.argv[1:])"
@@ -1422,7 +1425,11 @@ def _on_a_terminal(
                 if not chunk:
                     break
                 shown += chunk
-            prompts = shown.count(b"assword")
+            # A prompt is a line ending in ": " ("Password for URL: ", "New password: ",
+            # "Repeat the new password: "), not the "Wrong password, try again." notice:
+            # counting that too typed an answer early, while the previous prompt was still
+            # reading, and getpass's TCSAFLUSH then discarded it (a CI run waited 60 s).
+            prompts = len(_PROMPT.findall(shown))
             # getpass turns echo off before it reads; wait for that, then type.
             echo_off = not termios.tcgetattr(master)[3] & termios.ECHO
             if todo and prompts > seen_prompts and echo_off:
