@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, ClassVar
 
+from . import _walwatch
 from ._codec import PLAIN_HEADER, decode_plain, pack, wrap_plain
 from ._store import Op, Record, Store
 from ._url import file_path, file_url, parse_url
@@ -170,6 +171,10 @@ _IN_CHUNK = 500  # well under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32
 _FETCH = 512  # rows per fetchmany() while streaming
 _PAGE_BYTES = 1 << 20  # about the most value bytes per fetchmany() page of items()
 _MAX_IDLE_READERS = 4
+# SQLiteStore._rget_polled keeps at most this many records per connection, each at most
+# this large (bigger ones are read every time).
+_POLLED_RECORDS = 256
+_POLLED_BYTES = 16384
 _SYNC_MODES = ("normal", "full")
 
 # SQLite primary result codes (the low byte of an extended code).
@@ -463,6 +468,9 @@ class _Conn:
         "finalizer",
         "owner",
         "pending",
+        "polled",
+        "ptoken",
+        "shm",
     )
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -480,6 +488,12 @@ class _Conn:
         # Namespace ids read inside the open _exclusive() transaction: cached only once it
         # commits (an id this transaction assigned vanishes with a rollback).
         self.pending: dict[str, int] = {}
+        # SQLiteStore._rget_polled: the records read on this connection since the database
+        # last changed (the wal-index header "ptoken"), and the -shm file's descriptor
+        # (None: not looked up yet; -1: none, the cache is off for this connection).
+        self.polled: dict[tuple[str, str], Record | None] = {}
+        self.ptoken: bytes | None = None
+        self.shm: int | None = None
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
         self.finalizer = weakref.finalize(self, _GATE.close, conn, self.cursor, os.getpid())
@@ -1454,6 +1468,61 @@ class SQLiteStore(Store):
             return None
         return row[0]  # type: ignore[no-any-return]
 
+    def _rget_polled(self, ns: str, key: str) -> bytes | None:
+        """:meth:`_rget`, answered from the records this thread's connection read since the
+        last commit to the file by anyone (one ``pread`` of the wal-index header tells;
+        see ``_walwatch``): a series' ``first()``/``last()`` polled in a loop costs no
+        SQLite read transaction while nothing changes. Outside a batch and a transaction
+        only (their own writes are not committed yet), on a file in WAL mode."""
+        if self._nbatch or self._memlock is not None or self._gen != _fork_gen:
+            return self._rget(ns, key)
+        try:
+            holder: _Conn = self._local.holder
+        except AttributeError:  # no connection of its own in this thread yet
+            return self._rget(ns, key)
+        fd = holder.shm
+        if holder.depth or fd is None or fd < 0:
+            data = self._rget(ns, key)
+            if fd is None and not holder.depth:
+                self._watch(holder)  # after a read: the connection has the WAL open
+            return data
+        now = _walwatch.token(fd)
+        if now is None:  # a writer is writing the header
+            return self._rget(ns, key)
+        polled = holder.polled
+        if now == holder.ptoken:
+            try:
+                rec = polled[(ns, key)]
+            except KeyError:
+                pass
+            else:
+                if rec is None or (rec[1] is not None and rec[1] <= self._clock()):
+                    return None
+                return rec[0]
+        else:  # something committed since (or the first poll): everything read is old
+            polled.clear()
+            holder.ptoken = now
+        # Read after the token: what the read returns is at least as new as the token, and
+        # the next commit anywhere changes the token again.
+        rec = self._get_record(ns, key)
+        if len(polled) >= _POLLED_RECORDS:
+            polled.clear()
+        if rec is None or len(rec[0]) <= _POLLED_BYTES:
+            polled[(ns, key)] = rec
+        return None if rec is None else rec[0]
+
+    def _watch(self, holder: _Conn) -> None:
+        """Find the -shm file for :meth:`_rget_polled`, once per connection: only for a
+        file in WAL mode, which cannot leave it while this connection is open."""
+        try:
+            row = self._one("PRAGMA journal_mode", ())
+        except MappingStoreError:  # busy: try again on the next poll
+            return
+        fd = None
+        if row is not None and str(row[0]).lower() == "wal":
+            fd = _walwatch.shm_descriptor(self._path)
+        holder.shm = -1 if fd is None else fd
+
     def _contains(self, ns: str, key: str) -> bool:
         nid = self._ns_id(ns)
         if nid is None:
@@ -1709,3 +1778,4 @@ class SQLiteStore(Store):
         self._local = threading.local()
         if self._file_unregister is not None:
             self._file_unregister()
+        _walwatch.sweep()  # the -shm descriptors of files now deleted

@@ -542,6 +542,12 @@ class Store(MutableMapping[str, Any]):
             return None if rec is None else rec[0]
         return self._get(ns, key)
 
+    def _rget_polled(self, ns: str, key: str) -> bytes | None:
+        """:meth:`_rget` for a read callers repeat, polling one small record (a time
+        series' ``first()``/``last()``): a backend may answer from a cache it can prove
+        current (SQLite: see ``_walwatch``). Same result as ``_rget``, always."""
+        return self._rget(ns, key)
+
     def _rput(self, ns: str, key: str, data: bytes, expires: float | None) -> None:
         batch = self._batch()
         if batch is not None:

@@ -1,0 +1,269 @@
+"""A time series' ``first()``/``last()`` on SQLite answer from the records the thread's
+connection read since the last commit to the file (``SQLiteStore._rget_polled``, the
+wal-index header check of ``mappingstore._walwatch``). These tests check that such an
+answer is never stale (commits of other connections, other processes, WAL restarts,
+batches, transactions) and that the descriptor it reads with never drops SQLite's locks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mappingstore
+from mappingstore import SQLiteStore, _walwatch
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the -shm check is POSIX only")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path / "polled.db")
+    _walwatch.sweep()
+
+
+def _statements(store: SQLiteStore) -> list[str]:
+    """Start recording the statements the calling thread's connection runs."""
+    seen: list[str] = []
+    store._local.holder.conn.set_trace_callback(seen.append)
+    return seen
+
+
+def _polling(store: SQLiteStore, name: str = "s") -> None:
+    """Two polls: the first finds the -shm file, the second fills the cache."""
+    store.series(name).last()
+    store.series(name).last()
+    assert store._local.holder.shm is not None and store._local.holder.shm >= 0
+
+
+def test_repeated_polls_run_no_statement(db: str) -> None:
+    store = SQLiteStore(db)
+    series = store.series("s")
+    series.extend([(1, "a"), (5, "e")])
+    _polling(store)
+    seen = _statements(store)
+    for _ in range(10):
+        assert series.first() == (1, "a")
+        assert series.last() == (5, "e")
+    assert seen == []  # answered from the cache: nothing committed meanwhile
+    other = SQLiteStore(db)
+    other.series("s")[9] = "i"
+    assert series.last() == (9, "i")
+    assert len(seen) == 1  # one read after the other connection's commit
+    other.close()
+    store.close()
+
+
+def test_a_polled_result_is_a_fresh_copy(db: str) -> None:
+    store = SQLiteStore(db)
+    series = store.series("s")
+    series[1] = {"n": [1]}
+    _polling(store)
+    got = series.first()
+    assert got is not None
+    got[1]["n"].append(2)
+    assert series.first() == (1, {"n": [1]})
+    store.close()
+
+
+def test_commits_of_other_connections_and_wal_restarts(db: str) -> None:
+    reader, writer = SQLiteStore(db), SQLiteStore(db)
+    raw = sqlite3.connect(db, isolation_level=None)
+    polled = reader.series("s")
+    _polling(reader)
+    for i in range(300):
+        writer.series("s")[i] = i
+        assert polled.last() == (i, i)
+        assert polled.first() == (0, 0)
+        if i % 7 == 0:
+            # Checkpoint and truncate the WAL: the next commit restarts it from frame 0.
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if i and i % 11 == 0:
+            writer.series("s").remove(0, 0)
+            assert polled.first() == (1, 1)
+            writer.series("s")[0] = 0
+            assert polled.first() == (0, 0)
+    assert polled.last() == (299, 299)
+    raw.close()
+    reader.close()
+    writer.close()
+
+
+def test_uncommitted_writes_of_another_connection_stay_unseen(db: str) -> None:
+    reader = SQLiteStore(db)
+    reader.series("s")[1] = "one"
+    _polling(reader)
+    raw = sqlite3.connect(db, isolation_level=None)
+    raw.execute("BEGIN IMMEDIATE")
+    raw.execute("DELETE FROM mappingstore_kv")
+    assert reader.series("s").last() == (1, "one")
+    raw.execute("ROLLBACK")
+    assert reader.series("s").last() == (1, "one")
+    raw.execute("DELETE FROM mappingstore_kv")  # committed
+    assert reader.series("s").last() is None
+    assert reader.series("s").first() is None
+    raw.close()
+    reader.close()
+
+
+def test_own_writes_batches_and_transactions(db: str) -> None:
+    store = SQLiteStore(db)
+    series = store.series("s")
+    series[1] = 1
+    _polling(store)
+    assert series.last() == (1, 1)
+    series[2] = 2
+    assert series.last() == (2, 2)
+    with store.batch():
+        series[3] = 3
+        assert series.last() == (3, 3)  # the batch's own write, not yet committed
+    assert series.last() == (3, 3)
+
+    def abandoned_batch() -> None:
+        with store.batch():
+            series[4] = 4
+            assert series.last() == (4, 4)
+            raise KeyError("abandon")
+
+    with pytest.raises(KeyError):
+        abandoned_batch()
+    assert series.last() == (3, 3)
+
+    # An open write transaction (what modify() and batches commit with): its own writes
+    # are read inside it, and are gone after its rollback.
+    def rolled_back() -> None:
+        with store._exclusive():
+            series[7] = 7
+            assert series.last() == (7, 7)
+            raise KeyError("roll back")
+
+    with pytest.raises(KeyError):
+        rolled_back()
+    assert series.last() == (3, 3)
+    with store._exclusive():
+        series[8] = 8
+        assert series.last() == (8, 8)
+    assert store.series("s").last() == (8, 8)
+    store.close()
+
+
+def _append(url: str, t: int) -> None:
+    store = mappingstore.open(url)
+    store.series("s")[t] = f"from {os.getpid()}"
+    store.close()
+
+
+def test_commits_of_other_processes(db: str) -> None:
+    store = SQLiteStore(db)
+    store.series("s")[0] = "start"
+    _polling(store)
+    ctx = multiprocessing.get_context("spawn")
+    for t in (10, 20):
+        proc = ctx.Process(target=_append, args=(f"sqlite:///{db}", t))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        got = store.series("s").last()
+        assert got is not None and got[0] == t and got[1] == f"from {proc.pid}"
+    store.close()
+
+
+def test_threads_poll_with_their_own_connections(db: str) -> None:
+    store = SQLiteStore(db)
+    store.series("s")[0] = 0
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def poll() -> None:
+        try:
+            _polling(store)
+            barrier.wait(10)  # the writer writes now
+            barrier.wait(10)
+            assert store.series("s").last() == (1, 1)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(10)
+    store.series("s")[1] = 1
+    barrier.wait(10)
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    store.close()
+
+
+def test_a_memory_database_and_a_readonly_reader(db: str) -> None:
+    memory = SQLiteStore(":memory:")
+    memory.series("s")[1] = 1
+    for _ in range(3):
+        assert memory.series("s").last() == (1, 1)
+    memory.series("s")[2] = 2
+    assert memory.series("s").last() == (2, 2)
+    memory.close()
+    writer = SQLiteStore(db)
+    writer.series("s")[1] = 1
+    reader = SQLiteStore(db, readonly=True)
+    _polling(reader)
+    for t in range(2, 50):
+        writer.series("s")[t] = t
+        assert reader.series("s").last() == (t, t)
+    reader.close()
+    writer.close()
+
+
+def _shm_locks(shm: str) -> list[str]:
+    """This process's POSIX locks on *shm*'s byte 128, SQLite's "DMS" lock (held shared by
+    every process with the database open in WAL mode), from /proc/locks."""
+    st = os.stat(shm)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as fh:
+        lines = fh.read().splitlines()
+    mine = []
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a blocked request
+            continue
+        ours = fields[1] == "POSIX" and fields[4] == str(os.getpid())
+        if ours and fields[5] == inode and fields[6] == "128":
+            mine.append(line)
+    return mine
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+def test_closing_a_polling_store_keeps_sqlites_locks(db: str) -> None:
+    """POSIX locks belong to the process and closing any descriptor of a file drops them
+    all: the descriptor the polls read the -shm file with must outlive the store, or the
+    other connections of the process lose their locks (a checkpoint could then reuse the
+    WAL under their readers)."""
+    keeper = SQLiteStore(db)
+    keeper.series("s")[1] = 1
+    shm = db + "-shm"
+    assert _shm_locks(shm), "SQLite holds the DMS lock while a connection is open"
+    poller = SQLiteStore(db)
+    _polling(poller)
+    poller.close()
+    _walwatch.sweep()
+    assert _shm_locks(shm), "the poller's close dropped the process's locks on the -shm"
+    # The check above can fail: closing any descriptor of the file drops them.
+    os.close(os.open(shm, os.O_RDONLY))
+    assert not _shm_locks(shm)
+    keeper.close()
+
+
+def test_descriptors_of_deleted_files_are_closed(tmp_path: Path) -> None:
+    path = str(tmp_path / "gone.db")
+    store = SQLiteStore(path)
+    _polling(store)
+    fd = store._local.holder.shm
+    assert fd in _walwatch._FDS.values()
+    store.close()  # the last connection: SQLite deletes the -shm file; the close sweeps
+    assert not os.path.exists(path + "-shm")
+    assert fd not in _walwatch._FDS.values()
