@@ -489,8 +489,8 @@ class _Conn:
         # commits (an id this transaction assigned vanishes with a rollback).
         self.pending: dict[str, int] = {}
         # SQLiteStore._rget_polled: the records read on this connection since the database
-        # last changed (the wal-index header "ptoken"), and the -shm file's descriptor
-        # (None: not looked up yet; -1: none, the cache is off for this connection).
+        # last changed (the wal-index header "ptoken"), and where this process maps the
+        # -shm file (None: not looked up yet; -1: nowhere, no cache on this connection).
         self.polled: dict[tuple[str, str], Record | None] = {}
         self.ptoken: bytes | None = None
         self.shm: int | None = None
@@ -1480,13 +1480,13 @@ class SQLiteStore(Store):
             holder: _Conn = self._local.holder
         except AttributeError:  # no connection of its own in this thread yet
             return self._rget(ns, key)
-        fd = holder.shm
-        if holder.depth or fd is None or fd < 0:
+        address = holder.shm
+        if holder.depth or address is None or address < 0:
             data = self._rget(ns, key)
-            if fd is None and not holder.depth:
+            if address is None and not holder.depth:
                 self._watch(holder)  # after a read: the connection has the WAL open
             return data
-        now = _walwatch.token(fd)
+        now = _walwatch.token(address)
         if now is None:  # a writer is writing the header
             return self._rget(ns, key)
         polled = holder.polled
@@ -1504,24 +1504,44 @@ class SQLiteStore(Store):
             holder.ptoken = now
         # Read after the token: what the read returns is at least as new as the token, and
         # the next commit anywhere changes the token again.
-        rec = self._get_record(ns, key)
+        # The row as stored, expired or not (expiry is checked at each answer: a clock
+        # set back makes it live again, as for a plain read).
+        nid = self._ns_id(ns)
+        row = None if nid is None else self._one(_GET, (nid, key))
+        rec = None if row is None else (row[0], row[1])
         if len(polled) >= _POLLED_RECORDS:
             polled.clear()
         if rec is None or len(rec[0]) <= _POLLED_BYTES:
             polled[(ns, key)] = rec
-        return None if rec is None else rec[0]
+        if rec is None or (rec[1] is not None and rec[1] <= self._clock()):
+            return None
+        return rec[0]
 
     def _watch(self, holder: _Conn) -> None:
-        """Find the -shm file for :meth:`_rget_polled`, once per connection: only for a
-        file in WAL mode, which cannot leave it while this connection is open."""
+        """Find where this process maps the -shm file, for :meth:`_rget_polled`, once per
+        connection: only for a file in WAL mode (which it cannot leave while this
+        connection is open), the very file this store opened (SQLite's name for it,
+        symlinks resolved, still naming the file the store checked at open)."""
         try:
-            row = self._one("PRAGMA journal_mode", ())
+            mode = self._one("PRAGMA journal_mode", ())
+            files = self._all("PRAGMA database_list", ())
         except MappingStoreError:  # busy: try again on the next poll
             return
-        fd = None
-        if row is not None and str(row[0]).lower() == "wal":
-            fd = _walwatch.shm_descriptor(self._path)
-        holder.shm = -1 if fd is None else fd
+        address = None
+        main = next((str(f[2]) for f in files if f[1] == "main"), "")
+        if mode is not None and str(mode[0]).lower() == "wal" and main and self._names_it(main):
+            address = _walwatch.header_address(main + "-shm")
+            if address is not None and not self._names_it(main):  # swapped meanwhile
+                address = None
+        holder.shm = -1 if address is None else address
+
+    def _names_it(self, path: str) -> bool:
+        """Does *path* name the file this store opened (and checks, see _check_path)?"""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
 
     def _contains(self, ns: str, key: str) -> bool:
         nid = self._ns_id(ns)
@@ -1778,4 +1798,3 @@ class SQLiteStore(Store):
         self._local = threading.local()
         if self._file_unregister is not None:
             self._file_unregister()
-        _walwatch.sweep()  # the -shm descriptors of files now deleted

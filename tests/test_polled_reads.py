@@ -2,29 +2,31 @@
 connection read since the last commit to the file (``SQLiteStore._rget_polled``, the
 wal-index header check of ``mappingstore._walwatch``). These tests check that such an
 answer is never stale (commits of other connections, other processes, WAL restarts,
-batches, transactions) and that the descriptor it reads with never drops SQLite's locks."""
+batches, transactions), that it keeps no descriptor and never drops SQLite's locks."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import sqlite3
+import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import mappingstore
-from mappingstore import SQLiteStore, _walwatch
+from mappingstore import SQLiteStore
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="the -shm check is POSIX only")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the header is read through /proc/self/mem"
+)
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[str]:
-    yield str(tmp_path / "polled.db")
-    _walwatch.sweep()
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "polled.db")
 
 
 def _statements(store: SQLiteStore) -> list[str]:
@@ -240,9 +242,9 @@ def _shm_locks(shm: str) -> list[str]:
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
 def test_closing_a_polling_store_keeps_sqlites_locks(db: str) -> None:
     """POSIX locks belong to the process and closing any descriptor of a file drops them
-    all: the descriptor the polls read the -shm file with must outlive the store, or the
-    other connections of the process lose their locks (a checkpoint could then reuse the
-    WAL under their readers)."""
+    all: polling must never open (and so close) the -shm file, or the other connections
+    of the process would lose their locks (a checkpoint could then reuse the WAL under
+    their readers). It reads SQLite's own mapping of it instead."""
     keeper = SQLiteStore(db)
     keeper.series("s")[1] = 1
     shm = db + "-shm"
@@ -250,7 +252,6 @@ def test_closing_a_polling_store_keeps_sqlites_locks(db: str) -> None:
     poller = SQLiteStore(db)
     _polling(poller)
     poller.close()
-    _walwatch.sweep()
     assert _shm_locks(shm), "the poller's close dropped the process's locks on the -shm"
     # The check above can fail: closing any descriptor of the file drops them.
     os.close(os.open(shm, os.O_RDONLY))
@@ -258,12 +259,98 @@ def test_closing_a_polling_store_keeps_sqlites_locks(db: str) -> None:
     keeper.close()
 
 
-def test_descriptors_of_deleted_files_are_closed(tmp_path: Path) -> None:
-    path = str(tmp_path / "gone.db")
-    store = SQLiteStore(path)
-    _polling(store)
-    fd = store._local.holder.shm
-    assert fd in _walwatch._FDS.values()
-    store.close()  # the last connection: SQLite deletes the -shm file; the close sweeps
-    assert not os.path.exists(path + "-shm")
-    assert fd not in _walwatch._FDS.values()
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("how", ["closed", "readonly", "dropped"])
+def test_polling_many_stores_keeps_no_descriptor(tmp_path: Path, how: str) -> None:
+    """Polling opens nothing per store: no descriptor outlives the stores that were open
+    (a read-only last user leaves its -shm file behind; a store may never be closed)."""
+    before = _descriptors()
+    for i in range(60):
+        path = str(tmp_path / f"s{i}.db")
+        raw = None
+        if how == "readonly":
+            writer = SQLiteStore(path)
+            writer.series("s")[1] = 1
+            writer.close()
+            raw = sqlite3.connect(path)  # keeps the -shm alive until the reader has it
+            raw.execute("SELECT 1 FROM mappingstore_kv").fetchall()
+        store = SQLiteStore(path, readonly=how == "readonly")
+        if how != "readonly":
+            store.series("s")[1] = 1
+        _polling(store)
+        assert store.series("s").last() == (1, 1)
+        if raw is not None:
+            raw.close()  # the read-only store is the last user: the -shm file stays
+        if how == "dropped":
+            del store  # never closed: its connections close when it is collected
+        else:
+            store.close()
+    gc.collect()
+    assert _descriptors() <= before + 2
+
+
+def test_a_store_opened_through_a_symlink(tmp_path: Path) -> None:
+    """SQLite resolves a symlinked database file (its -shm sits next to the target): the
+    polls watch the target's header, even with a stale -shm file beside the link."""
+    real, link = str(tmp_path / "real.db"), str(tmp_path / "link.db")
+    first = SQLiteStore(real)
+    first.series("s")[1] = "one"
+    with open(real + "-shm", "rb") as fh:
+        stale = fh.read()
+    first.close()
+    with open(link + "-shm", "wb") as fh:  # what a crash of an earlier link.db left
+        fh.write(stale)
+    os.symlink(real, link)
+    reader, writer = SQLiteStore(link), SQLiteStore(real)
+    _polling(reader)
+    assert reader.series("s").last() == (1, "one")
+    writer.series("s")[2] = "two"
+    assert reader.series("s").last() == (2, "two")
+    reader.close()
+    writer.close()
+
+
+def test_a_directory_swapped_under_an_open_store(tmp_path: Path) -> None:
+    """Replacing the directory under an open store is not supported, but its connection
+    goes on reading the file it opened: a poll never watches the new file instead."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    store = SQLiteStore(str(folder / "x.db"))
+    store.series("s")[1] = "old-1"
+    store.get("k")  # the thread's connection exists; no poll yet
+    folder.rename(tmp_path / "data.old")
+    folder.mkdir()
+    other = SQLiteStore(str(folder / "x.db"))
+    other["x"] = 1
+    series = store.series("s")
+    assert series.last() == (1, "old-1")
+    assert series.last() == (1, "old-1")
+    old = SQLiteStore(str(tmp_path / "data.old" / "x.db"))
+    old.series("s")[2] = "old-2"
+    assert series.last() == (2, "old-2")
+    for each in (old, other, store):
+        each.close()
+
+
+def test_a_clock_set_back_revives_a_polled_record(db: str) -> None:
+    now = [1000.0]
+    store = SQLiteStore(db, clock=lambda: now[0])
+    series = store.series("s")
+    series[1] = 1
+    ns, edge = series._ns, series._edge_key
+    data = store._rget(ns, edge)
+    assert data is not None
+    store._rput(ns, edge, data, 1500.0)  # the edge record now expires at 1500
+    now[0] = 2000.0  # expired before the first poll: the series reads as empty
+    series.last()
+    series.last()
+    assert store._local.holder.shm is not None and store._local.holder.shm >= 0
+    assert series.last() is None
+    assert series.first() is None
+    now[0] = 1200.0
+    assert series.last() == (1, 1)
+    store.close()
