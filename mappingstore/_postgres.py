@@ -11,7 +11,10 @@ indexed by a prefix and a digest (:func:`_ident`) and kept whole in ``long_*``.
 Round trips: a single read or write is one prepared statement run through psycopg's libpq
 layer (:func:`_run`); ``modify`` is two ("BEGIN; txid; SELECT ... FOR UPDATE", then
 "write; COMMIT", several statements per trip with client-side binding); a batch is two
-(its writes, as one ``unnest`` upsert or a binary ``COPY``, then COMMIT).
+(its writes, as one ``unnest`` upsert or a binary ``COPY``, then COMMIT). A batch whose
+read-modify-writes read stored records commits in an ``_exclusive()`` transaction that
+first locks every row it read or writes, in one round trip, and then checks those reads
+(``PostgresStore._lock_for_commit``).
 
 Failure model (see ``docs/backends/postgresql.md``): a lost connection is replaced by the
 pool. Reads and idempotent writes retry once. A transaction learns its id in its first
@@ -41,7 +44,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from ._store import KEEP, Op, Record, Store
+from ._store import KEEP, Op, Record, Store, _Batch
 from ._url import check_userinfo, parse_float, parse_int, parse_url, redact
 from .errors import (
     BackendError,
@@ -81,6 +84,9 @@ _BYTEA, _FLOAT8 = 17, 701
 #: Names (keys, namespaces) longer than this many UTF-8 bytes are indexed by a digest.
 _SHORT = 1024
 _COLUMNS = "ns, key, value, expires, long_ns, long_key"
+#: The expiry of the placeholder row a batch commit inserts to lock a missing key: expired
+#: for every reader, and never a TTL the store writes.
+_PLACEHOLDER = "'-Infinity'::float8"
 
 _RACES: tuple[type[psycopg.Error], ...] = (
     psycopg.errors.UniqueViolation,
@@ -412,6 +418,19 @@ def _txn_for(key: tuple[str, str]) -> _Txn:
         return txn
 
 
+class _Commit:
+    """The commit of a batch whose read-modify-writes read stored records: set by
+    :meth:`PostgresStore.batch` on the committing thread while ``Store.batch`` checks
+    those reads, so that :meth:`PostgresStore._get_record` locks before it compares."""
+
+    __slots__ = ("batch", "records")
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        # The locked records of the checked keys (None: missing or expired), once read.
+        self.records: dict[tuple[str, str], Record | None] | None = None
+
+
 class PostgresStore(Store):
     """A store in one PostgreSQL table (created on first use), shared by every client.
 
@@ -429,8 +448,10 @@ class PostgresStore(Store):
 
     Atomicity: every single operation is one statement or one transaction; ``modify``,
     ``pop`` and ``setdefault`` lock the row (``SELECT ... FOR UPDATE``) and retry lost
-    races; ``batch()``/``update()`` commit in one transaction; dot-name tree edits run in
-    a transaction serialised per table and namespace by an advisory lock.
+    races; ``batch()``/``update()`` commit in one transaction (a batch whose
+    read-modify-writes read stored records first locks the rows it read or writes, so
+    no writer can change them between its check and its writes); dot-name tree edits
+    run in a transaction serialised per table and namespace by an advisory lock.
 
     Faults: a broken connection is replaced by the pool; reads, and writes known not to
     have been applied, are retried once on a fresh connection; a write whose outcome
@@ -655,6 +676,28 @@ class PostgresStore(Store):
             " FROM mappingstore_stage ORDER BY ns, key" + upsert
         )
         self._q_check = q(f"SELECT {_COLUMNS} FROM {{t}} WHERE false")
+        # The lock step of a batch commit that checks reads (_lock_for_commit): every row
+        # (ns, key) of the arrays, in their order, is locked if it exists (the DO UPDATE
+        # whose WHERE is false updates nothing but locks the row) or else inserted as an
+        # expired placeholder, whose uncommitted index entry makes a concurrent insert of
+        # that key wait for this transaction.
+        self._q_lock_rows = q(
+            f"INSERT INTO {{t}} AS r ({_COLUMNS}) SELECT w.ns, w.key, ''::bytea,"
+            f" {_PLACEHOLDER}, w.long_ns, w.long_key FROM unnest(%s::bytea[], %s::bytea[],"
+            " %s::bytea[], %s::bytea[]) AS w(ns, key, long_ns, long_key)"
+            " ON CONFLICT (ns, key) DO UPDATE SET expires = r.expires WHERE false"
+        )
+        # The placeholders of keys the batch reads but does not write (still locked:
+        # deleted by this open transaction, an insert of the key waits for it to end).
+        self._q_drop_placeholders = q(
+            "DELETE FROM {t} AS r USING unnest(%s::bytea[], %s::bytea[]) AS w(ns, key)"
+            f" WHERE r.ns = w.ns AND r.key = w.key AND r.expires = {_PLACEHOLDER}"
+        )
+        self._q_locked = q(
+            "SELECT r.ns, r.key, r.value, r.expires FROM {t} AS r"
+            " JOIN unnest(%s::bytea[], %s::bytea[]) AS w(ns, key)"
+            " ON r.ns = w.ns AND r.key = w.key"
+        )
         self._q_long_ns = q("SELECT long_ns FROM {t} WHERE ns = %s LIMIT 1")
         # Scans: (items?, first chunk?, upper bound?) -> query. A resumed scan starts
         # strictly after the last key it yielded.
@@ -1182,6 +1225,10 @@ class PostgresStore(Store):
         return self._read(work)
 
     def _get_record(self, ns: str, key: str) -> Record | None:
+        if self._txn.conn is not None:
+            commit: _Commit | None = getattr(self._tls, "pg_commit", None)
+            if commit is not None:  # the check of a batch's reads: lock, then compare
+                return self._locked_record(commit, ns, key)
         params = (_ident(ns.encode()), _ident(key.encode()), _F8.pack(self._clock()))
 
         def work(conn: Conn) -> Record | None:
@@ -1453,6 +1500,100 @@ class PostgresStore(Store):
                 cur.execute("COMMIT")
 
         self._transact(body)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Store]:
+        """Group writes, as :meth:`Store.batch` does.
+
+        A batch whose read-modify-writes (``modify``, ``pop``, ``setdefault``...) read
+        stored records commits in an ``_exclusive()`` transaction that first locks the
+        rows of every key it read or writes (:meth:`_lock_for_commit`), then checks that
+        those reads still hold, then writes. The transaction's advisory lock serialises
+        only the writers that take it: a plain ``set`` or ``modify`` does not, and could
+        otherwise change a checked key between the check and the write, which would
+        overwrite it. A batch without such reads commits as before (``_apply`` alone).
+        """
+        if self._batch() is not None:  # nested: the enclosing batch commits
+            with super().batch() as store:
+                yield store
+            return
+        tls = self._tls
+        try:
+            with super().batch() as store:
+                pending: _Batch = tls.batch
+                yield store
+                # The block ended without an error: Store.batch commits next, checking
+                # these reads in _exclusive() (see _get_record).
+                if pending.reads:
+                    tls.pg_commit = _Commit(pending)
+        finally:
+            tls.pg_commit = None
+
+    def _locked_record(self, commit: _Commit, ns: str, key: str) -> Record | None:
+        """The record of a key a batch read, as its commit checks it: locked in the
+        commit's transaction until it ends (the first call locks every row of the batch)."""
+        records = commit.records
+        if records is None:
+            batch = commit.batch
+            records = commit.records = self._lock_for_commit(list(batch.reads), list(batch.ops))
+        if (ns, key) not in records:  # not one of the batch's reads: lock it alone
+            records.update(self._lock_for_commit([(ns, key)], []))
+        return records[ns, key]
+
+    def _lock_for_commit(
+        self, reads: Sequence[tuple[str, str]], writes: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Record | None]:
+        """Lock the rows of *reads* and *writes* in the open ``_exclusive()`` transaction
+        (one round trip) and return the live record of each key of *reads* (None: missing
+        or expired).
+
+        A row that exists, expired or not, is locked as ``SELECT ... FOR UPDATE`` would;
+        a missing key gets an expired placeholder row, so that another client's insert of
+        it waits for this transaction (a placeholder the batch does not overwrite is
+        deleted at once, and still blocks inserts until the commit). The rows are taken
+        in the global (ns, key) order that ``_batch`` gives a batch's upserts, so such
+        commits and batches do not deadlock each other, and the batch's own writes then
+        wait for nobody. Other writers (``set``, ``del``, ``modify``, batches) wait for
+        the commit, which checks values that no one can change before it writes.
+        """
+        conn = self._txn.conn
+        assert conn is not None  # only called inside _exclusive()
+        named: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+        for ns, key in (*reads, *writes):
+            nsraw, kraw = ns.encode(), key.encode()
+            named[_ident(nsraw), _ident(kraw)] = (nsraw, kraw)
+        order = sorted(named)
+        lock_params = [
+            [n for n, _ in order],
+            [k for _, k in order],
+            [_long(named[p][0]) for p in order],
+            [_long(named[p][1]) for p in order],
+        ]
+        wanted = {(_ident(ns.encode()), _ident(key.encode())): (ns, key) for ns, key in reads}
+        written = {(_ident(ns.encode()), _ident(key.encode())) for ns, key in writes}
+        orphans = [p for p in wanted if p not in written]
+        statements, params = [self._q_lock_rows], [*lock_params]
+        if orphans:
+            statements.append(self._q_drop_placeholders)
+            params += [[n for n, _ in orphans], [k for _, k in orphans]]
+        statements.append(self._q_locked)
+        params += [[n for n, _ in wanted], [k for _, k in wanted]]
+
+        def work(conn: Conn) -> list[Any]:
+            cur = psycopg.ClientCursor(conn)
+            cur.execute("; ".join(statements), params)
+            for _ in statements[1:]:
+                cur.nextset()
+            return cur.fetchall()
+
+        # Inside the transaction: a failure is converted, and rolls the batch back.
+        rows = self._write(work, idempotent=False)
+        now = self._clock()
+        found: dict[tuple[str, str], Record | None] = dict.fromkeys(wanted.values())
+        for n, k, value, expires in rows:
+            if _live(expires, now):
+                found[wanted[bytes(n), bytes(k)]] = (bytes(value), expires)
+        return found
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
