@@ -37,6 +37,7 @@ from ._redis_client import (
 from ._redis_layout import PREFIX_RE, Layout, bucket, count_of, unescape_namespace
 from ._store import KEEP, Op, Record, Store
 from .errors import (
+    BatchConflictError,
     InvalidOptionError,
     LockTimeoutError,
     MappingStoreError,
@@ -161,6 +162,16 @@ Call = tuple[lua.Script, list[bytes], list[Any]]
 #: The writes of a batch to one bucket: ((namespace, bucket), plain puts as (member,
 #: data) pairs, deletes and puts with an expiry as (member, data, px) triples).
 ApplyGroup = tuple[tuple[str, int], list[bytes], list[Any]]
+#: What a batch's commit read of a record it guards: its data, ``None`` when missing.
+Guard = tuple[tuple[str, str], bytes | None]
+
+
+def _conflict(key: str) -> BatchConflictError:
+    """The error of a batch whose guard failed (the words of ``Store.batch``'s own check)."""
+    return BatchConflictError(
+        f"batch not committed: {key!r} was changed by another writer after a "
+        "read-modify-write in the batch read it; nothing was written"
+    )
 
 
 def iter_args(prefix: str, values: bool) -> list[Any]:
@@ -567,6 +578,9 @@ class RedisStore(Store):
     def _get_record(self, ns: str, key: str) -> Record | None:
         # docstring inherited
         raw = self._read_rec(self._data_key(ns, key))
+        guards = getattr(self._xlocal, "guards", None)
+        if guards is not None:  # a batch's commit checking its reads: see batch()
+            guards[(ns, key)] = None if raw is None else raw[0]
         if raw is None:
             return None
         data, pttl, _ = raw
@@ -715,23 +729,89 @@ class RedisStore(Store):
     def _apply(self, ops: Sequence[Op]) -> None:
         # docstring inherited
         groups = self._apply_groups(ops)
+        local = self._xlocal
+        guards = getattr(local, "guards", None)
+        if guards:  # the write of a batch's commit that checked its reads: see batch()
+            local.guards = None  # they guard this write only
+            if groups:
+                self._apply_guarded(groups, list(guards.items()))
+            return
         if not groups:
             return
         if not self._cluster:
             self._eval(*self._apply_call(groups), write=True)
             return
-        for done, group in enumerate(groups):
+        self._apply_slots([self._apply_call([group]) for group in groups], [])
+
+    def _apply_slots(self, calls: list[Call], names: list[str]) -> None:
+        """Run the per-slot write *calls* of a cluster batch in order. The first may be a
+        GAPPLY call guarding the keys *names*: a failed guard raises BatchConflictError
+        before anything is written."""
+        for done, (script, keys, args) in enumerate(calls):
             try:
-                self._eval(*self._apply_call([group]), write=True)
+                res = self._eval(script, keys, args, write=True)
             except UnknownOutcomeError:
                 raise
             except MappingStoreError as exc:
                 if done:
                     raise UnknownOutcomeError(
-                        f"batch partially applied: {done} of {len(groups)} slots were written "
+                        f"batch partially applied: {done} of {len(calls)} slots were written "
                         f"before this failure (Redis Cluster batches are atomic per slot): {exc}"
                     ) from exc
                 raise
+            if script is lua.GAPPLY and int(res):
+                raise _conflict(names[int(res) - 1])
+
+    def _guard_call(self, guards: list[Guard], write: Call | None) -> tuple[Call, list[str]]:
+        """The GAPPLY call that checks *guards* and then makes the writes of the APPLY call
+        *write* (only checks without one), and the keys its guards name."""
+        keys: list[bytes] = []
+        args: list[Any] = [len(guards)]
+        names: list[str] = []
+        for (ns, key), data in guards:
+            keys.append(self._data_key(ns, key))
+            args += (b"0", b"") if data is None else (b"1", data)
+            names.append(key)
+        if write is not None:
+            keys += write[1]
+            args += write[2]
+        return (lua.GAPPLY, keys, args), names
+
+    def _apply_guarded(self, groups: list[ApplyGroup], guards: list[Guard]) -> None:
+        """Write *groups* only if every guarded record still holds what the commit read
+        (its data, or missing), atomically with the writes; else BatchConflictError, and
+        nothing is written.
+
+        Redis Cluster: one script may only touch one slot, so the slot written first
+        checks its own guards atomically with its writes, and the guards of every other
+        slot are checked just before, each in a read-only script (a later slot that
+        failed its guard after earlier slots were written would tear a batch that would
+        otherwise have been whole). The slot written first is the one with the most
+        guards; those checked before stay open to a writer between their check and the
+        writes, as every guard was before (see docs/backends/redis.md)."""
+        if not self._cluster:
+            call, names = self._guard_call(guards, self._apply_call(groups))
+            failed = int(self._eval(*call, write=True))
+            if failed:
+                raise _conflict(names[failed - 1])
+            return
+        by_slot: dict[tuple[str, int], list[Guard]] = {}
+        for guard in guards:
+            (ns, key), _ = guard
+            by_slot.setdefault((ns, bucket(key.encode("utf-8"))), []).append(guard)
+        first = max(range(len(groups)), key=lambda i: len(by_slot.get(groups[i][0], ())))
+        groups = [groups[first], *groups[:first], *groups[first + 1 :]]
+        own = by_slot.pop(groups[0][0], [])
+        for slot_guards in by_slot.values():
+            call, names = self._guard_call(slot_guards, None)
+            failed = int(self._eval(*call, write=False))  # checks only: safe to resend
+            if failed:
+                raise _conflict(names[failed - 1])
+        calls = [self._apply_call([group]) for group in groups]
+        names = []
+        if own:
+            calls[0], names = self._guard_call(own, calls[0])
+        self._apply_slots(calls, names)
 
     def _update(self, ns: str, key: str, fn: Callable[[Record | None], Any]) -> None:
         # docstring inherited
@@ -810,6 +890,34 @@ class RedisStore(Store):
         # purge_expired runs): list only namespaces with a live record, as len() counts
         # them (one MGET of the counters each, a script where keys expire).
         return [ns for ns in self._run("SCAN", False, scan) if self._count(ns)]
+
+    # -- batches that read ----------------------------------------------------------------
+    # A batch holding a read-modify-write (modify, pop, setdefault; series, event-log and
+    # dot-name writes) commits in Store.batch(): inside _exclusive() it reads each record
+    # they read again (_get_record), compares it with what they saw, then writes (_apply).
+    # The store lock excludes only other exclusive sections: single-key writes (set,
+    # delete, modify's compare-and-set) never take it, so one could land between that
+    # check and the write, which would overwrite it (a lost update). So the check is made
+    # again on the server, in the script that writes: while this thread commits its
+    # outermost batch, _get_record remembers what it read ("guards": data, or None when
+    # missing or expired), and _apply hands them to GAPPLY, which writes nothing if one
+    # changed (BatchConflictError, as the client-side check raises). A batch without
+    # reads never calls _get_record: its _apply is the plain APPLY, as before.
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Store]:
+        # docstring inherited
+        if self._batch() is not None:  # nested: joins the outer batch, which commits
+            with super().batch() as store:
+                yield store
+            return
+        local = self._xlocal
+        try:
+            with super().batch() as store:
+                yield store
+                local.guards = {}  # the block ended without an error: the commit follows
+        finally:
+            local.guards = None
 
     # -- exclusive section across clients ----------------------------------------------
     # Single-key read-modify-writes are one compare-and-set script (see _update). Writes

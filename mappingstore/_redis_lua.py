@@ -34,7 +34,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["APPLY", "CAS", "CLEAR", "COUNT", "DELETE", "GETREC", "ITER", "PURGE", "PUT", "Script"]
+__all__ = [
+    "APPLY",
+    "CAS",
+    "CLEAR",
+    "COUNT",
+    "DELETE",
+    "GAPPLY",
+    "GETREC",
+    "ITER",
+    "PURGE",
+    "PUT",
+    "Script",
+]
 
 
 @dataclass(frozen=True)
@@ -200,63 +212,91 @@ return {2}
 """,
 )
 
+# The writes of APPLY and GAPPLY: apply_groups(k0, a) writes the (I, X) pairs of KEYS from
+# index k0 on, their arguments starting at ARGV[a] (the format APPLY describes).
+_APPLY_GROUPS = """
+local function apply_groups(k0, a)
+  local now = now_ms()
+  for k = k0, #KEYS - 1, 2 do
+    local I, X = KEYS[k], KEYS[k + 1]
+    local base = string.sub(I, 1, -2) .. 'k:'
+    local np, nq = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    a = a + 2
+    local hasx = redis.call('EXISTS', X) == 1
+    local dn, de = 0, 0
+    if np > 0 then
+      local mset, zadd, ms = {}, {}, {}
+      for i = 0, np - 1 do
+        local m = ARGV[a + 2 * i]
+        mset[#mset + 1] = base .. m
+        mset[#mset + 1] = ARGV[a + 2 * i + 1]
+        zadd[#zadd + 1] = 0
+        zadd[#zadd + 1] = m
+        ms[#ms + 1] = m
+      end
+      a = a + 2 * np
+      sliced('MSET', false, mset)
+      dn = dn + sliced('ZADD', I, zadd)
+      if hasx then de = de - sliced('ZREM', X, ms) end
+    end
+    if nq > 0 then
+      local gone, dkeys = {}, {}
+      for i = 0, nq - 1 do
+        local m, v, px = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
+        if px == 'D' then
+          gone[#gone + 1] = m
+          dkeys[#dkeys + 1] = base .. m
+        else
+          local at = now + tonumber(px)
+          redis.call('SET', base .. m, v, 'PXAT', string.format('%d', at))
+          de = de + redis.call('ZADD', X, at, m)
+          dn = dn + redis.call('ZADD', I, 0, m)
+          hasx = true
+        end
+      end
+      a = a + 3 * nq
+      if #gone > 0 then
+        sliced('DEL', false, dkeys)
+        dn = dn - sliced('ZREM', I, gone)
+        if hasx then de = de - sliced('ZREM', X, gone) end
+      end
+    end
+    counted(I, dn, de)
+    if hasx then prune(I, X, now) end
+  end
+end
+"""
+
 #: Atomic multi-key write. KEYS: nb (I, X) pairs. ARGV: for each pair in order: the
 #: number of plain puts p and of other ops q, then p (member, data) pairs (no expiry),
 #: then q (member, data, px) triples (px 'D' deletes, else ms > 0). Record keys are
 #: derived from the index key (same hash tag), which keeps the request small.
-APPLY = _script(
-    "apply",
-    """
-local now = now_ms()
-local a = 1
-for b = 1, #KEYS / 2 do
-  local I, X = KEYS[2 * b - 1], KEYS[2 * b]
-  local base = string.sub(I, 1, -2) .. 'k:'
-  local np, nq = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  local hasx = redis.call('EXISTS', X) == 1
-  local dn, de = 0, 0
-  if np > 0 then
-    local mset, zadd, ms = {}, {}, {}
-    for i = 0, np - 1 do
-      local m = ARGV[a + 2 * i]
-      mset[#mset + 1] = base .. m
-      mset[#mset + 1] = ARGV[a + 2 * i + 1]
-      zadd[#zadd + 1] = 0
-      zadd[#zadd + 1] = m
-      ms[#ms + 1] = m
-    end
-    a = a + 2 * np
-    sliced('MSET', false, mset)
-    dn = dn + sliced('ZADD', I, zadd)
-    if hasx then de = de - sliced('ZREM', X, ms) end
+APPLY = _script("apply", _APPLY_GROUPS + "apply_groups(1, 1)\nreturn 1\n")
+
+#: APPLY behind guards: the write of a batch whose read-modify-writes read records, which
+#: must still be what they read (else another client's update would be overwritten).
+#: KEYS: ng guarded record keys (D), then nb (I, X) pairs as for APPLY. ARGV: ng, then per
+#: guard an expectation ('0' missing, '1' present) and the expected data, then APPLY's
+#: arguments. A record that expired, as for every read, is missing; one set by another
+#: program to another Redis type is the empty record (as GETREC reads it). Returns 0 when
+#: written, else the number (from 1) of the first guard that failed, and nothing is
+#: written. With no (I, X) pair it only checks the guards (a read).
+GAPPLY = _script(
+    "gapply",
+    _APPLY_GROUPS
+    + """
+local ng = tonumber(ARGV[1])
+for g = 1, ng do
+  local cur = redis.pcall('GET', KEYS[g])
+  if type(cur) == 'table' then cur = '' end
+  if ARGV[2 * g] == '0' then
+    if cur then return g end
+  elseif (not cur) or cur ~= ARGV[2 * g + 1] then
+    return g
   end
-  if nq > 0 then
-    local gone, dkeys = {}, {}
-    for i = 0, nq - 1 do
-      local m, v, px = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
-      if px == 'D' then
-        gone[#gone + 1] = m
-        dkeys[#dkeys + 1] = base .. m
-      else
-        local at = now + tonumber(px)
-        redis.call('SET', base .. m, v, 'PXAT', string.format('%d', at))
-        de = de + redis.call('ZADD', X, at, m)
-        dn = dn + redis.call('ZADD', I, 0, m)
-        hasx = true
-      end
-    end
-    a = a + 3 * nq
-    if #gone > 0 then
-      sliced('DEL', false, dkeys)
-      dn = dn - sliced('ZREM', I, gone)
-      if hasx then de = de - sliced('ZREM', X, gone) end
-    end
-  end
-  counted(I, dn, de)
-  if hasx then prune(I, X, now) end
 end
-return 1
+if #KEYS > ng then apply_groups(ng + 1, 2 * ng + 2) end
+return 0
 """,
 )
 
