@@ -173,8 +173,10 @@ _PAGE_BYTES = 1 << 20  # about the most value bytes per fetchmany() page of item
 _MAX_IDLE_READERS = 4
 # SQLiteStore._rget_polled keeps at most this many records per connection, each at most
 # this large (bigger ones are read every time).
-_POLLED_RECORDS = 256
+_POLLED_RECORDS = 64
 _POLLED_BYTES = 16384
+# ... and looks for the -shm mapping (a read of /proc/self/maps) at this poll.
+_POLLS_BEFORE_WATCH = 3
 _SYNC_MODES = ("normal", "full")
 
 # SQLite primary result codes (the low byte of an extended code).
@@ -469,6 +471,7 @@ class _Conn:
         "owner",
         "pending",
         "polled",
+        "polls",
         "ptoken",
         "shm",
     )
@@ -494,6 +497,7 @@ class _Conn:
         self.polled: dict[tuple[str, str], Record | None] = {}
         self.ptoken: bytes | None = None
         self.shm: int | None = None
+        self.polls = 0
         # Closes the connection when its owner (a thread's local storage, or the reader
         # pool) lets go of it, e.g. when a thread ends: no descriptor leaks per thread.
         self.finalizer = weakref.finalize(self, _GATE.close, conn, self.cursor, os.getpid())
@@ -1470,8 +1474,8 @@ class SQLiteStore(Store):
 
     def _rget_polled(self, ns: str, key: str) -> bytes | None:
         """:meth:`_rget`, answered from the records this thread's connection read since the
-        last commit to the file by anyone (one ``pread`` of the wal-index header tells;
-        see ``_walwatch``): a series' ``first()``/``last()`` polled in a loop costs no
+        last commit to the file by anyone (one read of the wal-index header tells; see
+        ``_walwatch``): a series' ``first()``/``last()`` polled in a loop costs no
         SQLite read transaction while nothing changes. Outside a batch and a transaction
         only (their own writes are not committed yet), on a file in WAL mode."""
         if self._nbatch or self._memlock is not None or self._gen != _fork_gen:
@@ -1481,16 +1485,23 @@ class SQLiteStore(Store):
         except AttributeError:  # no connection of its own in this thread yet
             return self._rget(ns, key)
         address = holder.shm
-        if holder.depth or address is None or address < 0:
+        # (in_transaction: a read snapshot get_many() holds open on this connection, and
+        # a poll from a signal handler or a finalizer that runs inside it.)
+        if holder.depth or address is None or address < 0 or holder.conn.in_transaction:
             data = self._rget(ns, key)
             if address is None and not holder.depth:
-                self._watch(holder)  # after a read: the connection has the WAL open
+                # After a few reads (a thread that polls once or twice does not pay for
+                # the lookup) and after a read: the connection has the WAL open.
+                holder.polls += 1
+                if holder.polls >= _POLLS_BEFORE_WATCH:
+                    self._watch(holder)
             return data
         now = _walwatch.token(address)
         if now is None:  # a writer is writing the header
             return self._rget(ns, key)
         polled = holder.polled
-        if now == holder.ptoken:
+        token = holder.ptoken
+        if now == token:
             try:
                 rec = polled[(ns, key)]
             except KeyError:
@@ -1501,7 +1512,7 @@ class SQLiteStore(Store):
                 return rec[0]
         else:  # something committed since (or the first poll): everything read is old
             polled.clear()
-            holder.ptoken = now
+            holder.ptoken = token = now
         # Read after the token: what the read returns is at least as new as the token, and
         # the next commit anywhere changes the token again.
         # The row as stored, expired or not (expiry is checked at each answer: a clock
@@ -1511,7 +1522,9 @@ class SQLiteStore(Store):
         rec = None if row is None else (row[0], row[1])
         if len(polled) >= _POLLED_RECORDS:
             polled.clear()
-        if rec is None or len(rec[0]) <= _POLLED_BYTES:
+        # Kept only if no other poll ran on this connection meanwhile (one nested in this
+        # read, from a signal handler say, may have moved the token on: this row is older).
+        if holder.ptoken is token and (rec is None or len(rec[0]) <= _POLLED_BYTES):
             polled[(ns, key)] = rec
         if rec is None or (rec[1] is not None and rec[1] <= self._clock()):
             return None
@@ -1525,7 +1538,10 @@ class SQLiteStore(Store):
         try:
             mode = self._one("PRAGMA journal_mode", ())
             files = self._all("PRAGMA database_list", ())
-        except MappingStoreError:  # busy: try again on the next poll
+        except LockTimeoutError:  # busy: try again on the next poll
+            return
+        except MappingStoreError:  # e.g. a file name that is not UTF-8: no cache here
+            holder.shm = -1
             return
         address = None
         main = next((str(f[2]) for f in files if f[1] == "main"), "")

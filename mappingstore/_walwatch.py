@@ -81,13 +81,18 @@ def header_address(shm_path: str) -> int | None:
     try:
         st = os.stat(shm_path)
         with open("/proc/self/maps", "rb") as fh:
-            lines = fh.read().splitlines()
+            maps = fh.read()
     except OSError:
         return None
     inode = str(st.st_ino).encode()
     device = (os.major(st.st_dev), os.minor(st.st_dev))
     name = os.fsencode(shm_path)
-    for line in lines:
+    found: list[int] = []
+    # Lines end at "\n" only: the kernel escapes that one in a path, not "\r" (which
+    # splitlines() would also cut at, letting a file name forge a line).
+    for line in maps.split(b"\n"):
+        if inode not in line:  # most lines: no split
+            continue
         fields = line.split(None, 5)
         if len(fields) < 6 or fields[4] != inode:
             continue
@@ -102,8 +107,11 @@ def header_address(shm_path: str) -> int | None:
         # The same inode on the same device; or, where the kernel shows another device
         # number than stat() (overlay file systems), the same inode at the same path.
         if (major, minor) == device or fields[5].strip() == name:
-            return start
-    return None
+            found.append(start)
+    # Exactly one: a second mapping means a second SQLite library in the process (a
+    # wheel that bundles its own), whose mapping may go away while ours stays, and its
+    # address be reused by another file's mapping. Which one is ours cannot be told.
+    return found[0] if len(found) == 1 else None
 
 
 def token(address: int) -> bytes | None:
