@@ -44,7 +44,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from ._store import KEEP, Op, Record, Store, _Batch
+from ._store import KEEP, CheckedCommit, Op, Record, Store, checked_commit
 from ._url import check_userinfo, parse_float, parse_int, parse_url, redact
 from .errors import (
     BackendError,
@@ -416,19 +416,6 @@ def _txn_for(key: tuple[str, str]) -> _Txn:
         if txn is None:
             txn = _TXNS[key] = _Txn()
         return txn
-
-
-class _Commit:
-    """The commit of a batch whose read-modify-writes read stored records: set by
-    :meth:`PostgresStore.batch` on the committing thread while ``Store.batch`` checks
-    those reads, so that :meth:`PostgresStore._get_record` locks before it compares."""
-
-    __slots__ = ("batch", "records")
-
-    def __init__(self, batch: _Batch) -> None:
-        self.batch = batch
-        # The locked records of the checked keys (None: missing or expired), once read.
-        self.records: dict[tuple[str, str], Record | None] | None = None
 
 
 class PostgresStore(Store):
@@ -1226,7 +1213,7 @@ class PostgresStore(Store):
 
     def _get_record(self, ns: str, key: str) -> Record | None:
         if self._txn.conn is not None:
-            commit: _Commit | None = getattr(self._tls, "pg_commit", None)
+            commit = checked_commit()
             if commit is not None:  # the check of a batch's reads: lock, then compare
                 return self._locked_record(commit, ns, key)
         params = (_ident(ns.encode()), _ident(key.encode()), _F8.pack(self._clock()))
@@ -1501,42 +1488,20 @@ class PostgresStore(Store):
 
         self._transact(body)
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Store]:
-        """Group writes, as :meth:`Store.batch` does.
-
-        A batch whose read-modify-writes (``modify``, ``pop``, ``setdefault``...) read
-        stored records commits in an ``_exclusive()`` transaction that first locks the
-        rows of every key it read or writes (:meth:`_lock_for_commit`), then checks that
-        those reads still hold, then writes. The transaction's advisory lock serialises
-        only the writers that take it: a plain ``set`` or ``modify`` does not, and could
-        otherwise change a checked key between the check and the write, which would
-        overwrite it. A batch without such reads commits as before (``_apply`` alone).
-        """
-        if self._batch() is not None:  # nested: the enclosing batch commits
-            with super().batch() as store:
-                yield store
-            return
-        tls = self._tls
-        try:
-            with super().batch() as store:
-                pending: _Batch = tls.batch
-                yield store
-                # The block ended without an error: Store.batch commits next, checking
-                # these reads in _exclusive() (see _get_record).
-                if pending.reads:
-                    tls.pg_commit = _Commit(pending)
-        finally:
-            tls.pg_commit = None
-
-    def _locked_record(self, commit: _Commit, ns: str, key: str) -> Record | None:
+    def _locked_record(self, commit: CheckedCommit, ns: str, key: str) -> Record | None:
         """The record of a key a batch read, as its commit checks it: locked in the
-        commit's transaction until it ends (the first call locks every row of the batch)."""
-        records = commit.records
+        commit's transaction until it ends. For a batch of this store the first call
+        locks every row the batch read or writes, in one round trip; for a batch of an
+        adapter around it (its keys are not this store's) each key is locked as read."""
+        records: dict[tuple[str, str], Record | None] | None = commit.state.get(id(self))
         if records is None:
-            batch = commit.batch
-            records = commit.records = self._lock_for_commit(list(batch.reads), list(batch.ops))
-        if (ns, key) not in records:  # not one of the batch's reads: lock it alone
+            if commit.store is self:
+                batch = commit.batch
+                records = self._lock_for_commit(list(batch.reads), list(batch.ops))
+            else:
+                records = {}
+            commit.state[id(self)] = records
+        if (ns, key) not in records:  # not one of the batch's own reads: lock it alone
             records.update(self._lock_for_commit([(ns, key)], []))
         return records[ns, key]
 

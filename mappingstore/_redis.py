@@ -35,7 +35,7 @@ from ._redis_client import (
     wrong_type,
 )
 from ._redis_layout import PREFIX_RE, Layout, bucket, count_of, unescape_namespace
-from ._store import KEEP, Op, Record, Store
+from ._store import KEEP, Op, Record, Store, checked_commit
 from .errors import (
     BatchConflictError,
     InvalidOptionError,
@@ -578,8 +578,9 @@ class RedisStore(Store):
     def _get_record(self, ns: str, key: str) -> Record | None:
         # docstring inherited
         raw = self._read_rec(self._data_key(ns, key))
-        guards = getattr(self._xlocal, "guards", None)
-        if guards is not None:  # a batch's commit checking its reads: see batch()
+        commit = checked_commit()
+        if commit is not None:  # a batch's commit checking its reads: see _apply_guarded
+            guards = commit.state.setdefault(id(self), {})
             guards[(ns, key)] = None if raw is None else raw[0]
         if raw is None:
             return None
@@ -729,10 +730,9 @@ class RedisStore(Store):
     def _apply(self, ops: Sequence[Op]) -> None:
         # docstring inherited
         groups = self._apply_groups(ops)
-        local = self._xlocal
-        guards = getattr(local, "guards", None)
-        if guards:  # the write of a batch's commit that checked its reads: see batch()
-            local.guards = None  # they guard this write only
+        commit = checked_commit()
+        guards = None if commit is None else commit.state.pop(id(self), None)
+        if guards:  # the write of a batch's commit that checked its reads (one use)
             if groups:
                 self._apply_guarded(groups, list(guards.items()))
             return
@@ -898,26 +898,12 @@ class RedisStore(Store):
     # The store lock excludes only other exclusive sections: single-key writes (set,
     # delete, modify's compare-and-set) never take it, so one could land between that
     # check and the write, which would overwrite it (a lost update). So the check is made
-    # again on the server, in the script that writes: while this thread commits its
-    # outermost batch, _get_record remembers what it read ("guards": data, or None when
-    # missing or expired), and _apply hands them to GAPPLY, which writes nothing if one
-    # changed (BatchConflictError, as the client-side check raises). A batch without
-    # reads never calls _get_record: its _apply is the plain APPLY, as before.
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Store]:
-        # docstring inherited
-        if self._batch() is not None:  # nested: joins the outer batch, which commits
-            with super().batch() as store:
-                yield store
-            return
-        local = self._xlocal
-        try:
-            with super().batch() as store:
-                yield store
-                local.guards = {}  # the block ended without an error: the commit follows
-        finally:
-            local.guards = None
+    # again on the server, in the script that writes: during the commit (checked_commit(),
+    # set by the batch's store, this one or an adapter around it), _get_record remembers
+    # what it read ("guards": data, or None when missing or expired), and _apply hands
+    # them to GAPPLY, which writes nothing if one changed (BatchConflictError, as the
+    # client-side check raises). A batch without reads is no checked commit: its _apply is
+    # the plain APPLY, as before.
 
     # -- exclusive section across clients ----------------------------------------------
     # Single-key read-modify-writes are one compare-and-set script (see _update). Writes

@@ -113,6 +113,35 @@ class Op(NamedTuple):
     expires: float | None
 
 
+class CheckedCommit:
+    """The commit of a batch whose read-modify-writes read stored records, while it runs
+    on this thread (:func:`checked_commit`): ``Store.batch`` compares those records, in
+    the store's exclusive section, with what the batch saw, then writes.
+
+    A backend whose single-key writes do not take that exclusive section (Redis,
+    PostgreSQL) uses it to make the comparison hold until the write: its ``_get_record``
+    learns it is the commit's check (and locks, or notes a guard for the write), its
+    ``_apply`` that it is the commit's write. It is set by the batch's own store, which
+    may be an adapter around the backend (``store``: a backend can tell whether the batch
+    is its own, and so whether its keys are the backend's keys); ``state`` is for the
+    backends, each under its own ``id()``."""
+
+    __slots__ = ("batch", "state", "store")
+
+    def __init__(self, store: Store, batch: _Batch) -> None:
+        self.store = store
+        self.batch = batch
+        self.state: dict[int, Any] = {}  # id(backend) -> what that backend keeps
+
+
+_COMMIT = threading.local()
+
+
+def checked_commit() -> CheckedCommit | None:
+    """The checked batch commit running on this thread, if any (see CheckedCommit)."""
+    return getattr(_COMMIT, "current", None)
+
+
 class _Batch:
     """The pending writes of a batch; a nested batch (a savepoint) is its own _Batch over
     the enclosing one (``outer``): its writes go to its own ``ops``, reads look through
@@ -1224,15 +1253,20 @@ class Store(MutableMapping[str, Any]):
                 self._apply(todo)
                 return
             with self._exclusive():  # the check and the writes, with no writer between
-                for (ns, key), seen in batch.reads.items():
-                    rec = self._get_record(ns, key)
-                    if (None if rec is None else rec[0]) != seen:
-                        raise BatchConflictError(
-                            f"batch not committed: {key!r} was changed by another writer "
-                            "after a read-modify-write in the batch read it; nothing was "
-                            "written"
-                        )
-                self._apply(todo)
+                enclosing = checked_commit()
+                _COMMIT.current = CheckedCommit(self, batch)
+                try:
+                    for (ns, key), seen in batch.reads.items():
+                        rec = self._get_record(ns, key)
+                        if (None if rec is None else rec[0]) != seen:
+                            raise BatchConflictError(
+                                f"batch not committed: {key!r} was changed by another "
+                                "writer after a read-modify-write in the batch read it; "
+                                "nothing was written"
+                            )
+                    self._apply(todo)
+                finally:
+                    _COMMIT.current = enclosing
 
     def _end_batch(self) -> None:
         self._tls.batch = None
