@@ -1523,10 +1523,9 @@ class PostgresStore(Store):
         """
         conn = self._txn.conn
         assert conn is not None  # only called inside _exclusive()
-        named: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
-        for ns, key in (*reads, *writes):
-            nsraw, kraw = ns.encode(), key.encode()
-            named[_ident(nsraw), _ident(kraw)] = (nsraw, kraw)
+        raw = {pair: (pair[0].encode(), pair[1].encode()) for pair in (*reads, *writes)}
+        ident = {pair: (_ident(n), _ident(k)) for pair, (n, k) in raw.items()}
+        named = {ident[pair]: names for pair, names in raw.items()}  # (ns, key) in the table
         order = sorted(named)
         lock_params = [
             [n for n, _ in order],
@@ -1534,8 +1533,8 @@ class PostgresStore(Store):
             [_long(named[p][0]) for p in order],
             [_long(named[p][1]) for p in order],
         ]
-        wanted = {(_ident(ns.encode()), _ident(key.encode())): (ns, key) for ns, key in reads}
-        written = {(_ident(ns.encode()), _ident(key.encode())) for ns, key in writes}
+        wanted = {ident[pair]: pair for pair in reads}
+        written = {ident[pair] for pair in writes}
         orphans = [p for p in wanted if p not in written]
         statements, params = [self._q_lock_rows], [*lock_params]
         if orphans:

@@ -35,9 +35,8 @@ from ._redis_client import (
     wrong_type,
 )
 from ._redis_layout import PREFIX_RE, Layout, bucket, count_of, unescape_namespace
-from ._store import KEEP, Op, Record, Store, checked_commit
+from ._store import KEEP, Op, Record, Store, batch_conflict, checked_commit
 from .errors import (
-    BatchConflictError,
     InvalidOptionError,
     LockTimeoutError,
     MappingStoreError,
@@ -164,14 +163,6 @@ Call = tuple[lua.Script, list[bytes], list[Any]]
 ApplyGroup = tuple[tuple[str, int], list[bytes], list[Any]]
 #: What a batch's commit read of a record it guards: its data, ``None`` when missing.
 Guard = tuple[tuple[str, str], bytes | None]
-
-
-def _conflict(key: str) -> BatchConflictError:
-    """The error of a batch whose guard failed (the words of ``Store.batch``'s own check)."""
-    return BatchConflictError(
-        f"batch not committed: {key!r} was changed by another writer after a "
-        "read-modify-write in the batch read it; nothing was written"
-    )
 
 
 def iter_args(prefix: str, values: bool) -> list[Any]:
@@ -760,7 +751,7 @@ class RedisStore(Store):
                     ) from exc
                 raise
             if script is lua.GAPPLY and int(res):
-                raise _conflict(names[int(res) - 1])
+                raise batch_conflict(names[int(res) - 1])
 
     def _guard_call(self, guards: list[Guard], write: Call | None) -> tuple[Call, list[str]]:
         """The GAPPLY call that checks *guards* and then makes the writes of the APPLY call
@@ -793,7 +784,7 @@ class RedisStore(Store):
             call, names = self._guard_call(guards, self._apply_call(groups))
             failed = int(self._eval(*call, write=True))
             if failed:
-                raise _conflict(names[failed - 1])
+                raise batch_conflict(names[failed - 1])
             return
         by_slot: dict[tuple[str, int], list[Guard]] = {}
         for guard in guards:
@@ -806,7 +797,7 @@ class RedisStore(Store):
             call, names = self._guard_call(slot_guards, None)
             failed = int(self._eval(*call, write=False))  # checks only: safe to resend
             if failed:
-                raise _conflict(names[failed - 1])
+                raise batch_conflict(names[failed - 1])
         calls = [self._apply_call([group]) for group in groups]
         names = []
         if own:

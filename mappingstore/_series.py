@@ -397,10 +397,8 @@ class Series(MutableMapping[int, Any]):
         values are the caller's own copies), or None when it is empty. *polled*: for
         ``first()``/``last()``, which callers repeat (see ``Store._rget_polled``)."""
         store = self._store
-        if polled:
-            data = store._rget_polled(self._ns, self._edge_key)
-        else:
-            data = store._rget(self._ns, self._edge_key)
+        read = store._rget_polled if polled else store._rget
+        data = read(self._ns, self._edge_key)
         if data is None:
             return None
         edges = store._decode(self._ns, self._edge_key, data)

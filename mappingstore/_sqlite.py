@@ -177,6 +177,7 @@ _POLLED_RECORDS = 64
 _POLLED_BYTES = 16384
 # ... and looks for the -shm mapping (a read of /proc/self/maps) at this poll.
 _POLLS_BEFORE_WATCH = 3
+_UNREAD: Any = object()  # not in the connection's polled records
 _SYNC_MODES = ("normal", "full")
 
 # SQLite primary result codes (the low byte of an extended code).
@@ -1502,33 +1503,29 @@ class SQLiteStore(Store):
         polled = holder.polled
         token = holder.ptoken
         if now == token:
-            try:
-                rec = polled[(ns, key)]
-            except KeyError:
-                pass
-            else:
-                if rec is None or (rec[1] is not None and rec[1] <= self._clock()):
-                    return None
-                return rec[0]
+            rec = polled.get((ns, key), _UNREAD)
         else:  # something committed since (or the first poll): everything read is old
             polled.clear()
             holder.ptoken = token = now
-        # Read after the token: what the read returns is at least as new as the token, and
-        # the next commit anywhere changes the token again.
-        # The row as stored, expired or not (expiry is checked at each answer: a clock
-        # set back makes it live again, as for a plain read).
-        nid = self._ns_id(ns)
-        row = None if nid is None else self._one(_GET, (nid, key))
-        rec = None if row is None else (row[0], row[1])
-        if len(polled) >= _POLLED_RECORDS:
-            polled.clear()
-        # Kept only if no other poll ran on this connection meanwhile (one nested in this
-        # read, from a signal handler say, may have moved the token on: this row is older).
-        if holder.ptoken is token and (rec is None or len(rec[0]) <= _POLLED_BYTES):
-            polled[(ns, key)] = rec
+            rec = _UNREAD
+        if rec is _UNREAD:
+            # Read after the token: what the read returns is at least as new as the token,
+            # and the next commit anywhere changes the token again. The row as stored,
+            # expired or not (expiry is checked at each answer: a clock set back makes it
+            # live again, as for a plain read).
+            nid = self._ns_id(ns)
+            row = None if nid is None else self._one(_GET, (nid, key))
+            rec = None if row is None else (row[0], row[1])
+            if len(polled) >= _POLLED_RECORDS:
+                polled.clear()
+            # Kept only if no other poll ran on this connection meanwhile (one nested in
+            # this read, from a signal handler say, may have moved the token on: this row
+            # is older).
+            if holder.ptoken is token and (rec is None or len(rec[0]) <= _POLLED_BYTES):
+                polled[(ns, key)] = rec
         if rec is None or (rec[1] is not None and rec[1] <= self._clock()):
             return None
-        return rec[0]
+        return rec[0]  # type: ignore[no-any-return]
 
     def _watch(self, holder: _Conn) -> None:
         """Find where this process maps the -shm file, for :meth:`_rget_polled`, once per

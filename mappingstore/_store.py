@@ -142,6 +142,14 @@ def checked_commit() -> CheckedCommit | None:
     return getattr(_COMMIT, "current", None)
 
 
+def batch_conflict(key: str) -> BatchConflictError:
+    """The error of a batch commit that found *key* changed since the batch read it."""
+    return BatchConflictError(
+        f"batch not committed: {key!r} was changed by another writer after a "
+        "read-modify-write in the batch read it; nothing was written"
+    )
+
+
 class _Batch:
     """The pending writes of a batch; a nested batch (a savepoint) is its own _Batch over
     the enclosing one (``outer``): its writes go to its own ``ops``, reads look through
@@ -1259,11 +1267,7 @@ class Store(MutableMapping[str, Any]):
                     for (ns, key), seen in batch.reads.items():
                         rec = self._get_record(ns, key)
                         if (None if rec is None else rec[0]) != seen:
-                            raise BatchConflictError(
-                                f"batch not committed: {key!r} was changed by another "
-                                "writer after a read-modify-write in the batch read it; "
-                                "nothing was written"
-                            )
+                            raise batch_conflict(key)
                     self._apply(todo)
                 finally:
                     _COMMIT.current = enclosing

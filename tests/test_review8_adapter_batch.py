@@ -43,31 +43,29 @@ def _key(kind: str) -> str:
 @pytest.fixture(params=["redis", "postgres"])
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Store, Store]]:
     """Two stores of the same data, each with its own connections."""
+    open_one: Callable[[], Store]
     if request.param == "redis":
         pytest.importorskip("redis")
         from mappingstore import RedisStore
 
         prefix = f"t{uuid.uuid4().hex[:12]}"
-        a = RedisStore(REDIS_URL, prefix=prefix, namespace="review8")
-        b = RedisStore(REDIS_URL, prefix=prefix, namespace="review8")
+
+        def open_one() -> Store:
+            return RedisStore(REDIS_URL, prefix=prefix, namespace="review8")
+
+    else:
+        pytest.importorskip("psycopg")
+        table = request.getfixturevalue("pg_table")
+        from mappingstore._postgres import PostgresStore
+
+        def open_one() -> Store:
+            return PostgresStore(POSTGRES_URL, table=table, namespace="review8")
+
+    with open_one() as a, open_one() as b:
         try:
             yield a, b
         finally:
             a.clear()
-            a.close()
-            b.close()
-        return
-    pytest.importorskip("psycopg")
-    table = request.getfixturevalue("pg_table")
-    from mappingstore._postgres import PostgresStore
-
-    a = PostgresStore(POSTGRES_URL, table=table, namespace="review8")
-    b = PostgresStore(POSTGRES_URL, table=table, namespace="review8")
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def _race(adapter: Store, competing: Callable[[], None]) -> list[str]:
